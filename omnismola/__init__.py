@@ -1,0 +1,1 @@
+"""omnismola: mixtures of experts for vision-language models in JAX/Flax."""

@@ -1,0 +1,33 @@
+"""omnismola: mixtures of experts for vision-language models in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="omnismola",
+    version="0.1.0",
+    description=(
+        "JAX/Flax NNX framework for vision-language models with mixtures of "
+        "experts (Omni-SMoLA, VL-MoE, CuMo, MoME, Awaker2.5-VL)."),
+    packages=setuptools.find_packages(include=["omnismola", "omnismola.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # Model, experts, trainer and evaluation (no TensorFlow needed there).
+        "jax>=0.6",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=0.1.1",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "tensorboardX>=2.6",
+        # Data layer (the only package importing TensorFlow).
+        "tensorflow>=2.16",
+        "tensorflow-datasets>=4.9.4",
+        "seqio>=0.0.19",
+        # Metrics: CIDEr comes from the official scorer.
+        "pycocoevalcap>=1.2",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    },
+)
