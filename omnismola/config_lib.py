@@ -1,0 +1,90 @@
+"""Loading config files and checking command-line overrides against them.
+
+Configs are Python files with `get_config(arg=None)` returning a locked
+ml_collections.ConfigDict (big_vision style); `--config=FILE:ARG` passes ARG.
+A misspelt `--config.x.y=...` must fail at once with a message that names the
+bad key and the valid ones, not with a stack trace from deep in a flag parser.
+"""
+import importlib.util
+import os
+import re
+
+
+class ConfigKeyError(ValueError):
+  """An override names a field the config does not have."""
+
+
+def load_config_file(spec: str):
+  """Runs `get_config(arg)` of FILE for a spec 'FILE' or 'FILE:ARG'."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Config file {path!r} does not exist.")
+  module_spec = importlib.util.spec_from_file_location("_omnismola_config",
+                                                       path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+_OVERRIDE = re.compile(r"^--?config\.([^=\s]+)")
+
+
+def check_override_keys(config, argv) -> None:
+  """Raises ConfigKeyError for the first override naming a missing field."""
+  for arg in argv:
+    match = _OVERRIDE.match(arg)
+    if not match:
+      continue
+    node, seen = config, []
+    for key in match.group(1).split("."):
+      fields = _fields(node)
+      if fields is None:
+        break  # Below a leaf value (e.g. into a dict): let the parser decide.
+      if key not in fields:
+        where = "config." + ".".join(seen) if seen else "config"
+        raise ConfigKeyError(
+            f"Unknown config key in {arg!r}: {where} has no field {key!r}. "
+            f"Valid fields of {where}: {', '.join(sorted(fields))}.")
+      node = node[key]
+      seen.append(key)
+
+
+def _fields(node):
+  if hasattr(node, "keys") and callable(node.keys):
+    return list(node.keys())
+  return None
+
+
+def parse_arg(arg: str | None, **defaults) -> "ml_collections.ConfigDict":
+  """Parses 'a=1,b=x' of --config=FILE:ARG into typed fields with defaults.
+
+  Each value takes the type of its default (bools accept true/false/1/0);
+  an unknown key is an error that lists the known ones.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  values = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ConfigKeyError(f"Unknown config argument {key!r}; known: "
+                           f"{', '.join(sorted(defaults))}.")
+    default = defaults[key]
+    if not sep:
+      raise ValueError(f"Config argument {item!r} needs a value: {key}=...")
+    values[key] = _typed(raw.strip(), default, key)
+  return ml_collections.ConfigDict(values)
+
+
+def _typed(raw: str, default, key: str):
+  if isinstance(default, bool):
+    if raw.lower() in ("true", "1", "yes"):
+      return True
+    if raw.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError(f"Config argument {key}={raw!r} is not a bool.")
+  if isinstance(default, int):
+    return int(raw)
+  if isinstance(default, float):
+    return float(raw)
+  return raw

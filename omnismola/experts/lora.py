@@ -1,0 +1,33 @@
+"""One low-rank adapter: y = (alpha / rank) * x A B, with B = 0 at init."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from omnismola.models.layers import TokenInfo
+
+
+class LoRA(nnx.Module):
+  """A LoRA branch added to a linear layer of shape [in_features, out_features].
+
+  `B` starts at zero so the wrapped layer computes exactly the base layer at
+  step 0. `axes` are the logical axes of the wrapped kernel; the rank axis is
+  called `lora_rank` so sharding rules can keep it unsharded.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, rank: int,
+               alpha: float | None = None, axes=(None, None),
+               rngs: nnx.Rngs):
+    if rank < 1:
+      raise ValueError(f"LoRA rank must be >= 1, got {rank}.")
+    in_axis, out_axis = axes
+    self.rank = rank
+    self.multiplier = (rank if alpha is None else alpha) / rank
+    init_a = jax.nn.initializers.normal(stddev=in_features**-0.5)
+    self.a = nnx.Param(init_a(rngs.params(), (in_features, rank)),
+                       logical_axes=(in_axis, "lora_rank"))
+    self.b = nnx.Param(jnp.zeros((rank, out_features)),
+                       logical_axes=("lora_rank", out_axis))
+
+  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
+    del tokens  # A single adapter treats every token alike.
+    return self.multiplier * (x @ self.a[...]) @ self.b[...]

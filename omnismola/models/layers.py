@@ -1,0 +1,282 @@
+"""Building blocks shared by the vision encoder and the decoder.
+
+* `TokenInfo`: per-position facts (image or text, valid or padding,
+  bidirectional or causal), derived once per forward pass and handed to every
+  linear layer, so experts can route by modality and attention group.
+* `Dense` and `make_dense`: the plain linear layer and its default factory.
+  Every linear layer of the backbone is built by a `LinearFactory`, which is
+  how `experts/attach.py` wraps layers by path without the backbone knowing.
+* Norms (LayerNorm for the ViT, Gemma's RMSNorm), RoPE, attention with
+  grouped key/value heads, and the two MLPs (GELU for the ViT, GeGLU for the
+  decoder).
+
+Every parameter carries `logical_axes` metadata, one name (or None) per
+dimension; `train/partitioning.py` maps the names to mesh axes.
+"""
+from typing import Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+# A factory `make_linear(path, in_features, out_features, *, axes, use_bias,
+# rngs)` returning a module called as `y = module(x, tokens)`.
+LinearFactory = Callable[..., nnx.Module]
+
+
+@flax.struct.dataclass
+class TokenInfo:
+  """What each position of a [B, T] token sequence is.
+
+  Attributes:
+    is_image: bool [B, T], the position holds an image token.
+    valid: bool [B, T], the position is a real token (False for padding).
+    bidirectional: bool [B, T], the token belongs to the bidirectional group
+      (vision encoder tokens; the decoder's image + prefix). Causal tokens are
+      valid tokens that are not bidirectional.
+  """
+  is_image: jax.Array
+  valid: jax.Array
+  bidirectional: jax.Array
+
+  @property
+  def is_text(self) -> jax.Array:
+    return self.valid & ~self.is_image
+
+  @classmethod
+  def image(cls, batch: int, length: int) -> "TokenInfo":
+    """Image tokens: all valid, all in one bidirectional group."""
+    ones = jnp.ones((batch, length), bool)
+    return cls(is_image=ones, valid=ones, bidirectional=ones)
+
+  @classmethod
+  def text(cls, valid: jax.Array, bidirectional: jax.Array) -> "TokenInfo":
+    """Text tokens; padding is never bidirectional."""
+    valid = valid.astype(bool)
+    return cls(is_image=jnp.zeros_like(valid), valid=valid,
+               bidirectional=bidirectional.astype(bool) & valid)
+
+  @classmethod
+  def decode_step(cls, batch: int) -> "TokenInfo":
+    """One generated token per example: text, valid, causal."""
+    return cls.text(valid=jnp.ones((batch, 1), bool),
+                    bidirectional=jnp.zeros((batch, 1), bool))
+
+  @classmethod
+  def concat(cls, parts: "list[TokenInfo]") -> "TokenInfo":
+    """Sequences placed one after the other along the length axis."""
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *parts)
+
+
+class Dense(nnx.Module):
+  """y = x W (+ b): the plain linear layer. `tokens` is accepted and unused.
+
+  `path` is the layer's NNX graph path joined with "/", which expert configs
+  match their `targets` regex against.
+  """
+
+  def __init__(self, path: str, in_features: int, out_features: int, *,
+               axes: Axes, use_bias: bool, rngs: nnx.Rngs):
+    if len(axes) != 2:
+      raise ValueError(f"{path}: a kernel needs 2 logical axes, got {axes}.")
+    self.path = path
+    self.in_features = in_features
+    self.out_features = out_features
+    init = jax.nn.initializers.lecun_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features)),
+                            logical_axes=tuple(axes))
+    self.bias = (nnx.Param(jnp.zeros((out_features,)),
+                           logical_axes=(axes[1],)) if use_bias else None)
+
+  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
+    del tokens  # A plain layer treats every token alike.
+    y = x @ self.kernel[...]
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y
+
+
+def make_dense(path: str, in_features: int, out_features: int, *, axes: Axes,
+               use_bias: bool, rngs: nnx.Rngs) -> Dense:
+  """The default LinearFactory: a plain Dense layer."""
+  return Dense(path, in_features, out_features, axes=axes, use_bias=use_bias,
+               rngs=rngs)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with scale and bias (the ViT's norm, as in SigLIP)."""
+
+  def __init__(self, width: int, *, eps: float = 1e-6):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((width,)), logical_axes=("embed",))
+    self.bias = nnx.Param(jnp.zeros((width,)), logical_axes=("embed",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + (
+        self.bias[...])
+
+
+class RMSNorm(nnx.Module):
+  """Gemma's RMSNorm: the scale is stored as an offset from 1 and starts at 0.
+
+  Storing (scale - 1) keeps the layout of Gemma checkpoints, so they load
+  without rewriting.
+  """
+
+  def __init__(self, width: int, *, eps: float = 1e-6):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.zeros((width,)), logical_axes=("embed",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    ms = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(ms + self.eps) * (1 + self.scale[...])
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, *,
+               max_wavelength: float) -> jax.Array:
+  """Rotary position embedding of x [B, T, heads, D] at positions [B, T].
+
+  Gemma's layout: dimension i of the first half pairs with dimension i of
+  the second half (not interleaved), so Gemma checkpoints load as they are.
+  """
+  half = x.shape[-1] // 2
+  timescale = max_wavelength**(2 * jnp.arange(half) / x.shape[-1])
+  radians = positions[..., None, None].astype(jnp.float32) / timescale
+  sin, cos = jnp.sin(radians), jnp.cos(radians)        # [B, T, 1, D/2]
+  first, second = x[..., :half], x[..., half:]
+  return jnp.concatenate(
+      [first * cos - second * sin, second * cos + first * sin],
+      axis=-1).astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array,
+           mask: jax.Array | None) -> jax.Array:
+  """Scaled dot-product attention with grouped key/value heads.
+
+  Args:
+    q: [B, T, H, D] queries.
+    k, v: [B, S, K, D] keys and values; K divides H, and query head h reads
+      key/value head h // (H // K) (multi-query when K = 1).
+    mask: bool [B, T, S], True where query t may attend to key s; None
+      means every query sees every key.
+
+  Returns:
+    [B, T, H, D].
+  """
+  batch, length, heads, dim = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                      preferred_element_type=jnp.float32) * dim**-0.5
+  if mask is not None:
+    # A finite floor, not -inf: a query that may see nothing (padding) gets a
+    # harmless uniform average instead of NaNs that would poison gradients.
+    logits = jnp.where(mask[:, None, None], logits,
+                       jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(batch, length, heads, dim)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention; key/value heads may be fewer than query heads.
+
+  q and o use the fused `heads` axis (num_heads * head_dim), k and v the
+  fused `kv` axis (num_kv_heads * head_dim). With `rope_max_wavelength`
+  set, queries and keys are rotated by RoPE at the given positions (decoder);
+  with None there is no position information here (the ViT adds its own).
+  """
+
+  def __init__(self, path: str, width: int, *, num_heads: int,
+               num_kv_heads: int, head_dim: int, use_bias: bool,
+               rope_max_wavelength: float | None,
+               make_linear: LinearFactory, rngs: nnx.Rngs):
+    if num_heads % num_kv_heads:
+      raise ValueError(f"{path}: num_kv_heads={num_kv_heads} must divide "
+                       f"num_heads={num_heads}.")
+    self.num_heads = num_heads
+    self.num_kv_heads = num_kv_heads
+    self.head_dim = head_dim
+    self.rope_max_wavelength = rope_max_wavelength
+    q_dim, kv_dim = num_heads * head_dim, num_kv_heads * head_dim
+
+    def linear(name, d_in, d_out, axes):
+      return make_linear(f"{path}/{name}", d_in, d_out, axes=axes,
+                         use_bias=use_bias, rngs=rngs)
+
+    self.q = linear("q", width, q_dim, ("embed", "heads"))
+    self.k = linear("k", width, kv_dim, ("embed", "kv"))
+    self.v = linear("v", width, kv_dim, ("embed", "kv"))
+    self.o = linear("o", q_dim, width, ("heads", "embed"))
+
+  def __call__(self, x: jax.Array, tokens: TokenInfo, mask: jax.Array | None,
+               *, positions: jax.Array | None = None,
+               kv: tuple[jax.Array, jax.Array] | None = None,
+               index: jax.Array | int = 0):
+    """Attends x [B, T, width] to itself, or to a key/value cache.
+
+    Args:
+      x: [B, T, width] inputs.
+      tokens: TokenInfo [B, T] of x, handed to the linear layers.
+      mask: bool [B, T, S] (S = T without a cache, the cache length with one).
+      positions: int [B, T] RoPE positions (unused without RoPE).
+      kv: optional cache (k, v), each [B, S, K, D]; this call's keys and
+        values are written into it at slot `index` before attending.
+      index: the cache slot of x's first token.
+
+    Returns:
+      (y [B, T, width], (k, v)): the keys and values attended to, i.e. the
+      updated cache, or this call's own keys and values without one.
+    """
+    batch, length, _ = x.shape
+    split = lambda y, n: y.reshape(batch, length, n, self.head_dim)
+    q = split(self.q(x, tokens), self.num_heads)
+    k = split(self.k(x, tokens), self.num_kv_heads)
+    v = split(self.v(x, tokens), self.num_kv_heads)
+    if self.rope_max_wavelength is not None:
+      rope = lambda y: apply_rope(y, positions,
+                                  max_wavelength=self.rope_max_wavelength)
+      q, k = rope(q), rope(k)
+    if kv is not None:
+      start = (0, index, 0, 0)
+      k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
+      v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+    out = attend(q, k, v, mask).reshape(batch, length, -1)
+    return self.o(out, tokens), (k, v)
+
+
+class Mlp(nnx.Module):
+  """The ViT's MLP: fc2(gelu(fc1(x))), with biases (SigLIP layout)."""
+
+  def __init__(self, path: str, width: int, mlp_dim: int, *,
+               make_linear: LinearFactory, rngs: nnx.Rngs):
+    self.fc1 = make_linear(f"{path}/fc1", width, mlp_dim,
+                           axes=("embed", "mlp"), use_bias=True, rngs=rngs)
+    self.fc2 = make_linear(f"{path}/fc2", mlp_dim, width,
+                           axes=("mlp", "embed"), use_bias=True, rngs=rngs)
+
+  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x, tokens), approximate=True), tokens)
+
+
+class GeGLU(nnx.Module):
+  """Gemma's MLP: down(gelu(gate(x)) * up(x)), without biases."""
+
+  def __init__(self, path: str, width: int, mlp_dim: int, *,
+               make_linear: LinearFactory, rngs: nnx.Rngs):
+    def linear(name, d_in, d_out, axes):
+      return make_linear(f"{path}/{name}", d_in, d_out, axes=axes,
+                         use_bias=False, rngs=rngs)
+
+    self.gate = linear("gate", width, mlp_dim, ("embed", "mlp"))
+    self.up = linear("up", width, mlp_dim, ("embed", "mlp"))
+    self.down = linear("down", mlp_dim, width, ("mlp", "embed"))
+
+  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
+    hidden = jax.nn.gelu(self.gate(x, tokens), approximate=True)
+    return self.down(hidden * self.up(x, tokens), tokens)

@@ -1,0 +1,105 @@
+"""A SigLIP-like ViT: patches -> pre-LN encoder -> tokens [B, N, width].
+
+The parameter layout follows SigLIP's so its checkpoints convert by renaming
+and reshaping: the patch embedding is a Dense over flattened p*p*3 patches,
+which is the conv kernel [p, p, 3, width] reshaped to [p*p*3, width]; the
+position embedding is learned; attention and MLP have biases; there is no
+pooling head (PaliGemma feeds every patch token to the decoder).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from omnismola.models import layers
+from omnismola.models.layers import LinearFactory, TokenInfo, make_dense
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Sizes of the vision encoder."""
+  image_size: int
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+
+  def __post_init__(self):
+    if self.image_size % self.patch_size:
+      raise ValueError(f"ViT image_size={self.image_size} must be a multiple "
+                       f"of patch_size={self.patch_size}.")
+    if self.width % self.num_heads:
+      raise ValueError(f"ViT width={self.width} must be a multiple of "
+                       f"num_heads={self.num_heads}.")
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size)**2
+
+
+def patchify(image: jax.Array, patch_size: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], patches in row-major order.
+
+  Each patch is flattened as (row, column, channel), the order of a conv
+  kernel [p, p, C, width], so Dense(patches) equals a stride-p conv.
+  """
+  batch, height, width, channels = image.shape
+  p = patch_size
+  x = image.reshape(batch, height // p, p, width // p, p, channels)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(batch, (height // p) * (width // p), p * p * channels)
+
+
+class EncoderLayer(nnx.Module):
+  """Pre-LN transformer block with bidirectional attention."""
+
+  def __init__(self, path: str, config: ViTConfig, *,
+               make_linear: LinearFactory, rngs: nnx.Rngs):
+    heads = config.num_heads
+    self.norm1 = layers.LayerNorm(config.width)
+    self.attn = layers.Attention(
+        f"{path}/attn", config.width, num_heads=heads, num_kv_heads=heads,
+        head_dim=config.width // heads, use_bias=True,
+        rope_max_wavelength=None, make_linear=make_linear, rngs=rngs)
+    self.norm2 = layers.LayerNorm(config.width)
+    self.mlp = layers.Mlp(f"{path}/mlp", config.width, config.mlp_dim,
+                          make_linear=make_linear, rngs=rngs)
+
+  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
+    attn, _ = self.attn(self.norm1(x), tokens, mask=None)
+    x = x + attn
+    return x + self.mlp(self.norm2(x), tokens)
+
+
+class ViT(nnx.Module):
+  """Image [B, H, W, 3] in [-1, 1] -> patch tokens [B, N, width]."""
+
+  def __init__(self, config: ViTConfig, *, path: str = "vit",
+               make_linear: LinearFactory = make_dense, rngs: nnx.Rngs):
+    self.config = config
+    patch_pixels = config.patch_size**2 * 3
+    self.embedding = make_linear(f"{path}/embedding", patch_pixels,
+                                 config.width, axes=("patch", "embed"),
+                                 use_bias=True, rngs=rngs)
+    init = jax.nn.initializers.normal(stddev=config.width**-0.5)
+    self.pos_embedding = nnx.Param(
+        init(rngs.params(), (config.num_patches, config.width)),
+        logical_axes=("vision_patches", "embed"))
+    self.layers = nnx.List([
+        EncoderLayer(f"{path}/layers/{i}", config, make_linear=make_linear,
+                     rngs=rngs) for i in range(config.depth)])
+    self.norm = layers.LayerNorm(config.width)
+
+  def __call__(self, image: jax.Array, tokens: TokenInfo) -> jax.Array:
+    """Encodes images; `tokens` is the TokenInfo of the N patch tokens."""
+    size = self.config.image_size
+    if image.shape[1:] != (size, size, 3):
+      raise ValueError(f"The ViT expects images [B, {size}, {size}, 3], got "
+                       f"{image.shape}.")
+    patches = patchify(image.astype(jnp.float32), self.config.patch_size)
+    x = self.embedding(patches, tokens) + self.pos_embedding[...]
+    for layer in self.layers:
+      x = layer(x, tokens)
+    return self.norm(x)

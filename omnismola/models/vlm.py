@@ -1,0 +1,151 @@
+"""The vision-language model: ViT -> connector -> prefix-LM decoder.
+
+The decoder reads one sequence: the image tokens first, then the text tokens.
+Attention follows big_vision's prefix-LM rule: with `cum = cumsum(mask_ar)`,
+query q may attend to key k iff `cum[k] <= cum[q]` and both are valid. Image
+tokens have mask_ar 0 and are always valid, so they and the text prefix
+(mask_ar 0) see each other bidirectionally while the suffix (mask_ar 1) is
+causal. RoPE positions count valid tokens only (`cumsum(valid) - 1`), so
+padding anywhere never shifts the positions of real tokens, and cached
+decoding with per-example prompt lengths continues each example's own count.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from omnismola.models.connectors import make_connector
+from omnismola.models.decoder import Decoder, DecoderConfig, KVCache
+from omnismola.models.layers import LinearFactory, TokenInfo, make_dense
+from omnismola.models.vit import ViT, ViTConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+  """A ViT, a connector kind (see `connectors.CONNECTORS`) and a decoder."""
+  vit: ViTConfig
+  decoder: DecoderConfig
+  connector: str = "linear"
+
+
+def sequence_layout(num_image_tokens: int, mask_ar: jax.Array,
+                    mask_input: jax.Array):
+  """TokenInfo, attention mask and positions of [image tokens, text].
+
+  Args:
+    num_image_tokens: N, the image tokens in front of the text.
+    mask_ar: int [B, L], 0 for prefix text, 1 for suffix text.
+    mask_input: int [B, L], 1 for real text tokens, 0 for padding.
+
+  Returns:
+    (tokens: TokenInfo [B, N+L], mask: bool [B, N+L, N+L],
+     positions: int32 [B, N+L]).
+  """
+  batch = mask_ar.shape[0]
+  image = TokenInfo.image(batch, num_image_tokens)
+  ar = jnp.concatenate(
+      [jnp.zeros((batch, num_image_tokens), jnp.int32),
+       mask_ar.astype(jnp.int32)], axis=1)
+  cum = jnp.cumsum(ar, axis=1)
+  text_valid = mask_input.astype(bool)
+  tokens = TokenInfo.concat([
+      image, TokenInfo.text(valid=text_valid,
+                            bidirectional=cum[:, num_image_tokens:] == 0)])
+  valid = tokens.valid
+  mask = ((cum[:, None, :] <= cum[:, :, None]) & valid[:, None, :] &
+          valid[:, :, None])
+  positions = jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1
+  return tokens, mask, positions
+
+
+class VLM(nnx.Module):
+  """PaliGemma-style VLM with every linear layer built by `make_linear`."""
+
+  def __init__(self, config: VLMConfig, *,
+               make_linear: LinearFactory = make_dense, rngs: nnx.Rngs):
+    self.config = config
+    self.vit = ViT(config.vit, path="vit", make_linear=make_linear, rngs=rngs)
+    self.connector = make_connector(
+        config.connector, "connector", config.vit.width,
+        config.decoder.width, make_linear=make_linear, rngs=rngs)
+    self.decoder = Decoder(config.decoder, path="decoder",
+                           make_linear=make_linear, rngs=rngs)
+
+  @property
+  def num_image_tokens(self) -> int:
+    return self.config.vit.num_patches
+
+  def embed_image(self, image: jax.Array) -> jax.Array:
+    """[B, H, W, 3] -> decoder-width image tokens [B, N, width]."""
+    tokens = TokenInfo.image(image.shape[0], self.num_image_tokens)
+    return self.connector(self.vit(image, tokens), tokens)
+
+  def _decoder_inputs(self, image, text, mask_ar, mask_input):
+    """(x, tokens, mask, positions) of the [image, text] sequence."""
+    x = jnp.concatenate([self.embed_image(image), self.decoder.embed(text)],
+                        axis=1)
+    tokens, mask, positions = sequence_layout(self.num_image_tokens, mask_ar,
+                                              mask_input)
+    return x, tokens, mask, positions
+
+  def __call__(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array,
+               mask_input: jax.Array) -> jax.Array:
+    """Logits float32 [B, L, vocab] at the text positions."""
+    x, tokens, mask, positions = self._decoder_inputs(image, text, mask_ar,
+                                                      mask_input)
+    h, _ = self.decoder(x, tokens, mask, positions)
+    return self.decoder.logits(h[:, self.num_image_tokens:])
+
+  def prefill(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array,
+              mask_input: jax.Array, *, cache_length: int):
+    """Runs image + prompt into a fresh KV cache of `cache_length` slots.
+
+    The prompt is padded at the end; each example's length comes from
+    mask_input. Slots [0, N + L) hold the image and the (padded) prompt, the
+    rest are free for `extend`.
+
+    Returns:
+      (logits float32 [B, vocab] of each example's last valid prompt token,
+       KVCache).
+    """
+    x, tokens, mask, positions = self._decoder_inputs(image, text, mask_ar,
+                                                      mask_input)
+    batch, length = tokens.valid.shape
+    if cache_length < length:
+      raise ValueError(f"cache_length={cache_length} cannot hold the "
+                       f"{length} image + prompt tokens.")
+    free = cache_length - length
+    cache = KVCache.empty(self.config.decoder, batch, cache_length, x.dtype)
+    # Queries see only this call's slots; the free ones hold zeros.
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, free)))
+    h, kv = self.decoder(x, tokens, mask, positions,
+                         kv=tuple(zip(cache.k, cache.v)), index=0)
+    last = jnp.max(jnp.where(tokens.valid, jnp.arange(length), -1), axis=1)
+    h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+    cache = KVCache(
+        k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv),
+        valid=jnp.pad(tokens.valid, ((0, 0), (0, free))),
+        positions=jnp.sum(tokens.valid, axis=1, dtype=jnp.int32),
+        index=jnp.asarray(length, jnp.int32))
+    return self.decoder.logits(h_last), cache
+
+  def extend(self, tokens: jax.Array, cache: KVCache):
+    """Appends one token per example (int32 [B]) as a causal suffix token.
+
+    Returns:
+      (logits float32 [B, vocab] for the next token, updated KVCache).
+    """
+    batch = tokens.shape[0]
+    x = self.decoder.embed(tokens[:, None])
+    valid = jax.lax.dynamic_update_slice(
+        cache.valid, jnp.ones((batch, 1), bool), (0, cache.index))
+    # The new token is the latest in the sequence, so causal attention means
+    # every valid slot, itself included.
+    h, kv = self.decoder(x, TokenInfo.decode_step(batch), valid[:, None, :],
+                         cache.positions[:, None],
+                         kv=tuple(zip(cache.k, cache.v)), index=cache.index)
+    cache = KVCache(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv),
+                    valid=valid, positions=cache.positions + 1,
+                    index=cache.index + 1)
+    return self.decoder.logits(h[:, 0]), cache

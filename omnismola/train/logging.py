@@ -1,0 +1,114 @@
+"""Metric writers (JSON lines + TensorBoard) and the progress line."""
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+from absl import logging
+
+
+class MetricWriter:
+  """Appends scalars to <workdir>/<name>.jsonl and to TensorBoard.
+
+  Only process 0 writes. TensorBoard goes through tensorboardX, which needs
+  no TensorFlow; where it is not installed the JSON lines still are written.
+  """
+
+  def __init__(self, workdir: str, name: str = "train_metrics"):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, f"{name}.jsonl")
+    self._tb = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", name))
+    except ImportError:
+      logging.warning("tensorboardX is not installed: no TensorBoard events.")
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step)}
+    record.update({k: float(v) for k, v in scalars.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for key, value in scalars.items():
+        self._tb.add_scalar(key, float(value), int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def truncate_after(path: str, step: int) -> None:
+  """Drops JSON lines with step > `step` (left by a run that died later)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
+  with open(path, "w") as f:
+    f.writelines(lines)
+
+
+def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else \
+      f"{minutes}:{seconds:02d}"
+
+
+class Progress:
+  """Throughput and ETA over the steps run by this process."""
+
+  def __init__(self, first_step: int, total_steps: int, global_batch: int):
+    self.first_step = first_step
+    self.total_steps = total_steps
+    self.global_batch = global_batch
+    self._start = None
+    self._start_step = first_step
+    self._last_time = None
+    self._last_step = first_step
+
+  def start(self, step: int) -> None:
+    """Called after the first (compiling) step so compile time is excluded."""
+    self._start = self._last_time = time.perf_counter()
+    self._start_step = self._last_step = step
+
+  def update(self, step: int) -> dict[str, float]:
+    """Throughput since the last update."""
+    now = time.perf_counter()
+    if self._last_time is None or step <= self._last_step:
+      return {}
+    rate = (step - self._last_step) / (now - self._last_time)
+    self._last_time, self._last_step = now, step
+    return {"steps_per_sec": rate,
+            "examples_per_sec": rate * self.global_batch}
+
+  def eta_seconds(self, step: int) -> float:
+    if self._start is None or step <= self._start_step:
+      return math.inf
+    rate = (step - self._start_step) / (time.perf_counter() - self._start)
+    return (self.total_steps - step) / rate
+
+  def line(self, step: int, loss: float, examples_per_sec: float | None) -> str:
+    width = len(str(self.total_steps))
+    parts = [f"step {step:>{width}}/{self.total_steps}", f"loss {loss:.4f}"]
+    if examples_per_sec:
+      parts.append(f"{examples_per_sec:,.1f} ex/s")
+    parts.append(f"ETA {format_duration(self.eta_seconds(step))}")
+    return " | ".join(parts)
+
+
+def print_line(text: str) -> None:
+  """A progress line on stdout for people, also in the absl log."""
+  if jax.process_index() == 0:
+    print(text, file=sys.stdout, flush=True)

@@ -1,0 +1,374 @@
+"""The training loop: sharded init or resume, jitted steps, checkpoints, evals.
+
+Reading order: `TrainState` and `ModelParts` (what is trained and how the
+model is rebuilt from arrays), `create_state` (sharded init from shapes),
+`make_train_step` (loss, gradients, update), then `train_and_evaluate`.
+"""
+import dataclasses
+import os
+import signal
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from omnismola import build
+from omnismola.eval import decode as decode_lib
+from omnismola.eval import evaluator
+from omnismola.train import checkpoint as checkpoint_lib
+from omnismola.train import init as init_lib
+from omnismola.train import logging as log_lib
+from omnismola.train import optim
+from omnismola.train import partitioning
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training, as plain pytrees of arrays.
+
+  Frozen parameters are kept apart from the trained ones: they get no
+  gradients and no optimizer state.
+  """
+  step: jax.Array
+  params: Any
+  frozen: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParts:
+  """How to turn (params, frozen) arrays back into the NNX model."""
+  graphdef: Any
+  params_template: nnx.State
+  frozen_template: nnx.State
+
+  def merge(self, params, frozen) -> nnx.Module:
+    return nnx.merge(self.graphdef, _fill(self.params_template, params),
+                     _fill(self.frozen_template, frozen))
+
+
+def _fill(template: nnx.State, values) -> nnx.State:
+  state = jax.tree.map(lambda x: x, template)  # A copy: templates stay intact.
+  nnx.replace_by_pure_dict(state, values)
+  return state
+
+
+def split_model(model: nnx.Module, trainable_regex: str):
+  """(graphdef, trainable params, everything else) of a model."""
+  return nnx.split(model, optim.trainable_filter(trainable_regex), ...)
+
+
+def opt_state_shardings(opt_state, params_shardings, mesh):
+  """Optimizer leaves mirroring a parameter take its sharding; others replicate.
+
+  Optax states hold copies of the parameter tree (e.g. Adam's mu and nu), so
+  a leaf whose key path ends with a parameter's key path is that parameter's
+  moment.
+  """
+  by_path = {tuple(path): s for path, s in
+             jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
+
+  def one(path, _):
+    for start in range(len(path)):
+      if tuple(path[start:]) in by_path:
+        return by_path[tuple(path[start:])]
+    return partitioning.replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(one, opt_state)
+
+
+def create_state(config, mesh, optimizer):
+  """Returns (init_fn, abstract state with shardings, ModelParts).
+
+  Parameters are created directly in their sharded layout: shapes come from
+  `eval_shape`, shardings from the logical axes, and `init_fn` is jitted with
+  those out_shardings, so no device ever holds the whole model first.
+  """
+  rules = config.sharding_rules
+  abstract_model = nnx.eval_shape(lambda: build.build_model(config))
+  graphdef, params_t, frozen_t = split_model(abstract_model,
+                                             config.train.trainable)
+  if not jax.tree.leaves(params_t):
+    raise ValueError(f"config.train.trainable={config.train.trainable!r} "
+                     "matches no parameter: nothing would be trained.")
+  parts = ModelParts(graphdef, params_t, frozen_t)
+
+  def init_fn(key):
+    model = build.build_model(config, rng=key)
+    _, params, frozen = split_model(model, config.train.trainable)
+    params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      frozen=frozen, opt_state=optimizer.init(params))
+
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  params_sh = partitioning.state_shardings(params_t, rules, mesh)
+  shardings = TrainState(
+      step=partitioning.replicated(mesh), params=params_sh,
+      frozen=partitioning.state_shardings(frozen_t, rules, mesh),
+      opt_state=opt_state_shardings(abstract.opt_state, params_sh, mesh))
+  abstract = checkpoint_lib.abstract_with_shardings(abstract, shardings)
+  init_fn = jax.jit(init_fn, out_shardings=shardings)
+  return init_fn, abstract, parts
+
+
+def next_token_loss(logits, text, mask_loss):
+  """Per-example sums of next-token cross-entropy over target tokens.
+
+  Position i predicts token i + 1; `mask_loss` marks the targets.
+  """
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets, weights = text[:, 1:], mask_loss[:, 1:].astype(jnp.float32)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return jnp.sum(nll * weights, axis=1), jnp.sum(weights, axis=1)
+
+
+def make_train_step(parts: ModelParts, optimizer, schedule, num_tasks: int):
+  """train_step(state, batch) -> (state, metrics), to be jitted."""
+
+  def loss_fn(params, frozen, batch):
+    model = parts.merge(params, frozen)
+    logits = model(batch["image"], batch["text"], batch["mask_ar"],
+                   batch["mask_input"])
+    nll, count = next_token_loss(logits, batch["text"], batch["mask_loss"])
+    loss = jnp.sum(nll) / jnp.maximum(jnp.sum(count), 1.0)
+    return loss, (nll, count)
+
+  def train_step(state: TrainState, batch):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (nll, count)), grads = grad_fn(state.params, state.frozen, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    task = batch["task_id"]
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": schedule(state.step),
+        "target_tokens": jnp.sum(count),
+        # Sums per task, turned into per-task losses when logged.
+        "task_nll": jax.ops.segment_sum(nll, task, num_tasks),
+        "task_tokens": jax.ops.segment_sum(count, task, num_tasks),
+    }
+    new_state = state.replace(step=state.step + 1, params=params,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def summarize(step_metrics: list[dict], task_names: list[str]) -> dict:
+  """Averages the metrics of the steps since the last log line."""
+  host = jax.device_get(step_metrics)
+  out = {k: float(np.mean([m[k] for m in host]))
+         for k in ("loss", "grad_norm", "learning_rate")}
+  out["target_tokens_per_step"] = float(
+      np.mean([m["target_tokens"] for m in host]))
+  nll = np.sum([m["task_nll"] for m in host], axis=0)
+  tokens = np.sum([m["task_tokens"] for m in host], axis=0)
+  for name, n, t in zip(task_names, nll, tokens):
+    if t > 0:
+      out[f"loss/{name}"] = float(n / t)
+  return out
+
+
+def make_decode_fn(parts: ModelParts, state_getter: Callable, max_new_tokens,
+                   eos_id: int):
+  """decode_fn(prompt_batch, put_batch) for the evaluator, jitted once."""
+
+  @jax.jit
+  def decode(params, frozen, batch):
+    model = parts.merge(params, frozen)
+    return decode_lib.greedy_decode(model, batch,
+                                    max_new_tokens=max_new_tokens,
+                                    eos_id=eos_id)
+
+  def decode_fn(batch, put_batch):
+    state = state_getter()
+    return decode(state.params, state.frozen, put_batch(batch))
+
+  return decode_fn
+
+
+def make_put_batch(mesh, rules) -> Callable[[dict], dict]:
+  """Host-local numpy batch -> global arrays sharded over the batch axes."""
+
+  def put(batch: dict) -> dict:
+    out = {}
+    for key, local in batch.items():
+      if not isinstance(local, np.ndarray):
+        continue  # e.g. reference strings stay on the host.
+      global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+      sharding = partitioning.batch_sharding(mesh, rules, global_shape)
+      out[key] = jax.make_array_from_process_local_data(sharding, local,
+                                                        global_shape)
+    return out
+
+  return put
+
+
+class _StopSignal:
+  """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread (e.g. a notebook worker).
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: checkpointing, then stopping.")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains (resuming from <workdir>/checkpoints if any), then evaluates.
+
+  Returns the final evaluation results (empty if evaluation is off).
+  """
+  from omnismola.data import pipeline  # TensorFlow only from here on.
+
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  mesh = partitioning.make_mesh(dict(config.mesh))
+  rules = [tuple(r) for r in config.sharding_rules]
+  logging.info("Mesh: %s", dict(mesh.shape))
+  task_names = pipeline.mixture_task_names(config.data)
+
+  schedule = optim.learning_rate_schedule(config.train)
+  optimizer = optim.make_optimizer(config.train)
+  init_fn, abstract, parts = create_state(config, mesh, optimizer)
+  _log_parameter_counts(abstract)
+
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     keep=config.train.keep_checkpoints)
+  writer = log_lib.MetricWriter(workdir)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, data_state = ckpt.restore(latest, abstract)
+    log_lib.truncate_after(writer.path, latest)
+    log_lib.print_line(f"Resuming from the checkpoint of step {latest}.")
+  else:
+    state, data_state = init_fn(jax.random.key(config.seed)), None
+    if config.init.checkpoint:
+      state = init_lib.load_partial(config.init.checkpoint, state, abstract)
+
+  pipeline.prepare(config.data)
+  batch_size = config.train.batch_size
+  train_iter = pipeline.make_train_iterator(
+      config.data, global_batch_size=batch_size, seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(), state=data_state)
+  put_batch = make_put_batch(mesh, rules)
+  state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  train_step = jax.jit(
+      make_train_step(parts, optimizer, schedule, len(task_names)),
+      in_shardings=(state_shardings, None), out_shardings=(state_shardings,
+                                                           None),
+      donate_argnums=0)
+
+  holder = {"state": state}
+  run_eval = _make_eval_runner(config, workdir, parts, lambda: holder["state"],
+                               put_batch, pipeline)
+  total = int(config.train.steps)
+  step = int(jax.device_get(state.step))
+  progress = log_lib.Progress(step, total, batch_size)
+  pending: list[dict] = []
+  results = {}
+  with _StopSignal() as stop:
+    while step < total and not stop.requested:
+      state, metrics = train_step(state, put_batch(next(train_iter)))
+      holder["state"] = state
+      step += 1
+      pending.append(metrics)
+      if step == progress.first_step + 1:  # Exclude compilation from rates.
+        jax.block_until_ready(metrics)
+        progress.start(step)
+      if step % config.train.log_every == 0 or step == total:
+        scalars = summarize(pending, task_names)
+        scalars.update(progress.update(step))
+        pending = []
+        writer.write(step, scalars)
+        log_lib.print_line(progress.line(step, scalars["loss"],
+                                         scalars.get("examples_per_sec")))
+      if step % config.train.checkpoint_every == 0 or step == total:
+        ckpt.save(step, state, train_iter.get_state(), config.to_dict())
+      if config.eval.every and step % config.eval.every == 0 and step < total:
+        run_eval(step)
+    if stop.requested and step < total:
+      ckpt.save(step, state, train_iter.get_state(), config.to_dict())
+      ckpt.close()
+      log_lib.print_line(f"Stopped by SIGTERM at step {step}; checkpoint "
+                         "saved. Re-run the same command to resume.")
+      return {}
+  ckpt.close()
+  writer.close()
+  if config.eval.at_end:
+    results = run_eval(step)
+  return results
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+  """--mode=eval: evaluates the latest checkpoint of `workdir`."""
+  from omnismola.data import pipeline  # TensorFlow only from here on.
+
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  mesh = partitioning.make_mesh(dict(config.mesh))
+  rules = [tuple(r) for r in config.sharding_rules]
+  optimizer = optim.make_optimizer(config.train)
+  _, abstract, parts = create_state(config, mesh, optimizer)
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     keep=config.train.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is None:
+    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints to "
+                            "evaluate; train first with --mode=train.")
+  state, _ = ckpt.restore(latest, abstract)
+  ckpt.close()
+  run_eval = _make_eval_runner(config, workdir, parts, lambda: state,
+                               make_put_batch(mesh, rules), pipeline)
+  return run_eval(latest)
+
+
+def _make_eval_runner(config, workdir, parts, state_getter, put_batch,
+                      pipeline):
+  """run_eval(step): evaluates every task, writes JSON, prints the table."""
+  decode_fn = make_decode_fn(parts, state_getter, config.eval.max_new_tokens,
+                             pipeline.EOS_ID)
+
+  def run_eval(step: int) -> dict:
+    pipeline.prepare(config.data)
+    eval_sets = pipeline.make_eval_sets(
+        config.data, batch_size=config.eval.batch_size,
+        tasks=list(config.eval.tasks) or None,
+        max_examples=config.eval.max_examples or None)
+    results = evaluator.evaluate(decode_fn, eval_sets,
+                                 detokenize=pipeline.detokenize,
+                                 put_batch=put_batch)
+    path = evaluator.write_results(workdir, step, results)
+    chance = pipeline.chance_levels(config.data)
+    log_lib.print_line(f"\nEvaluation at step {step} ({path}):\n" +
+                       evaluator.format_table(results, chance))
+    return results
+
+  return run_eval
+
+
+def _log_parameter_counts(abstract: TrainState) -> None:
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  trained, frozen = count(abstract.params), count(abstract.frozen)
+  log_lib.print_line(f"Parameters: {trained + frozen:,} "
+                     f"({trained:,} trained, {frozen:,} frozen).")

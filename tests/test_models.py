@@ -1,0 +1,388 @@
+"""Backbone models: structure, masking, KV cache, training and sharding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from omnismola.models import connectors, layers, presets, vit
+from omnismola.models.layers import Dense, TokenInfo
+from omnismola.models.vlm import VLM, sequence_layout
+
+LOGICAL_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "vision_patches",
+                 "patch"}
+
+
+def _model(seed=0, make_linear=layers.make_dense, **overrides) -> VLM:
+  return VLM(presets.get_preset("tiny", **overrides), make_linear=make_linear,
+             rngs=nnx.Rngs(seed))
+
+
+def _image(batch, model, seed=0):
+  size = model.config.vit.image_size
+  return jax.random.uniform(jax.random.key(seed), (batch, size, size, 3),
+                            minval=-1, maxval=1)
+
+
+def _text(batch, length, seed=1):
+  return jax.random.randint(jax.random.key(seed), (batch, length), 3, 259,
+                            dtype=jnp.int32)
+
+
+@nnx.jit
+def _forward(model, image, text, mask_ar, mask_input):
+  return model(image, text, mask_ar, mask_input)
+
+
+def _with_suffix(prompt, prompt_lens, suffix, length):
+  """Rows [prompt_b, suffix_b, pad...]: suffix right after each prompt."""
+  batch, n = suffix.shape
+  text = np.zeros((batch, length), np.int32)
+  mask_ar = np.zeros((batch, length), np.int32)
+  mask_input = np.zeros((batch, length), np.int32)
+  for b, p in enumerate(prompt_lens):
+    text[b, :p] = prompt[b, :p]
+    text[b, p:p + n] = suffix[b]
+    mask_ar[b, p:p + n] = 1
+    mask_input[b, :p + n] = 1
+  return text, mask_ar, mask_input
+
+
+# --- Structure -------------------------------------------------------------
+
+
+def _linear_paths(config):
+  """Every linear layer the contract lays out, by path."""
+  paths = ["vit/embedding", "connector/proj"]
+  for i in range(config.vit.depth):
+    paths += [f"vit/layers/{i}/attn/{n}" for n in "qkvo"]
+    paths += [f"vit/layers/{i}/mlp/{n}" for n in ("fc1", "fc2")]
+  for i in range(config.decoder.depth):
+    paths += [f"decoder/layers/{i}/attn/{n}" for n in "qkvo"]
+    paths += [f"decoder/layers/{i}/mlp/{n}" for n in ("gate", "up", "down")]
+  return sorted(paths)
+
+
+def test_shapes_and_dtypes():
+  model = _model()
+  batch, length = 3, 6
+  image, text = _image(batch, model), _text(batch, length)
+  ones = jnp.ones((batch, length), jnp.int32)
+  logits = model(image, text, 0 * ones, ones)
+  assert logits.shape == (batch, length, 259) and logits.dtype == jnp.float32
+  n = model.num_image_tokens
+  assert n == 4
+  last, cache = model.prefill(image, text, 0 * ones, ones,
+                              cache_length=n + length + 3)
+  assert last.shape == (batch, 259) and last.dtype == jnp.float32
+  assert len(cache.k) == len(cache.v) == model.config.decoder.depth
+  assert cache.k[0].shape == (batch, n + length + 3, 1, 16)
+  np.testing.assert_array_equal(cache.positions, n + length)
+  assert int(cache.index) == n + length
+  nxt, cache = model.extend(jnp.argmax(last, -1).astype(jnp.int32), cache)
+  assert nxt.shape == (batch, 259)
+  assert int(cache.index) == n + length + 1
+  np.testing.assert_array_equal(cache.positions, n + length + 1)
+  with pytest.raises(ValueError, match="cache_length"):
+    model.prefill(image, text, 0 * ones, ones, cache_length=n + length - 1)
+  with pytest.raises(ValueError, match="expects images"):
+    model(jnp.zeros((batch, 8, 8, 3)), text, 0 * ones, ones)
+
+
+def test_linear_paths_equal_graph_paths():
+  model = _model(decoder_depth=2)
+  found = {}
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, Dense):
+      found["/".join(map(str, path))] = module
+  assert sorted(found) == _linear_paths(model.config)
+  for graph_path, module in found.items():
+    assert module.path == graph_path
+
+
+def test_every_linear_is_built_by_the_factory():
+  calls = []
+
+  def recording_factory(path, in_features, out_features, *, axes, use_bias,
+                        rngs):
+    calls.append((path, in_features, out_features, axes))
+    return layers.make_dense(path, in_features, out_features, axes=axes,
+                             use_bias=use_bias, rngs=rngs)
+
+  model = _model(make_linear=recording_factory, decoder_depth=2)
+  assert sorted(c[0] for c in calls) == _linear_paths(model.config)
+  modules = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model)}
+  for path, d_in, d_out, axes in calls:
+    kernel = modules[path].kernel
+    assert kernel.shape == (d_in, d_out)
+    assert kernel.get_metadata()["logical_axes"] == axes
+
+
+def test_every_param_has_logical_axes_of_its_rank():
+  model = _model()
+  params = nnx.state(model, nnx.Param)
+  leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x,
+                                                                nnx.Variable))
+  assert len(leaves) > 20
+  for param in leaves:
+    axes = param.get_metadata().get("logical_axes")
+    assert isinstance(axes, tuple) and len(axes) == param.ndim, param
+    assert set(axes) <= LOGICAL_NAMES, axes
+    assert "sharding" not in param.get_metadata()
+    assert "sharding_names" not in param.get_metadata()
+
+
+def test_small_preset_sizes():
+  config = presets.get_preset("small")
+  assert config.vit.num_patches == 64
+  model = nnx.eval_shape(lambda: VLM(config, rngs=nnx.Rngs(0)))
+  count = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert count == 1_061_376
+
+
+def test_preset_overrides_and_errors():
+  config = presets.get_preset("tiny", decoder_depth=3, vit_width=48,
+                              connector="linear")
+  assert config.decoder.depth == 3 and config.vit.width == 48
+  assert presets.get_preset("tiny").decoder.depth == 1  # Not mutated.
+  with pytest.raises(ValueError, match="decoder_depth"):
+    presets.get_preset("tiny", decoder_layers=3)
+  with pytest.raises(ValueError, match="small"):
+    presets.get_preset("huge")
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    presets.get_preset("tiny", decoder_num_kv_heads=3)
+  with pytest.raises(ValueError, match="linear"):
+    _model(connector="nope")
+  assert "linear" in connectors.CONNECTORS
+
+
+# --- Layers ----------------------------------------------------------------
+
+
+def test_patch_embedding_is_a_strided_conv():
+  """SigLIP's conv kernel [p, p, 3, width] reshapes to our Dense kernel."""
+  model = _model()
+  cfg = model.config.vit
+  image = _image(2, model)
+  tokens = TokenInfo.image(2, cfg.num_patches)
+  ours = model.vit.embedding(vit.patchify(image, cfg.patch_size), tokens)
+  kernel = model.vit.embedding.kernel[...].reshape(
+      cfg.patch_size, cfg.patch_size, 3, cfg.width)
+  conv = jax.lax.conv_general_dilated(
+      image, kernel, (cfg.patch_size,) * 2, "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = conv.reshape(2, cfg.num_patches, cfg.width)
+  np.testing.assert_allclose(ours, conv + model.vit.embedding.bias[...],
+                             atol=1e-5)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+  q, k = jax.random.normal(jax.random.key(0), (2, 1, 1, 1, 16))
+  rope = lambda x, pos: layers.apply_rope(x, jnp.array([[pos]]),
+                                          max_wavelength=10_000.0)
+  score = lambda m, n: jnp.sum(rope(q, m) * rope(k, n))
+  np.testing.assert_allclose(score(7, 3), score(104, 100), rtol=1e-4)
+  assert not np.isclose(score(7, 3), score(7, 4), rtol=1e-3)
+  np.testing.assert_allclose(rope(q, 0), q)
+
+
+def test_grouped_query_attention_equals_repeated_kv_heads():
+  kq, kk, kv, km = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(kq, (2, 5, 4, 8))
+  k = jax.random.normal(kk, (2, 6, 2, 8))
+  v = jax.random.normal(kv, (2, 6, 2, 8))
+  mask = jax.random.bernoulli(km, 0.7, (2, 5, 6))
+  grouped = layers.attend(q, k, v, mask)
+  # Query heads 0, 1 read kv head 0; heads 2, 3 read kv head 1.
+  full = layers.attend(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2),
+                       mask)
+  np.testing.assert_allclose(grouped, full, atol=1e-6)
+  # Reference for one head: masked softmax written out.
+  logits = jnp.einsum("td,sd->ts", q[0, :, 3], k[0, :, 1]) / np.sqrt(8)
+  probs = jax.nn.softmax(jnp.where(mask[0], logits, -jnp.inf), axis=-1)
+  np.testing.assert_allclose(grouped[0, :, 3], probs @ v[0, :, 1], atol=1e-5)
+
+
+def test_sequence_layout():
+  mask_ar = jnp.array([[0, 0, 1, 1, 0]])
+  mask_input = jnp.array([[1, 1, 1, 0, 0]])
+  tokens, mask, positions = sequence_layout(2, mask_ar, mask_input)
+  np.testing.assert_array_equal(tokens.is_image[0], [1, 1, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(tokens.is_text[0], [0, 0, 1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(tokens.bidirectional[0],
+                                [1, 1, 1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(positions[0], [0, 1, 2, 3, 4, 4, 4])
+  expected = np.zeros((7, 7), bool)
+  expected[:4, :4] = True       # Image + prefix: bidirectional.
+  expected[4, :5] = True        # The suffix token: causal.
+  np.testing.assert_array_equal(mask[0], expected)
+
+
+def test_token_info_constructors():
+  image = TokenInfo.image(2, 3)
+  assert image.is_image.all() and image.bidirectional.all()
+  assert not image.is_text.any()
+  step = TokenInfo.decode_step(2)
+  assert step.valid.shape == (2, 1) and step.is_text.all()
+  assert not step.bidirectional.any()
+  text = TokenInfo.text(valid=jnp.array([[1, 0]]),
+                        bidirectional=jnp.array([[1, 1]]))
+  np.testing.assert_array_equal(text.bidirectional, [[True, False]])
+
+
+# --- Prefix-LM masking -----------------------------------------------------
+
+
+def _masking_batch(model):
+  """Two examples: prefix of 3 then suffix of 4 tokens, no padding."""
+  batch, length = 2, 7
+  mask_ar = jnp.array([[0, 0, 0, 1, 1, 1, 1]] * batch, jnp.int32)
+  return (_image(batch, model), _text(batch, length), mask_ar,
+          jnp.ones((batch, length), jnp.int32))
+
+
+def test_suffix_tokens_are_causal():
+  model = _model()
+  image, text, mask_ar, mask_input = _masking_batch(model)
+  before = _forward(model, image, text, mask_ar, mask_input)
+  after = _forward(model, image, text.at[:, 5].set(7), mask_ar, mask_input)
+  np.testing.assert_array_equal(before[:, :5], after[:, :5])
+  assert np.abs(before[:, 5:] - after[:, 5:]).max() > 1e-3
+
+
+def test_prefix_tokens_are_bidirectional():
+  model = _model()
+  image, text, mask_ar, mask_input = _masking_batch(model)
+  before = _forward(model, image, text, mask_ar, mask_input)
+  after = _forward(model, image, text.at[:, 2].set(7), mask_ar, mask_input)
+  # Every earlier prefix position of every example sees the change.
+  assert np.abs(before[:, :2] - after[:, :2]).max(axis=-1).min() > 1e-4
+  other_image = _forward(model, -image, text, mask_ar, mask_input)
+  assert np.abs(before - other_image).max(axis=-1).min() > 1e-4
+
+
+def test_padding_changes_nothing_at_valid_positions():
+  """Padding in the middle and at the end: same logits as no padding."""
+  model = _model()
+  image, text, mask_ar, mask_input = _masking_batch(model)
+  plain = _forward(model, image, text, mask_ar, mask_input)
+  # Insert two padding tokens between prefix and suffix, one at the end.
+  pad_at = np.array([0, 0, 0, 1, 1, 0, 0, 0, 0, 1], bool)
+  padded_text = np.full((2, 10), 99, np.int32)  # Junk ids under padding.
+  padded_text[:, ~pad_at] = text
+  padded_ar = np.ones((2, 10), np.int32)
+  padded_ar[:, ~pad_at] = mask_ar
+  padded = _forward(model, image, jnp.asarray(padded_text),
+                    jnp.asarray(padded_ar),
+                    jnp.asarray(np.tile(~pad_at, (2, 1)).astype(np.int32)))
+  np.testing.assert_allclose(padded[:, ~pad_at], plain, atol=1e-5)
+  # And the ids under padding do not matter.
+  junk = _forward(model, image, jnp.asarray(padded_text).at[:, 3].set(5),
+                  jnp.asarray(padded_ar),
+                  jnp.asarray(np.tile(~pad_at, (2, 1)).astype(np.int32)))
+  np.testing.assert_array_equal(junk[:, ~pad_at], padded[:, ~pad_at])
+
+
+# --- KV cache --------------------------------------------------------------
+
+
+def test_prefill_and_extend_match_the_full_forward():
+  """Prompts of different lengths: padding sits in the middle of the cache."""
+  model = _model(decoder_depth=2)
+  prompt_lens, prompt_len, steps = [5, 2, 4], 5, 4
+  batch = len(prompt_lens)
+  image = _image(batch, model)
+  prompt = np.asarray(_text(batch, prompt_len))
+  suffix = np.asarray(_text(batch, steps, seed=5))
+  p_text, p_ar, p_input = _with_suffix(prompt, prompt_lens,
+                                       suffix[:, :0], prompt_len)
+  full = _forward(model, image,
+                  *map(jnp.asarray, _with_suffix(prompt, prompt_lens, suffix,
+                                                 prompt_len + steps)))
+
+  n = model.num_image_tokens
+  prefill = nnx.jit(lambda m, *a: m.prefill(
+      *a, cache_length=n + prompt_len + steps))
+  extend = nnx.jit(lambda m, t, c: m.extend(t, c))
+  last, cache = prefill(model, image, p_text, p_ar, p_input)
+  rows = np.arange(batch)
+  at = np.array(prompt_lens) - 1
+  np.testing.assert_allclose(last, full[rows, at], atol=1e-5)
+  for t in range(steps):
+    logits, cache = extend(model, jnp.asarray(suffix[:, t]), cache)
+    np.testing.assert_allclose(logits, full[rows, at + t + 1], atol=1e-5)
+  np.testing.assert_array_equal(cache.positions,
+                                n + np.array(prompt_lens) + steps)
+  # Example 1's padding slots stay invalid in the cache.
+  np.testing.assert_array_equal(cache.valid[1, n + 2:n + 5], False)
+
+
+# --- Training and sharding -------------------------------------------------
+
+
+def _loss(model, batch):
+  logits = model(batch["image"], batch["text"], batch["mask_ar"],
+                 batch["mask_input"])
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1],
+                                                        batch["text"][:, 1:])
+  weights = batch["mask_ar"][:, 1:]
+  return jnp.sum(nll * weights) / jnp.sum(weights)
+
+
+def test_a_few_adam_steps_reduce_the_loss():
+  model = _model()
+  graphdef, params = nnx.split(model, nnx.Param)
+  batch = dict(zip(("image", "text", "mask_ar", "mask_input"),
+                   _masking_batch(model)))
+  optimizer = optax.adam(1e-2)
+
+  @jax.jit
+  def step(params, opt_state):
+    loss, grads = jax.value_and_grad(
+        lambda p: _loss(nnx.merge(graphdef, p), batch))(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = optimizer.init(params)
+  losses = []
+  for _ in range(8):
+    params, opt_state, loss = step(params, opt_state)
+    losses.append(float(loss))
+  assert np.isfinite(losses).all()
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_sharded_forward_equals_single_device():
+  """Batch over all 8 devices; mlp/heads/kv/vocab params over `model`."""
+  assert jax.device_count() == 8
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+  model = _model()
+  batch = 8
+  image, text = _image(batch, model), _text(batch, 6)
+  mask_ar = jnp.tile(jnp.array([0, 0, 0, 1, 1, 1], jnp.int32), (batch, 1))
+  mask_input = jnp.ones((batch, 6), jnp.int32).at[::3, -1].set(0)
+  expected = _forward(model, image, text, mask_ar, mask_input)
+
+  graphdef, state = nnx.split(model)
+
+  def param_sharding(param):
+    spec = []
+    for name, dim in zip(param.get_metadata()["logical_axes"], param.shape):
+      shard = (name in ("mlp", "heads", "kv", "vocab") and dim % 2 == 0
+               and "model" not in spec)  # A mesh axis shards one dim at most.
+      spec.append("model" if shard else None)
+    return NamedSharding(mesh, P(*spec))
+
+  state_sharding = jax.tree.map(param_sharding, state,
+                                is_leaf=lambda x: isinstance(x, nnx.Variable))
+  state = jax.device_put(state, state_sharding)
+  data = NamedSharding(mesh, P(("data", "model")))
+  inputs = [jax.device_put(x, data)
+            for x in (image, text, mask_ar, mask_input)]
+  assert len(inputs[0].sharding.device_set) == 8
+  forward = jax.jit(lambda s, *a: nnx.merge(graphdef, s)(*a))
+  sharded = forward(state, *inputs)
+  np.testing.assert_allclose(np.asarray(sharded), np.asarray(expected),
+                             atol=1e-5, rtol=1e-5)
