@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(
       mixture="synthetic_mix",
       task_modules=(),
-      feature_lengths=dict(prefix=48, suffix=32),
+      feature_lengths=dict(prefix=40, suffix=40),
       tfds_data_dir="~/tensorflow_datasets",
       shuffle_buffer=10_000,
   )

@@ -43,7 +43,10 @@ def parse_flags(argv):
 
 def main(argv):
   del argv
-  # Keep TensorFlow's logging quiet and off accelerators before data/ loads it.
+  # People read the progress lines and the eval table; library info logs
+  # (Orbax, TFDS) only with an explicit --verbosity.
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from omnismola.train import trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
