@@ -45,13 +45,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = dict(
       mixture="synthetic_mix",
       task_modules=(),
-      feature_lengths=dict(prefix=40, suffix=40),
+      feature_lengths=dict(prefix=48, suffix=32),
       tfds_data_dir="~/tensorflow_datasets",
       shuffle_buffer=10_000,
   )
 
   c.train = dict(
-      steps=2000,
+      steps=1000,
       batch_size=32,
       lr=1e-3,
       warmup_steps=100,

@@ -139,7 +139,7 @@ def test_small_preset_sizes():
   assert config.vit.num_patches == 64
   model = nnx.eval_shape(lambda: VLM(config, rngs=nnx.Rngs(0)))
   count = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  assert count == 1_061_376
+  assert count == 766_464
 
 
 def test_preset_overrides_and_errors():

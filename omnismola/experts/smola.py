@@ -72,34 +72,57 @@ class SMoLAPool(nnx.Module):
         logical_axes=(in_axis, "expert", None))
     self.scale = nnx.Param(jnp.ones(()), logical_axes=())
 
-  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
-    batch, length, _ = x.shape
-    n, r = self.num_experts, self.rank
-    a, b = self.a[...], self.b[...]
+  def route(self, x: jax.Array, tokens: TokenInfo):
+    """(per-token expert weights [B, T, n], Soft MoE output [B, T, d_out]).
+
+    The weights are zero except on causal tokens this pool serves; the Soft
+    MoE output is zero except on bidirectional ones.
+    """
     serves = pool_mask(tokens, self.modality)
     grouped = serves & tokens.bidirectional
     causal = serves & ~tokens.bidirectional
+    a, b = self.a[...], self.b[...]
 
     logits = routing.cosine_logits(x, self.phi[...], self.scale[...])
     # Combine: each token's softmax over all slots of the pool.
     combine = jax.nn.softmax(logits, axis=(-2, -1))          # [B, T, n, p]
+    expert_weight = jnp.sum(combine, axis=-1) * causal[..., None]
 
-    # Causal tokens: per-token mixture, computed as one rank-(n*r) LoRA.
-    expert_weight = jnp.sum(combine, axis=-1) * causal[..., None]  # [B, T, n]
-    h = (x @ a.reshape(a.shape[0], n * r)).reshape(batch, length, n, r)
-    h = (h * expert_weight[..., None].astype(h.dtype)).reshape(
-        batch, length, n * r)
-    y = h @ b.reshape(n * r, b.shape[-1])
-
-    # Grouped tokens: Soft MoE over the sequence's bidirectional tokens.
+    # Soft MoE over the sequence's bidirectional tokens of this modality.
     dispatch = routing.masked_softmax(logits, grouped[:, :, None, None],
                                       axis=1)                # over tokens
     slots_in = jnp.einsum("btnp,btd->bnpd", dispatch.astype(x.dtype), x)
     slots_out = jnp.einsum("bnpd,dnr,nro->bnpo", slots_in, a, b)
     grouped_combine = combine * grouped[..., None, None]
-    y = y + jnp.einsum("btnp,bnpo->bto", grouped_combine.astype(x.dtype),
-                       slots_out)
-    return self.multiplier * y
+    y_grouped = jnp.einsum("btnp,bnpo->bto", grouped_combine.astype(x.dtype),
+                           slots_out)
+    return expert_weight, self.multiplier * y_grouped
+
+  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
+    return mix_pools([self], x, tokens)
+
+
+def mix_pools(pools, x: jax.Array, tokens: TokenInfo) -> jax.Array:
+  """The summed output of several pools on x [B, T, d_in].
+
+  The per-token (causal) paths of all pools run as one low-rank product:
+  h = x A_cat ([B, T, sum n*r]), each rank block scaled by its expert's
+  weight (and pool multiplier), y = h B_cat. One pair of wide matmuls is much
+  faster than a pair per pool, and [tokens, experts, d_out] never exists.
+  """
+  batch, length, d_in = x.shape
+  weights, a_blocks, b_blocks = [], [], []
+  y = 0.0
+  for pool in pools:
+    expert_weight, y_grouped = pool.route(x, tokens)
+    y = y + y_grouped
+    n, r = pool.num_experts, pool.rank
+    weights.append(jnp.repeat(expert_weight * pool.multiplier, r, axis=-1))
+    a_blocks.append(pool.a[...].reshape(d_in, n * r))
+    b_blocks.append(pool.b[...].reshape(n * r, -1))
+  h = x @ jnp.concatenate(a_blocks, axis=1)
+  h = h * jnp.concatenate(weights, axis=-1).astype(h.dtype)
+  return y + h @ jnp.concatenate(b_blocks, axis=0)
 
 
 class SMoLA(nnx.Module):
@@ -126,4 +149,4 @@ class SMoLA(nnx.Module):
     })
 
   def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
-    return sum(pool(x, tokens) for pool in self.pools.values())
+    return mix_pools(list(self.pools.values()), x, tokens)

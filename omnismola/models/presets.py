@@ -32,7 +32,7 @@ PRESETS: dict[str, VLMConfig] = {
                       num_heads=4, mlp_dim=256),
         decoder=DecoderConfig(vocab_size=_BYTE_VOCAB, width=128, depth=3,
                               num_heads=4, num_kv_heads=1, head_dim=32,
-                              mlp_dim=512)),
+                              mlp_dim=256)),
 }
 
 

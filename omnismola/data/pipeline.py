@@ -1,0 +1,266 @@
+"""The input pipeline: the only data API the trainer uses.
+
+  prepare(config.data)                       build missing TFDS data
+  make_train_iterator(config.data, ...)      per-host numpy train batches
+  make_eval_sets(config.data, ...)           per-task fixed-shape eval batches
+
+`config.data` fields: `mixture` (a SeqIO mixture or task name), `task_modules`
+(modules imported first, to register user tasks), `feature_lengths`
+(dict(prefix=P, suffix=S)), `tfds_data_dir` and `shuffle_buffer` (examples
+held for shuffling, in total over the mixture's tasks).
+
+Training reads this host's shard of every task (`seqio.ShardInfo`), converts
+examples to model features tagged with the task's index in the mixture,
+samples tasks by the mixture rates, batches and repeats forever. Everything
+is seeded, so an iterator's state is just the number of batches it handed
+out, and a resumed iterator skips exactly those.
+"""
+import dataclasses
+import functools
+import importlib
+import math
+import os
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+from absl import logging
+
+from omnismola.data import converter
+from omnismola.data import mixtures
+from omnismola.data import tasks as tasks_lib
+from omnismola.data.synthetic import baselines
+from omnismola.data.synthetic import scenes
+
+EOS_ID = tasks_lib.EOS_ID
+_TRAIN_KEYS = ("image", "text", "mask_ar", "mask_loss", "mask_input",
+               "task_id")
+_PROMPT_KEYS = ("image", "text", "mask_ar", "mask_input", "task_id")
+
+
+def detokenize(ids: Sequence[int]) -> str:
+  """Token ids -> text, up to the first EOS, padding and special ids dropped."""
+  return tasks_lib.VOCAB.decode([int(i) for i in ids])
+
+
+def mixture_task_names(data_config) -> list[str]:
+  """The tasks of config.data.mixture; a task's index is its task_id."""
+  for module in data_config.task_modules:
+    importlib.import_module(module)
+  return [name for name, _ in mixtures.mixture_tasks(data_config.mixture)]
+
+
+def _use_data_dir(data_config, names: Sequence[str]) -> str:
+  """Points the TFDS sources of `names` at config.data.tfds_data_dir.
+
+  seqio.set_tfds_data_dir_override covers sources that have not resolved
+  their directory yet; a source resolves it once and keeps it, so sources
+  already used with another directory (in tests, notebooks) are re-pointed
+  with seqio's own override_data_dir.
+  """
+  data_dir = os.path.abspath(os.path.expanduser(data_config.tfds_data_dir))
+  seqio.set_tfds_data_dir_override(data_dir)
+  for name in names:
+    source = seqio.get_mixture_or_task(name).source
+    if isinstance(source, seqio.TfdsDataSource):
+      source.tfds_dataset.override_data_dir(data_dir)
+  return data_dir
+
+
+def prepare(data_config) -> None:
+  """Builds the TFDS data of every task of the mixture that is missing.
+
+  Only TFDS sources are built; the synthetic suite is rendered locally (no
+  download). Idempotent and cheap when everything is there.
+  """
+  names = mixture_task_names(data_config)
+  data_dir = _use_data_dir(data_config, names)
+  for name in names:
+    source = seqio.get_mixture_or_task(name).source
+    if not isinstance(source, seqio.TfdsDataSource):
+      continue
+    builder = source.tfds_dataset.builder
+    if not builder.is_prepared():
+      logging.info("Building %s into %s (once; later runs reuse it).",
+                   source.tfds_dataset.name, data_dir)
+      builder.download_and_prepare()
+
+
+def _seed(*parts: int) -> int:
+  """A 32-bit seed derived from several integers, for tf.data."""
+  return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True  # Resume replays the exact same batches.
+  return options
+
+
+def _train_dataset(data_config, *, global_batch_size: int, seed: int,
+                   process_index: int, process_count: int) -> tf.data.Dataset:
+  """This host's infinite stream of train batches, before any skipping."""
+  if global_batch_size % process_count:
+    raise ValueError(f"The global batch size {global_batch_size} is not "
+                     f"divisible by the {process_count} processes.")
+  mixture = mixtures.mixture_tasks(data_config.mixture)
+  _use_data_dir(data_config, [name for name, _ in mixture])
+  lengths = dict(data_config.feature_lengths)
+  shard = seqio.ShardInfo(index=process_index, num_shards=process_count)
+  buffer = max(1, data_config.shuffle_buffer // len(mixture))
+  datasets = []
+  for task_id, (name, _) in enumerate(mixture):
+    ds = seqio.get_mixture_or_task(name).get_dataset(
+        sequence_length=None, split="train", shuffle=True,
+        shuffle_buffer_size=buffer, seed=_seed(seed, task_id),
+        shard_info=shard, num_epochs=None, use_cached=False,
+        try_in_mem_cache=False)
+    ds = ds.map(functools.partial(
+        converter.train_features, task_id=task_id,
+        prefix_length=lengths["prefix"], suffix_length=lengths["suffix"]),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    datasets.append(ds.map(lambda x: {k: x[k] for k in _TRAIN_KEYS}))
+  rates = np.array([rate for _, rate in mixture], np.float64)
+  ds = tf.data.Dataset.sample_from_datasets(
+      datasets, weights=(rates / rates.sum()).tolist(),
+      # Hosts draw different task sequences, so a global batch mixes better.
+      seed=_seed(seed, process_index, len(mixture)))
+  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
+  return ds.with_options(_options())
+
+
+class TrainIterator:
+  """Per-host numpy train batches that know how many they handed out."""
+
+  def __init__(self, dataset: tf.data.Dataset, batches_consumed: int = 0):
+    self._batches_consumed = batches_consumed
+    self._iterator = dataset.skip(batches_consumed).prefetch(
+        tf.data.AUTOTUNE).as_numpy_iterator()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._iterator)
+    self._batches_consumed += 1
+    return batch
+
+  def get_state(self) -> dict:
+    """JSON-serialisable; pass to make_train_iterator(state=...) to resume."""
+    return {"batches_consumed": self._batches_consumed}
+
+
+def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1,
+                        state: dict | None = None) -> TrainIterator:
+  """The train batches of this host, resumed after `state` if given.
+
+  Batches hold image f32[b, 64, 64, 3], text / mask_ar / mask_loss /
+  mask_input i32[b, P + S] and task_id i32[b], b = global_batch_size /
+  process_count. The sequence depends only on the data, the config, `seed`
+  and the process layout.
+  """
+  mixture_task_names(data_config)  # Registers the user's tasks.
+  dataset = _train_dataset(
+      data_config, global_batch_size=global_batch_size, seed=seed,
+      process_index=process_index, process_count=process_count)
+  consumed = int(state["batches_consumed"]) if state else 0
+  if consumed:
+    # Replaying is exact and costs one pass over the skipped examples.
+    logging.info("Resuming the input pipeline after %d batches.", consumed)
+  return TrainIterator(dataset, consumed)
+
+
+@dataclasses.dataclass
+class EvalSet:
+  """One task's evaluation data; `batches()` iterates it from the start.
+
+  Batches have a fixed shape: image, text (the prompt, P ids), mask_ar (0),
+  mask_input, task_id, example_mask (1 real, 0 padding) as numpy arrays, and
+  references: a list (one entry per row) of lists of reference strings.
+  """
+  name: str
+  task_id: int
+  metric: str
+  batches: Callable[[], Iterator[dict]]
+
+
+def _eval_examples(name: str, split: str,
+                   max_examples: int | None) -> tf.data.Dataset:
+  ds = seqio.get_mixture_or_task(name).get_dataset(
+      sequence_length=None, split=split, shuffle=False, num_epochs=1,
+      use_cached=False, try_in_mem_cache=False)
+  return ds.take(max_examples) if max_examples else ds
+
+
+def _stack(rows: list[dict], batch_size: int, pad_row: dict) -> dict:
+  """Stacks `rows` into a batch of `batch_size`, padded with `pad_row`.
+
+  Padding repeats a real prompt (rather than zeros) so decoding sees
+  ordinary inputs; `example_mask` = 0 and empty references mark it.
+  """
+  real = len(rows)
+  rows = rows + [pad_row] * (batch_size - real)
+  batch = {k: np.stack([row[k] for row in rows]) for k in _PROMPT_KEYS}
+  batch["example_mask"] = (np.arange(batch_size) < real).astype(np.int32)
+  batch["references"] = [
+      [r.decode("utf-8") for r in row["references"]] if i < real else []
+      for i, row in enumerate(rows)]
+  return batch
+
+
+def _eval_batches(name: str, task_id: int, data_config, *, batch_size: int,
+                  split: str, max_examples: int | None, process_index: int,
+                  process_count: int) -> Iterator[dict]:
+  """This host's batches of one task; every host yields the same number."""
+  _use_data_dir(data_config, [name])
+  examples = _eval_examples(name, split, max_examples)
+  # Hosts run each decode step together, so every host yields as many
+  # batches as the host with the most examples needs.
+  total = int(examples.reduce(0, lambda n, _: n + 1))
+  num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
+  rows = list(examples.shard(process_count, process_index).map(
+      functools.partial(converter.prompt_features, task_id=task_id,
+                        prefix_length=data_config.feature_lengths["prefix"])
+  ).as_numpy_iterator())
+  if not rows:
+    raise ValueError(f"{name}: no {split} examples for process "
+                     f"{process_index} of {process_count}.")
+  for start in range(0, num_batches * batch_size, batch_size):
+    yield _stack(rows[start:start + batch_size], batch_size, rows[-1])
+
+
+def make_eval_sets(data_config, *, batch_size: int, split: str = "validation",
+                   tasks: Sequence[str] | None = None,
+                   max_examples: int | None = None, process_index: int = 0,
+                   process_count: int = 1) -> list[EvalSet]:
+  """Eval sets of `tasks` (default: every task of the mixture), in order.
+
+  `max_examples` caps each task (over all hosts); each host evaluates its
+  shard of it.
+  """
+  names = mixture_task_names(data_config)
+  wanted = list(tasks) if tasks else names
+  unknown = [name for name in wanted if name not in names]
+  if unknown:
+    raise ValueError(f"Eval tasks {unknown} are not in the mixture "
+                     f"{data_config.mixture!r}, whose tasks are {names}.")
+  return [
+      EvalSet(name=name, task_id=names.index(name),
+              metric=tasks_lib.metric_of(name),
+              batches=functools.partial(
+                  _eval_batches, name, names.index(name), data_config,
+                  batch_size=batch_size, split=split,
+                  max_examples=max_examples, process_index=process_index,
+                  process_count=process_count))
+      for name in wanted
+  ]
+
+
+def chance_levels(data_config) -> dict[str, float]:
+  """Blind-guess scores of the mixture's synthetic tasks (others omitted)."""
+  names = mixture_task_names(data_config)
+  data_dir = _use_data_dir(data_config, names)
+  return baselines.chance_levels(data_dir, [
+      task for task in scenes.TASKS if f"synthetic_{task}" in names])

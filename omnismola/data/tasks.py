@@ -1,0 +1,119 @@
+"""SeqIO tasks of vision-language examples, and the metric of each task.
+
+Every task's source yields (after the task's own preprocessors) raw examples
+
+  image       uint8 [64, 64, 3]
+  prefix      string: the prompt ("answer en what color is the square?")
+  suffix      string: the target ("gold")
+  references  string [n]: every answer the task's metric accepts
+
+and `register_vl_task` turns them into the output features the converter
+reads: `prefix` / `suffix` as byte ids (EOS after the suffix), `image` float32
+in [-1, 1], plus `prefix_pretokenized`, `suffix_pretokenized` and
+`references` for evaluation. It also records the task's metric, so the
+evaluator needs no per-task code. A user task module registers its tasks the
+same way and is named in `config.data.task_modules`.
+"""
+from typing import Sequence
+
+import seqio
+import tensorflow as tf
+
+from omnismola.data.synthetic import builder
+from omnismola.data.synthetic import scenes
+from omnismola.eval import metrics
+
+# Bytes + 3 special ids: pad 0, eos 1, unk 2; 259 ids in all. No tokenizer
+# file to ship, and the synthetic texts are short.
+VOCAB = seqio.ByteVocabulary()
+EOS_ID = VOCAB.eos_id
+
+OUTPUT_FEATURES = {
+    "prefix": seqio.Feature(VOCAB, add_eos=False),
+    "suffix": seqio.Feature(VOCAB, add_eos=True),
+    "image": seqio.ContinuousFeature(dtype=tf.float32, rank=3),
+}
+
+# Task name -> name of its metric in omnismola.eval.metrics.METRICS.
+TASK_METRICS: dict[str, str] = {}
+
+
+def get_vocabulary() -> seqio.Vocabulary:
+  """The vocabulary of every omnismola task."""
+  return VOCAB
+
+
+@seqio.map_over_dataset
+def image_to_float(example):
+  """uint8 [0, 255] -> float32 [-1, 1], the range the model expects."""
+  example = dict(example)
+  example["image"] = tf.cast(example["image"], tf.float32) / 127.5 - 1.0
+  return example
+
+
+@seqio.map_over_dataset
+def tokenize_text(example, output_features):
+  """Encodes the text output features, keeping the strings as *_pretokenized.
+
+  Unlike seqio.preprocessors.tokenize this leaves continuous features alone:
+  that one would also copy every image into an `image_pretokenized` feature,
+  doubling what the shuffle buffer holds.
+  """
+  example = dict(example)
+  for key, feature in output_features.items():
+    if isinstance(feature, seqio.ContinuousFeature):
+      continue
+    example[f"{key}_pretokenized"] = example[key]
+    ids = tf.cast(feature.vocabulary.encode_tf(example[key]), feature.dtype)
+    if feature.add_eos:
+      ids = tf.concat([ids, [feature.vocabulary.eos_id]], axis=0)
+    example[key] = ids
+  return example
+
+
+def register_vl_task(name: str, source: seqio.DataSource, metric: str,
+                     preprocessors: Sequence = ()) -> seqio.Task:
+  """Registers a vision-language task and records its metric.
+
+  Args:
+    name: the SeqIO task name.
+    source: a seqio.DataSource; with `preprocessors`, it must yield the raw
+      example format of this module's docstring.
+    metric: a key of omnismola.eval.metrics.METRICS.
+    preprocessors: applied first, e.g. to rename a dataset's features.
+
+  Returns:
+    The task. Registering a name again replaces the task (notebooks re-run
+    cells).
+  """
+  if metric not in metrics.METRICS:
+    raise ValueError(f"Task {name!r}: unknown metric {metric!r}; metrics: "
+                     f"{sorted(metrics.METRICS)}.")
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  task = seqio.TaskRegistry.add(
+      name,
+      source=source,
+      preprocessors=[*preprocessors, image_to_float, tokenize_text],
+      output_features=OUTPUT_FEATURES,
+  )
+  TASK_METRICS[name] = metric
+  return task
+
+
+def metric_of(task_name: str) -> str:
+  """The metric name a task was registered with."""
+  if task_name not in TASK_METRICS:
+    raise ValueError(f"Task {task_name!r} was not registered with "
+                     "omnismola.data.tasks.register_vl_task, so its metric is "
+                     "unknown.")
+  return TASK_METRICS[task_name]
+
+
+for _task in scenes.TASKS:
+  register_vl_task(
+      f"synthetic_{_task}",
+      # read_only: reading never generates data behind the user's back (and
+      # never tries to fetch it); pipeline.prepare builds it explicitly.
+      seqio.TfdsDataSource(tfds_name=builder.tfds_name(_task), read_only=True),
+      metric=scenes.METRICS[_task])
