@@ -8,7 +8,10 @@ Any config field can be overridden, e.g. --config.train.steps=50.
 import os
 import sys
 
-from absl import app
+# Before anything can import TensorFlow: its C++ info logs are noise here.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -47,7 +50,6 @@ def main(argv):
   # (Orbax, TFDS) only with an explicit --verbosity.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from omnismola.train import trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   logging.info("Config:\n%s", config)
