@@ -106,6 +106,17 @@ def make_dense(path: str, in_features: int, out_features: int, *, axes: Axes,
                rngs=rngs)
 
 
+def child_linear(make_linear: LinearFactory, path: str, *, use_bias: bool,
+                 rngs: nnx.Rngs) -> Callable[..., nnx.Module]:
+  """`linear(name, in, out, axes)`: make_linear for children of `path`."""
+
+  def linear(name: str, in_features: int, out_features: int, axes: Axes):
+    return make_linear(f"{path}/{name}", in_features, out_features, axes=axes,
+                       use_bias=use_bias, rngs=rngs)
+
+  return linear
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm with scale and bias (the ViT's norm, as in SigLIP)."""
 
@@ -205,10 +216,7 @@ class Attention(nnx.Module):
     self.rope_max_wavelength = rope_max_wavelength
     q_dim, kv_dim = num_heads * head_dim, num_kv_heads * head_dim
 
-    def linear(name, d_in, d_out, axes):
-      return make_linear(f"{path}/{name}", d_in, d_out, axes=axes,
-                         use_bias=use_bias, rngs=rngs)
-
+    linear = child_linear(make_linear, path, use_bias=use_bias, rngs=rngs)
     self.q = linear("q", width, q_dim, ("embed", "heads"))
     self.k = linear("k", width, kv_dim, ("embed", "kv"))
     self.v = linear("v", width, kv_dim, ("embed", "kv"))
@@ -255,10 +263,9 @@ class Mlp(nnx.Module):
 
   def __init__(self, path: str, width: int, mlp_dim: int, *,
                make_linear: LinearFactory, rngs: nnx.Rngs):
-    self.fc1 = make_linear(f"{path}/fc1", width, mlp_dim,
-                           axes=("embed", "mlp"), use_bias=True, rngs=rngs)
-    self.fc2 = make_linear(f"{path}/fc2", mlp_dim, width,
-                           axes=("mlp", "embed"), use_bias=True, rngs=rngs)
+    linear = child_linear(make_linear, path, use_bias=True, rngs=rngs)
+    self.fc1 = linear("fc1", width, mlp_dim, ("embed", "mlp"))
+    self.fc2 = linear("fc2", mlp_dim, width, ("mlp", "embed"))
 
   def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
     return self.fc2(jax.nn.gelu(self.fc1(x, tokens), approximate=True), tokens)
@@ -269,10 +276,7 @@ class GeGLU(nnx.Module):
 
   def __init__(self, path: str, width: int, mlp_dim: int, *,
                make_linear: LinearFactory, rngs: nnx.Rngs):
-    def linear(name, d_in, d_out, axes):
-      return make_linear(f"{path}/{name}", d_in, d_out, axes=axes,
-                         use_bias=False, rngs=rngs)
-
+    linear = child_linear(make_linear, path, use_bias=False, rngs=rngs)
     self.gate = linear("gate", width, mlp_dim, ("embed", "mlp"))
     self.up = linear("up", width, mlp_dim, ("embed", "mlp"))
     self.down = linear("down", mlp_dim, width, ("mlp", "embed"))
