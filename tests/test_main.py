@@ -75,3 +75,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(synthetic_data_dir,
                  if d.isdigit())
   logged = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
   assert steps and steps[-1] >= logged[-1] >= 2
+
+
+def test_model_experts_train_and_eval_import_without_tensorflow():
+  """Accelerator images lack TensorFlow/SeqIO: only data/ may need them."""
+  code = ("import sys; import omnismola.train.trainer, omnismola.build, "
+          "omnismola.eval.evaluator, omnismola.eval.metrics; "
+          "print([m for m in ('tensorflow', 'seqio', 'tensorflow_datasets', "
+          "'pycocoevalcap') if m in sys.modules])")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == "[]"

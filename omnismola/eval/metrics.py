@@ -16,7 +16,6 @@ import re
 from typing import Callable, Sequence
 
 import numpy as np
-from pycocoevalcap.cider.cider import Cider
 
 Metric = Callable[[Sequence[str], Sequence[Sequence[str]]], float]
 
@@ -260,6 +259,9 @@ def cider(predictions: Sequence[str],
   IDF comes from the references of the given examples, so the score depends
   on the whole set (a set of one example always scores 0).
   """
+  # Imported here so training and decoding run where pycocoevalcap is not
+  # installed (e.g. accelerator images); only scoring captions needs it.
+  from pycocoevalcap.cider.cider import Cider  # pylint: disable=g-import-not-at-top
   _check(predictions, references)
   res = {i: [ptb_tokenize(p)] for i, p in enumerate(predictions)}
   gts = {i: [ptb_tokenize(r) for r in refs]
