@@ -215,15 +215,16 @@ def _eval_batches(name: str, task_id: int, data_config, *, batch_size: int,
                   process_count: int) -> Iterator[dict]:
   """This host's batches of one task; every host yields the same number."""
   _use_data_dir(data_config, [name])
-  examples = _eval_examples(name, split, max_examples)
-  # Hosts run each decode step together, so every host yields as many
-  # batches as the host with the most examples needs.
-  total = int(examples.reduce(0, lambda n, _: n + 1))
-  num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
-  rows = list(examples.shard(process_count, process_index).map(
+  # One pass over the split: every host needs the total count anyway.
+  everything = list(_eval_examples(name, split, max_examples).map(
       functools.partial(converter.prompt_features, task_id=task_id,
                         prefix_length=data_config.feature_lengths["prefix"])
   ).as_numpy_iterator())
+  # Hosts run each decode step together, so every host yields as many
+  # batches as the host with the most examples needs.
+  num_batches = math.ceil(math.ceil(len(everything) / process_count) /
+                          batch_size)
+  rows = everything[process_index::process_count]  # tf.data's shard order.
   if not rows:
     raise ValueError(f"{name}: no {split} examples for process "
                      f"{process_index} of {process_count}.")

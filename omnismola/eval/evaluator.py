@@ -14,16 +14,12 @@ from absl import logging
 
 from omnismola.eval import metrics as metrics_lib
 
-PROMPT_KEYS = ("image", "text", "mask_ar", "mask_input")
-
 
 def predict_texts(decode_fn: Callable, batches: Iterable[dict],
-                  detokenize: Callable[[Sequence[int]], str],
-                  put_batch: Callable[[dict], dict]):
+                  detokenize: Callable[[Sequence[int]], str]):
   """Yields (prediction, references) for every real example of `batches`."""
   for batch in batches:
-    tokens = np.asarray(jax.device_get(
-        decode_fn({k: batch[k] for k in PROMPT_KEYS}, put_batch)))
+    tokens = np.asarray(jax.device_get(decode_fn(batch)))
     for row, real, refs in zip(tokens, batch["example_mask"],
                                batch["references"]):
       if real:
@@ -31,12 +27,11 @@ def predict_texts(decode_fn: Callable, batches: Iterable[dict],
 
 
 def evaluate(decode_fn: Callable, eval_sets, *,
-             detokenize: Callable[[Sequence[int]], str],
-             put_batch: Callable[[dict], dict]) -> dict[str, dict]:
+             detokenize: Callable[[Sequence[int]], str]) -> dict[str, dict]:
   """Per-task results {task: {metric, value, num_examples, examples}}.
 
-  `decode_fn(prompt_batch, put_batch)` returns generated token ids [B, N];
-  `put_batch` places a host batch on the mesh. `examples` keeps a few
+  `decode_fn(host_batch)` returns the generated token ids [B, N] of an eval
+  batch (it places the prompt on the mesh itself). `examples` keeps a few
   (prediction, references) pairs so people can see what the model says.
   """
   if jax.process_count() > 1:
@@ -46,8 +41,7 @@ def evaluate(decode_fn: Callable, eval_sets, *,
   results = {}
   for eval_set in eval_sets:
     start = time.perf_counter()
-    pairs = list(predict_texts(decode_fn, eval_set.batches(), detokenize,
-                               put_batch))
+    pairs = list(predict_texts(decode_fn, eval_set.batches(), detokenize))
     predictions = [p for p, _ in pairs]
     references = [r for _, r in pairs]
     value = metrics_lib.compute(eval_set.metric, predictions, references)

@@ -5,6 +5,7 @@ model is rebuilt from arrays), `create_state` (sharded init from shapes),
 `make_train_step` (loss, gradients, update), then `train_and_evaluate`.
 """
 import dataclasses
+import functools
 import os
 import signal
 from typing import Any, Callable
@@ -175,9 +176,9 @@ def summarize(step_metrics: list[dict], task_names: list[str]) -> dict:
   return out
 
 
-def make_decode_fn(parts: ModelParts, state_getter: Callable, max_new_tokens,
-                   eos_id: int):
-  """decode_fn(prompt_batch, put_batch) for the evaluator, jitted once."""
+def make_decode_fn(parts: ModelParts, put_batch: Callable[[dict], dict],
+                   max_new_tokens: int, eos_id: int):
+  """decode_fn(state, host_batch) -> generated ids [B, N], jitted once."""
 
   @jax.jit
   def decode(params, frozen, batch):
@@ -186,9 +187,9 @@ def make_decode_fn(parts: ModelParts, state_getter: Callable, max_new_tokens,
                                     max_new_tokens=max_new_tokens,
                                     eos_id=eos_id)
 
-  def decode_fn(batch, put_batch):
-    state = state_getter()
-    return decode(state.params, state.frozen, put_batch(batch))
+  def decode_fn(state: TrainState, batch: dict):
+    prompt = put_batch({k: batch[k] for k in decode_lib.PROMPT_KEYS})
+    return decode(state.params, state.frozen, prompt)
 
   return decode_fn
 
@@ -280,9 +281,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                            None),
       donate_argnums=0)
 
-  holder = {"state": state}
-  run_eval = _make_eval_runner(config, workdir, parts, lambda: holder["state"],
-                               put_batch, pipeline)
+  run_eval = _make_eval_runner(config, workdir, parts, put_batch, pipeline)
   total = int(config.train.steps)
   step = int(jax.device_get(state.step))
   progress = log_lib.Progress(step, total, batch_size)
@@ -291,7 +290,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   with _StopSignal() as stop:
     while step < total and not stop.requested:
       state, metrics = train_step(state, put_batch(next(train_iter)))
-      holder["state"] = state
       step += 1
       pending.append(metrics)
       if step == progress.first_step + 1:  # Exclude compilation from rates.
@@ -307,7 +305,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if step % config.train.checkpoint_every == 0 or step == total:
         ckpt.save(step, state, train_iter.get_state(), config.to_dict())
       if config.eval.every and step % config.eval.every == 0 and step < total:
-        run_eval(step)
+        run_eval(step, state)
     if stop.requested and step < total:
       ckpt.save(step, state, train_iter.get_state(), config.to_dict())
       ckpt.close()
@@ -317,7 +315,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt.close()
   writer.close()
   if config.eval.at_end:
-    results = run_eval(step)
+    results = run_eval(step, state)
   return results
 
 
@@ -338,26 +336,27 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
                             "evaluate; train first with --mode=train.")
   state, _ = ckpt.restore(latest, abstract)
   ckpt.close()
-  run_eval = _make_eval_runner(config, workdir, parts, lambda: state,
+  pipeline.prepare(config.data)
+  run_eval = _make_eval_runner(config, workdir, parts,
                                make_put_batch(mesh, rules), pipeline)
-  return run_eval(latest)
+  return run_eval(latest, state)
 
 
-def _make_eval_runner(config, workdir, parts, state_getter, put_batch,
-                      pipeline):
-  """run_eval(step): evaluates every task, writes JSON, prints the table."""
-  decode_fn = make_decode_fn(parts, state_getter, config.eval.max_new_tokens,
+def _make_eval_runner(config, workdir, parts, put_batch, pipeline):
+  """run_eval(step, state): evaluates every task, writes JSON, prints a table.
+
+  The data must already be prepared (`pipeline.prepare`).
+  """
+  decode_fn = make_decode_fn(parts, put_batch, config.eval.max_new_tokens,
                              pipeline.EOS_ID)
 
-  def run_eval(step: int) -> dict:
-    pipeline.prepare(config.data)
+  def run_eval(step: int, state: TrainState) -> dict:
     eval_sets = pipeline.make_eval_sets(
         config.data, batch_size=config.eval.batch_size,
         tasks=list(config.eval.tasks) or None,
         max_examples=config.eval.max_examples or None)
-    results = evaluator.evaluate(decode_fn, eval_sets,
-                                 detokenize=pipeline.detokenize,
-                                 put_batch=put_batch)
+    results = evaluator.evaluate(functools.partial(decode_fn, state),
+                                 eval_sets, detokenize=pipeline.detokenize)
     path = evaluator.write_results(workdir, step, results)
     chance = pipeline.chance_levels(config.data)
     log_lib.print_line(f"\nEvaluation at step {step} ({path}):\n" +
