@@ -71,6 +71,12 @@ class KVCache:
                positions=jnp.zeros((batch,), jnp.int32),
                index=jnp.zeros((), jnp.int32))
 
+  def take(self, indices: jax.Array) -> "KVCache":
+    """The cache of examples `indices` (int [B']), e.g. reordered beams."""
+    pick = lambda x: jnp.take(x, indices, axis=0)
+    return self.replace(k=tuple(map(pick, self.k)), v=tuple(map(pick, self.v)),
+                        valid=pick(self.valid), positions=pick(self.positions))
+
 
 class Embedder(nnx.Module):
   """Token embedding, also the (tied) output projection."""
