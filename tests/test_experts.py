@@ -160,10 +160,10 @@ def test_zero_initialised_adapters_compute_the_base_layer():
       dict(kind="lora", targets="blk/q", rank=3)])
   layer = factory("blk/q", D_IN, D_OUT, axes=("embed", "heads"),
                   use_bias=True, rngs=nnx.Rngs(0))
-  assert isinstance(layer, attach.Adapted)
   assert sorted(layer.adapters) == ["lora_1", "smola_0"]
   x = jax.random.normal(jax.random.key(0), (B, T, D_IN))
-  np.testing.assert_array_equal(layer(x, _tokens()), layer.base(x, _tokens()))
+  base = x @ layer.kernel[...] + layer.bias[...]
+  np.testing.assert_array_equal(layer(x, _tokens()), base)
 
 
 def test_lora_matches_reference():
@@ -178,9 +178,20 @@ def test_factory_leaves_unmatched_layers_plain_and_reports_unused_specs():
                                              rank=2)])
   layer = factory("blk/q", D_IN, D_OUT, axes=(None, None), use_bias=False,
                   rngs=nnx.Rngs(0))
-  assert not isinstance(layer, attach.Adapted)
+  assert layer.adapters is None
   with pytest.raises(ValueError, match="(?s)matched no linear layer.*blk/q"):
     factory.check_all_matched()
+
+
+def test_stacked_layers_match_per_layer_paths_all_or_none():
+  stacked = tuple(f"dec/layers/{i}/q" for i in range(3))
+  make = lambda targets: attach.make_linear_factory(
+      [dict(kind="lora", targets=targets, rank=2)])(
+          "dec/layers/q", D_IN, D_OUT, axes=(None, None), use_bias=False,
+          rngs=nnx.Rngs(0), match_paths=stacked)
+  assert sorted(make(r"dec/layers/\d+/q").adapters) == ["lora_0"]
+  with pytest.raises(ValueError, match="(?s)layers/0/q.*all of them or none"):
+    make(r"dec/layers/(1|2)/q")
 
 
 @pytest.mark.parametrize("entry, message", [

@@ -11,8 +11,8 @@ from omnismola.models import connectors, layers, presets, vit
 from omnismola.models.layers import Dense, TokenInfo
 from omnismola.models.vlm import VLM, sequence_layout
 
-LOGICAL_NAMES = {"embed", "mlp", "heads", "kv", "vocab", "vision_patches",
-                 "patch"}
+LOGICAL_NAMES = {"layers", "embed", "mlp", "heads", "kv", "vocab",
+                 "vision_patches", "patch"}
 
 
 def _model(seed=0, make_linear=layers.make_dense, **overrides) -> VLM:
@@ -54,41 +54,23 @@ def _with_suffix(prompt, prompt_lens, suffix, length):
 
 
 def _linear_paths(config):
-  """Every linear layer the contract lays out, by path."""
-  paths = ["vit/embedding", "connector/proj"]
-  for i in range(config.vit.depth):
-    paths += [f"vit/layers/{i}/attn/{n}" for n in "qkvo"]
-    paths += [f"vit/layers/{i}/mlp/{n}" for n in ("fc1", "fc2")]
-  for i in range(config.decoder.depth):
-    paths += [f"decoder/layers/{i}/attn/{n}" for n in "qkvo"]
-    paths += [f"decoder/layers/{i}/mlp/{n}" for n in ("gate", "up", "down")]
-  return sorted(paths)
+  """Every linear layer the contract lays out: path -> its match paths.
 
-
-def test_shapes_and_dtypes():
-  model = _model()
-  batch, length = 3, 6
-  image, text = _image(batch, model), _text(batch, length)
-  ones = jnp.ones((batch, length), jnp.int32)
-  logits = model(image, text, 0 * ones, ones)
-  assert logits.shape == (batch, length, 259) and logits.dtype == jnp.float32
-  n = model.num_image_tokens
-  assert n == 4
-  last, cache = model.prefill(image, text, 0 * ones, ones,
-                              cache_length=n + length + 3)
-  assert last.shape == (batch, 259) and last.dtype == jnp.float32
-  assert len(cache.k) == len(cache.v) == model.config.decoder.depth
-  assert cache.k[0].shape == (batch, n + length + 3, 1, 16)
-  np.testing.assert_array_equal(cache.positions, n + length)
-  assert int(cache.index) == n + length
-  nxt, cache = model.extend(jnp.argmax(last, -1).astype(jnp.int32), cache)
-  assert nxt.shape == (batch, 259)
-  assert int(cache.index) == n + length + 1
-  np.testing.assert_array_equal(cache.positions, n + length + 1)
-  with pytest.raises(ValueError, match="cache_length"):
-    model.prefill(image, text, 0 * ones, ones, cache_length=n + length - 1)
-  with pytest.raises(ValueError, match="expects images"):
-    model(jnp.zeros((batch, 8, 8, 3)), text, 0 * ones, ones)
+  Layers of a scanned stack live once at `<tower>/layers/...` and match as
+  every layer `<tower>/layers/<i>/...`.
+  """
+  paths = {"vit/embedding": ("vit/embedding",),
+           "connector/proj": ("connector/proj",)}
+  stacked = {"vit": (config.vit.depth, ["attn/q", "attn/k", "attn/v",
+                                        "attn/o", "mlp/fc1", "mlp/fc2"]),
+             "decoder": (config.decoder.depth, ["attn/q", "attn/k", "attn/v",
+                                                "attn/o", "mlp/gate",
+                                                "mlp/up", "mlp/down"])}
+  for tower, (depth, names) in stacked.items():
+    for name in names:
+      paths[f"{tower}/layers/{name}"] = tuple(
+          f"{tower}/layers/{i}/{name}" for i in range(depth))
+  return paths
 
 
 def test_linear_paths_equal_graph_paths():
@@ -97,27 +79,36 @@ def test_linear_paths_equal_graph_paths():
   for path, module in nnx.iter_modules(model):
     if isinstance(module, Dense):
       found["/".join(map(str, path))] = module
-  assert sorted(found) == _linear_paths(model.config)
+  expected = _linear_paths(model.config)
+  assert sorted(found) == sorted(expected)
   for graph_path, module in found.items():
     assert module.path == graph_path
+    assert module.match_paths == expected[graph_path]
 
 
 def test_every_linear_is_built_by_the_factory():
   calls = []
 
   def recording_factory(path, in_features, out_features, *, axes, use_bias,
-                        rngs):
-    calls.append((path, in_features, out_features, axes))
+                        rngs, match_paths=None):
+    calls.append((path, match_paths or (path,), in_features, out_features,
+                  axes))
     return layers.make_dense(path, in_features, out_features, axes=axes,
-                             use_bias=use_bias, rngs=rngs)
+                             use_bias=use_bias, rngs=rngs,
+                             match_paths=match_paths)
 
   model = _model(make_linear=recording_factory, decoder_depth=2)
-  assert sorted(c[0] for c in calls) == _linear_paths(model.config)
+  assert {c[0]: c[1] for c in calls} == _linear_paths(model.config)
+  assert len(calls) == len(_linear_paths(model.config))
   modules = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model)}
-  for path, d_in, d_out, axes in calls:
+  for path, match_paths, d_in, d_out, axes in calls:
     kernel = modules[path].kernel
-    assert kernel.shape == (d_in, d_out)
-    assert kernel.get_metadata()["logical_axes"] == axes
+    if "/layers/" in path:  # Stacked: a leading layer axis.
+      assert kernel.shape == (len(match_paths), d_in, d_out)
+      assert kernel.get_metadata()["logical_axes"] == ("layers",) + axes
+    else:
+      assert kernel.shape == (d_in, d_out)
+      assert kernel.get_metadata()["logical_axes"] == axes
 
 
 def test_every_param_has_logical_axes_of_its_rank():
@@ -194,10 +185,10 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
   k = jax.random.normal(kk, (2, 6, 2, 8))
   v = jax.random.normal(kv, (2, 6, 2, 8))
   mask = jax.random.bernoulli(km, 0.7, (2, 5, 6))
-  grouped = layers.attend(q, k, v, mask)
+  grouped = layers.attend(q, k, v, mask, scale=8**-0.5)
   # Query heads 0, 1 read kv head 0; heads 2, 3 read kv head 1.
   full = layers.attend(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2),
-                       mask)
+                       mask, scale=8**-0.5)
   np.testing.assert_allclose(grouped, full, atol=1e-6)
   # Reference for one head: masked softmax written out.
   logits = jnp.einsum("td,sd->ts", q[0, :, 3], k[0, :, 1]) / np.sqrt(8)

@@ -1,48 +1,35 @@
 """Attach adapters to a backbone's linear layers by regex over module paths.
 
 The backbone creates every linear layer through a factory
-`make_linear(path, in_features, out_features, *, axes, use_bias, rngs)`.
-`make_linear_factory(specs)` returns such a factory: a layer whose path
-fully matches the `targets` regex of one or more specs is built as `Adapted`
-(the plain layer plus those adapters), every other layer stays plain. So the
-backbone never names an expert, and configs alone decide where experts go:
+`make_linear(path, in_features, out_features, *, axes, use_bias, rngs,
+match_paths)`. `make_linear_factory(specs)` returns such a factory: a layer
+whose match paths fully match the `targets` regex of one or more specs gets
+those adapters (`Dense(..., adapters=...)`), every other layer stays plain.
+So the backbone never names an expert, and configs alone decide where
+experts go:
 
   config.experts = [dict(kind='smola', targets=r'decoder/.*/mlp/(gate|up|down)',
                          pools=dict(text=16, image=16, all=16), rank=4)]
+
+A layer of a scanned stack matches as each of its layers
+(`decoder/layers/0/mlp/up`, ...; see `models/stack.py`); a regex must match
+all layers of a stack or none, since the layers share one structure.
 """
 import dataclasses
 import re
 from typing import Any, Callable
 
-import jax
 from flax import nnx
 
 from omnismola.experts.lora import LoRA
 from omnismola.experts.smola import SMoLA
-from omnismola.models.layers import TokenInfo, make_dense
+from omnismola.models.layers import Dense
 
 # kind -> adapter class; each is built as cls(in, out, **options, axes, rngs).
 ADAPTER_KINDS: dict[str, Callable[..., nnx.Module]] = {
     "lora": LoRA,
     "smola": SMoLA,
 }
-
-
-class Adapted(nnx.Module):
-  """A plain linear layer plus adapters whose outputs are added to it."""
-
-  def __init__(self, base: nnx.Module, adapters: dict[str, nnx.Module]):
-    self.base = base
-    self.adapters = nnx.Dict(adapters)
-    self.path = base.path
-    self.in_features = base.in_features
-    self.out_features = base.out_features
-
-  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
-    y = self.base(x, tokens)
-    for adapter in self.adapters.values():
-      y = y + adapter(x, tokens).astype(y.dtype)
-    return y
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,21 +71,31 @@ class LinearFactory:
     self.matches: dict[int, list[str]] = {i: [] for i in range(len(specs))}
 
   def __call__(self, path: str, in_features: int, out_features: int, *,
-               axes, use_bias: bool, rngs: nnx.Rngs) -> nnx.Module:
-    base = make_dense(path, in_features, out_features, axes=axes,
-                      use_bias=use_bias, rngs=rngs)
-    self.built_paths.append(path)
+               axes, use_bias: bool, rngs: nnx.Rngs,
+               match_paths: tuple[str, ...] | None = None) -> Dense:
+    match_paths = match_paths or (path,)
+    self.built_paths.extend(match_paths)
     adapters = {}
     for i, spec in enumerate(self.specs):
-      if re.fullmatch(spec.targets, path):
-        self.matches[i].append(path)
-        try:
-          adapters[spec.name(i)] = ADAPTER_KINDS[spec.kind](
-              in_features, out_features, axes=axes, rngs=rngs, **spec.options)
-        except TypeError as e:
-          raise ValueError(f"config.experts[{i}] ({spec.kind}) at {path}: "
-                           f"{e}") from e
-    return Adapted(base, adapters) if adapters else base
+      matched = [p for p in match_paths if re.fullmatch(spec.targets, p)]
+      if not matched:
+        continue
+      if len(matched) < len(match_paths):
+        raise ValueError(
+            f"config.experts[{i}] ({spec.kind}): targets {spec.targets!r} "
+            f"matches {matched} but not {sorted(set(match_paths) - set(matched))}"
+            f". These are layers of one scanned stack ({path}), which share "
+            "one structure: match all of them or none.")
+      self.matches[i].extend(matched)
+      try:
+        adapters[spec.name(i)] = ADAPTER_KINDS[spec.kind](
+            in_features, out_features, axes=axes, rngs=rngs, **spec.options)
+      except TypeError as e:
+        raise ValueError(f"config.experts[{i}] ({spec.kind}) at {path}: "
+                         f"{e}") from e
+    return Dense(path, in_features, out_features, axes=axes,
+                 use_bias=use_bias, rngs=rngs, match_paths=match_paths,
+                 adapters=adapters)
 
   def check_all_matched(self) -> None:
     """Fails when a spec attached to nothing: usually a typo in `targets`."""

@@ -1,31 +1,39 @@
-"""A Gemma-1-like decoder over embedded tokens, with an explicit KV cache.
+"""A Gemma-style decoder (Gemma 1 and Gemma 2) with an explicit KV cache.
 
 Pre-norm blocks (RMSNorm with 1 + scale), RoPE on queries and keys,
 multi-query / grouped-query attention, GeGLU MLP, a final RMSNorm and output
-logits tied to the input embedding. The decoder does not build attention
-masks or positions: the caller (`vlm.py`) owns the sequence layout and hands
-them in, together with the TokenInfo.
+logits tied to the input embedding. Gemma 2 adds, each behind a config
+field: norms after attention and after the MLP (`post_norms`), soft caps on
+attention and output logits, query scaling by `query_pre_attn_scalar`, and
+a sliding attention window on the even-numbered layers.
 
-The KV cache is a pytree passed in and returned, never stored in the module,
-so decoding stays a pure function that jit and scan can carry.
+The layers are one scanned stack (`stack.py`). The decoder does not build
+attention masks or positions: the caller (`vlm.py`) owns the sequence layout
+and hands them in, together with the TokenInfo. The KV cache is a pytree
+passed in and returned, never stored in the module, so decoding stays a pure
+function that jit and scan can carry.
 """
 import dataclasses
-from typing import Sequence
 
 import flax
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
 from omnismola.models import layers
+from omnismola.models import stack
 from omnismola.models.layers import LinearFactory, TokenInfo, make_dense
-
-ROPE_MAX_WAVELENGTH = 10_000.0
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-  """Sizes of the language decoder."""
+  """Sizes and variant switches of the language decoder.
+
+  The defaults of the switches give Gemma 1; Gemma 2 sets post_norms=True,
+  attn_logit_softcap=50, final_logit_softcap=30, query_pre_attn_scalar and
+  sliding_window=4096.
+  """
   vocab_size: int
   width: int
   depth: int
@@ -33,6 +41,13 @@ class DecoderConfig:
   num_kv_heads: int
   head_dim: int
   mlp_dim: int
+  rope_max_wavelength: float = 10_000.0
+  norm_eps: float = 1e-6
+  post_norms: bool = False
+  attn_logit_softcap: float = 0.0   # 0 = off.
+  final_logit_softcap: float = 0.0  # 0 = off.
+  query_pre_attn_scalar: float = 0.0  # Queries scaled by its **-0.5; 0 = head_dim.
+  sliding_window: int = 0  # Window of the even-numbered layers; 0 = off.
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -41,6 +56,17 @@ class DecoderConfig:
     if self.head_dim % 2:
       raise ValueError(f"Decoder head_dim={self.head_dim} must be even "
                        "(RoPE rotates pairs of dimensions).")
+    if self.sliding_window < 0:
+      raise ValueError(f"Decoder sliding_window={self.sliding_window} must "
+                       "be >= 0 (0 turns it off).")
+
+  @property
+  def query_scale(self) -> float:
+    return (self.query_pre_attn_scalar or self.head_dim)**-0.5
+
+  def sliding_layers(self) -> np.ndarray:
+    """bool [depth]: the layers that attend within the sliding window."""
+    return (np.arange(self.depth) % 2 == 0) & (self.sliding_window > 0)
 
 
 @flax.struct.dataclass
@@ -48,34 +74,41 @@ class KVCache:
   """Keys and values of every decoded slot, and where decoding stands.
 
   Attributes:
-    k, v: one array [B, S, num_kv_heads, head_dim] per layer.
+    k, v: [depth, B, S, num_kv_heads, head_dim], all layers stacked.
     valid: bool [B, S], slots holding a real token. Padding of shorter
       prompts stays in the middle of the cache and is masked out here.
+    key_positions: int32 [B, S], the RoPE position of each slot's token
+      (for sliding windows).
     positions: int32 [B], the RoPE position of each example's next token.
     index: int32 [], the slot the next token is written to (the same for
       every example). Writing past S is clamped by XLA, so callers size S
       for everything they will append.
   """
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
+  k: jax.Array
+  v: jax.Array
   valid: jax.Array
+  key_positions: jax.Array
   positions: jax.Array
   index: jax.Array
 
   @classmethod
   def empty(cls, config: DecoderConfig, batch: int, length: int,
             dtype=jnp.float32) -> "KVCache":
-    shape = (batch, length, config.num_kv_heads, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.depth))
-    return cls(k=zeros, v=zeros, valid=jnp.zeros((batch, length), bool),
+    shape = (config.depth, batch, length, config.num_kv_heads,
+             config.head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               valid=jnp.zeros((batch, length), bool),
+               key_positions=jnp.zeros((batch, length), jnp.int32),
                positions=jnp.zeros((batch,), jnp.int32),
                index=jnp.zeros((), jnp.int32))
 
   def take(self, indices: jax.Array) -> "KVCache":
     """The cache of examples `indices` (int [B']), e.g. reordered beams."""
-    pick = lambda x: jnp.take(x, indices, axis=0)
-    return self.replace(k=tuple(map(pick, self.k)), v=tuple(map(pick, self.v)),
-                        valid=pick(self.valid), positions=pick(self.positions))
+    pick = lambda x, axis: jnp.take(x, indices, axis=axis)
+    return self.replace(k=pick(self.k, 1), v=pick(self.v, 1),
+                        valid=pick(self.valid, 0),
+                        key_positions=pick(self.key_positions, 0),
+                        positions=pick(self.positions, 0))
 
 
 class Embedder(nnx.Module):
@@ -96,53 +129,72 @@ class Embedder(nnx.Module):
 
   def decode(self, h: jax.Array) -> jax.Array:
     """[..., width] -> float32 logits [..., vocab]."""
-    return jnp.dot(h, self.embedding[...].T,
+    table = self.embedding[...]
+    return jnp.dot(h.astype(table.dtype), table.T,
                    preferred_element_type=jnp.float32)
 
 
 class DecoderLayer(nnx.Module):
-  """x + attn(norm(x)), then x + mlp(norm(x))."""
+  """x + attn(norm(x)), then x + mlp(norm(x)); Gemma 2 also norms both outputs."""
 
   def __init__(self, path: str, config: DecoderConfig, *,
                make_linear: LinearFactory, rngs: nnx.Rngs):
-    self.pre_attn_norm = layers.RMSNorm(config.width)
+    norm = lambda: layers.RMSNorm(config.width, eps=config.norm_eps)
+    self.pre_attn_norm = norm()
     self.attn = layers.Attention(
         f"{path}/attn", config.width, num_heads=config.num_heads,
         num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-        use_bias=False, rope_max_wavelength=ROPE_MAX_WAVELENGTH,
+        use_bias=False, rope_max_wavelength=config.rope_max_wavelength,
+        query_scale=config.query_scale, logit_cap=config.attn_logit_softcap,
         make_linear=make_linear, rngs=rngs)
-    self.pre_mlp_norm = layers.RMSNorm(config.width)
+    self.post_attn_norm = norm() if config.post_norms else None
+    self.pre_mlp_norm = norm()
     self.mlp = layers.GeGLU(f"{path}/mlp", config.width, config.mlp_dim,
                             make_linear=make_linear, rngs=rngs)
+    self.post_mlp_norm = norm() if config.post_norms else None
 
   def __call__(self, x, tokens, mask, positions, kv=None, index=0):
     attn, kv = self.attn(self.pre_attn_norm(x), tokens, mask,
                          positions=positions, kv=kv, index=index)
+    if self.post_attn_norm is not None:
+      attn = self.post_attn_norm(attn)
     x = x + attn
-    return x + self.mlp(self.pre_mlp_norm(x), tokens), kv
+    mlp = self.mlp(self.pre_mlp_norm(x), tokens)
+    if self.post_mlp_norm is not None:
+      mlp = self.post_mlp_norm(mlp)
+    return layers.constrain(x + mlp, ("batch", "length", "embed")), kv
 
 
 class Decoder(nnx.Module):
   """Embedded tokens [B, T, width] -> final normed states [B, T, width]."""
 
   def __init__(self, config: DecoderConfig, *, path: str = "decoder",
-               make_linear: LinearFactory = make_dense, rngs: nnx.Rngs):
+               make_linear: LinearFactory = make_dense,
+               remat_policy: str = "none", rngs: nnx.Rngs):
+    stack.check_remat_policy(remat_policy)
     self.config = config
+    self.remat_policy = remat_policy
     self.embedder = Embedder(config.vocab_size, config.width, rngs=rngs)
-    self.layers = nnx.List([
-        DecoderLayer(f"{path}/layers/{i}", config, make_linear=make_linear,
-                     rngs=rngs) for i in range(config.depth)])
-    self.final_norm = layers.RMSNorm(config.width)
+    layers_path = f"{path}/layers"
+    layer_linear = stack.stacked_linear_factory(make_linear, layers_path,
+                                                config.depth)
+    self.layers = stack.create_stack(
+        lambda rngs: DecoderLayer(layers_path, config,
+                                  make_linear=layer_linear, rngs=rngs),
+        config.depth, rngs)
+    self.final_norm = layers.RMSNorm(config.width, eps=config.norm_eps)
 
   def embed(self, text: jax.Array) -> jax.Array:
     return self.embedder.encode(text)
 
   def logits(self, h: jax.Array) -> jax.Array:
-    return self.embedder.decode(h)
+    """float32 logits, soft-capped if the config says so (Gemma 2)."""
+    return layers.softcap(self.embedder.decode(h),
+                          self.config.final_logit_softcap)
 
   def __call__(self, x: jax.Array, tokens: TokenInfo, mask: jax.Array,
-               positions: jax.Array, *,
-               kv: Sequence[tuple[jax.Array, jax.Array]] | None = None,
+               positions: jax.Array, *, sliding_mask: jax.Array | None = None,
+               kv: tuple[jax.Array, jax.Array] | None = None,
                index: jax.Array | int = 0):
     """Runs the layers.
 
@@ -150,17 +202,48 @@ class Decoder(nnx.Module):
       x: [B, T, width] embedded inputs.
       tokens: TokenInfo [B, T].
       mask: bool [B, T, S] attention mask (S = T without a cache).
-      positions: int [B, T] RoPE positions.
-      kv: optional per-layer cache (k, v) [B, S, K, D]; x's keys and values
-        are written into it from slot `index` on.
+      positions: int [B, T] RoPE positions of x.
+      sliding_mask: bool [B, T, S], the mask of sliding-window layers (see
+        `sliding_window_mask`); required when the config has a window.
+      kv: optional cache (k, v), each [depth, B, S, K, D]; x's keys and
+        values are written into it from slot `index` on.
       index: cache slot of x's first token.
 
     Returns:
-      (h [B, T, width] after the final norm, per-layer (k, v) attended to).
+      (h [B, T, width] after the final norm, (k, v) [depth, B, S, K, D]
+       attended to: the updated cache, or None without one).
     """
-    new_kv = []
-    for i, layer in enumerate(self.layers):
-      x, layer_kv = layer(x, tokens, mask, positions,
-                          kv=None if kv is None else kv[i], index=index)
-      new_kv.append(layer_kv)
-    return self.final_norm(x), tuple(new_kv)
+    sliding = self.config.sliding_layers()
+    if sliding.any() and sliding_mask is None:
+      raise ValueError("This decoder has sliding-window layers "
+                       f"(sliding_window={self.config.sliding_window}): "
+                       "pass sliding_mask.")
+
+    def body(layer, x, per_layer):
+      is_sliding, layer_kv = per_layer
+      layer_mask = (jnp.where(is_sliding, sliding_mask, mask)
+                    if sliding.any() else mask)
+      x, layer_kv = layer(x, tokens, layer_mask, positions, kv=layer_kv,
+                          index=index)
+      return x, (layer_kv if kv is not None else None)
+
+    x = layers.constrain(x, ("batch", "length", "embed"))
+    x, new_kv = stack.scan_stack(self.layers, body, x,
+                                 (jnp.asarray(sliding), kv),
+                                 remat_policy=self.remat_policy)
+    return self.final_norm(x), new_kv
+
+
+def sliding_window_mask(mask: jax.Array, positions: jax.Array,
+                        key_positions: jax.Array, window: int,
+                        bidirectional_pairs: jax.Array | None = None):
+  """`mask` limited to keys less than `window` positions behind the query.
+
+  Pairs of tokens in the bidirectional group (`bidirectional_pairs`, bool
+  [B, T, S]) keep seeing each other whatever their distance, as in
+  transformers' PaliGemma 2: the window bounds causal attention only.
+  """
+  near = positions[:, :, None] - key_positions[:, None, :] < window
+  if bidirectional_pairs is not None:
+    near = near | bidirectional_pairs
+  return mask & near

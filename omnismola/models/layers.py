@@ -11,8 +11,13 @@
   decoder).
 
 Every parameter carries `logical_axes` metadata, one name (or None) per
-dimension; `train/partitioning.py` maps the names to mesh axes.
+dimension; `train/partitioning.py` maps the names to mesh axes. Large
+activations are named too, with `constrain(x, axes)`: it pins their sharding
+while a trainer traces under `activation_sharding(...)` and does nothing
+otherwise (a notebook, a test, one device).
 """
+import contextlib
+import contextvars
 from typing import Callable
 
 import flax
@@ -23,8 +28,32 @@ from flax import nnx
 Axes = tuple[str | None, ...]
 
 # A factory `make_linear(path, in_features, out_features, *, axes, use_bias,
-# rngs)` returning a module called as `y = module(x, tokens)`.
+# rngs, match_paths=None)` returning a module called as `y = module(x, tokens)`
+# (see `Dense` for the two paths).
 LinearFactory = Callable[..., nnx.Module]
+
+
+# (logical axes, shape) -> jax.sharding.Sharding, or None outside a trainer.
+_ACTIVATION_SHARDING: contextvars.ContextVar = contextvars.ContextVar(
+    "activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(to_sharding: Callable[[Axes, tuple[int, ...]], object]):
+  """Within this context, `constrain` pins activations to `to_sharding`."""
+  token = _ACTIVATION_SHARDING.set(to_sharding)
+  try:
+    yield
+  finally:
+    _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+  """x with the sharding its logical `axes` map to (see module docstring)."""
+  to_sharding = _ACTIVATION_SHARDING.get()
+  if to_sharding is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, to_sharding(axes, x.shape))
 
 
 @flax.struct.dataclass
@@ -72,17 +101,28 @@ class TokenInfo:
 
 
 class Dense(nnx.Module):
-  """y = x W (+ b): the plain linear layer. `tokens` is accepted and unused.
+  """y = x W (+ b) (+ the outputs of its adapters, if it has any).
 
-  `path` is the layer's NNX graph path joined with "/", which expert configs
-  match their `targets` regex against.
+  `path` is the module path where the layer's parameters live, joined with
+  "/". `match_paths` are the paths expert configs match their `targets`
+  regex against: the path itself for a layer of its own, and one path per
+  layer (`decoder/layers/3/attn/q`) for a layer of a scanned stack, whose
+  parameters live once at `decoder/layers/attn/q` with a leading layer axis.
+
+  Adapters (see `experts/attach.py`) are modules called as
+  `adapter(x, tokens)` whose outputs are added to the layer's; they live in
+  `<path>/adapters/<name>`, so the layer's own parameters keep the same path
+  with or without them and pretrained checkpoints load either way.
   """
 
   def __init__(self, path: str, in_features: int, out_features: int, *,
-               axes: Axes, use_bias: bool, rngs: nnx.Rngs):
+               axes: Axes, use_bias: bool, rngs: nnx.Rngs,
+               match_paths: tuple[str, ...] | None = None,
+               adapters: dict[str, nnx.Module] | None = None):
     if len(axes) != 2:
       raise ValueError(f"{path}: a kernel needs 2 logical axes, got {axes}.")
     self.path = path
+    self.match_paths = match_paths or (path,)
     self.in_features = in_features
     self.out_features = out_features
     init = jax.nn.initializers.lecun_normal()
@@ -90,20 +130,25 @@ class Dense(nnx.Module):
                             logical_axes=tuple(axes))
     self.bias = (nnx.Param(jnp.zeros((out_features,)),
                            logical_axes=(axes[1],)) if use_bias else None)
+    self.adapters = nnx.Dict(adapters) if adapters else None
 
   def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
-    del tokens  # A plain layer treats every token alike.
-    y = x @ self.kernel[...]
+    kernel = self.kernel[...]
+    y = x.astype(kernel.dtype) @ kernel
     if self.bias is not None:
       y = y + self.bias[...]
+    if self.adapters is not None:
+      for adapter in self.adapters.values():
+        y = y + adapter(x, tokens).astype(y.dtype)
     return y
 
 
 def make_dense(path: str, in_features: int, out_features: int, *, axes: Axes,
-               use_bias: bool, rngs: nnx.Rngs) -> Dense:
+               use_bias: bool, rngs: nnx.Rngs,
+               match_paths: tuple[str, ...] | None = None) -> Dense:
   """The default LinearFactory: a plain Dense layer."""
   return Dense(path, in_features, out_features, axes=axes, use_bias=use_bias,
-               rngs=rngs)
+               rngs=rngs, match_paths=match_paths)
 
 
 def child_linear(make_linear: LinearFactory, path: str, *, use_bias: bool,
@@ -118,7 +163,10 @@ def child_linear(make_linear: LinearFactory, path: str, *, use_bias: bool,
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm with scale and bias (the ViT's norm, as in SigLIP)."""
+  """LayerNorm with scale and bias (the ViT's norm, as in SigLIP).
+
+  Statistics are computed in float32 whatever the activation dtype.
+  """
 
   def __init__(self, width: int, *, eps: float = 1e-6):
     self.eps = eps
@@ -126,17 +174,18 @@ class LayerNorm(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((width,)), logical_axes=("embed",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + (
-        self.bias[...])
+    y = x.astype(jnp.float32)
+    mean = jnp.mean(y, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(y - mean), axis=-1, keepdims=True)
+    y = (y - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
   """Gemma's RMSNorm: the scale is stored as an offset from 1 and starts at 0.
 
   Storing (scale - 1) keeps the layout of Gemma checkpoints, so they load
-  without rewriting.
+  without rewriting. Computed in float32, as Gemma's reference code does.
   """
 
   def __init__(self, width: int, *, eps: float = 1e-6):
@@ -144,8 +193,10 @@ class RMSNorm(nnx.Module):
     self.scale = nnx.Param(jnp.zeros((width,)), logical_axes=("embed",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    ms = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(ms + self.eps) * (1 + self.scale[...])
+    y = x.astype(jnp.float32)
+    y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) +
+                          self.eps)
+    return (y * (1 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, *,
@@ -165,8 +216,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, *,
       axis=-1).astype(x.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array,
-           mask: jax.Array | None) -> jax.Array:
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+  """cap * tanh(x / cap): Gemma 2's smooth bound on logits; 0 = no cap."""
+  return cap * jnp.tanh(x / cap) if cap else x
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+           *, scale: float, logit_cap: float = 0.0) -> jax.Array:
   """Scaled dot-product attention with grouped key/value heads.
 
   Args:
@@ -175,6 +231,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
       key/value head h // (H // K) (multi-query when K = 1).
     mask: bool [B, T, S], True where query t may attend to key s; None
       means every query sees every key.
+    scale: multiplies the q.k logits (D**-0.5 usually).
+    logit_cap: soft cap on the scaled logits (Gemma 2); 0 = none.
 
   Returns:
     [B, T, H, D].
@@ -183,7 +241,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
   kv_heads = k.shape[2]
   q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
   logits = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                      preferred_element_type=jnp.float32) * dim**-0.5
+                      preferred_element_type=jnp.float32) * scale
+  logits = softcap(logits, logit_cap)
   if mask is not None:
     # A finite floor, not -inf: a query that may see nothing (padding) gets a
     # harmless uniform average instead of NaNs that would poison gradients.
@@ -201,12 +260,15 @@ class Attention(nnx.Module):
   fused `kv` axis (num_kv_heads * head_dim). With `rope_max_wavelength`
   set, queries and keys are rotated by RoPE at the given positions (decoder);
   with None there is no position information here (the ViT adds its own).
+  Logits are scaled by `query_scale` (default head_dim**-0.5; Gemma 2 uses
+  query_pre_attn_scalar**-0.5) and soft-capped at `logit_cap` if nonzero.
   """
 
   def __init__(self, path: str, width: int, *, num_heads: int,
                num_kv_heads: int, head_dim: int, use_bias: bool,
                rope_max_wavelength: float | None,
-               make_linear: LinearFactory, rngs: nnx.Rngs):
+               make_linear: LinearFactory, rngs: nnx.Rngs,
+               query_scale: float | None = None, logit_cap: float = 0.0):
     if num_heads % num_kv_heads:
       raise ValueError(f"{path}: num_kv_heads={num_kv_heads} must divide "
                        f"num_heads={num_heads}.")
@@ -214,6 +276,8 @@ class Attention(nnx.Module):
     self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
     self.rope_max_wavelength = rope_max_wavelength
+    self.query_scale = query_scale or head_dim**-0.5
+    self.logit_cap = logit_cap
     q_dim, kv_dim = num_heads * head_dim, num_kv_heads * head_dim
 
     linear = child_linear(make_linear, path, use_bias=use_bias, rngs=rngs)
@@ -254,7 +318,9 @@ class Attention(nnx.Module):
       start = (0, index, 0, 0)
       k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
       v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
-    out = attend(q, k, v, mask).reshape(batch, length, -1)
+    out = attend(q, k, v, mask, scale=self.query_scale,
+                 logit_cap=self.logit_cap).reshape(batch, length, -1)
+    out = constrain(out, ("batch", "length", "heads"))
     return self.o(out, tokens), (k, v)
 
 
@@ -268,7 +334,8 @@ class Mlp(nnx.Module):
     self.fc2 = linear("fc2", mlp_dim, width, ("mlp", "embed"))
 
   def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x, tokens), approximate=True), tokens)
+    hidden = jax.nn.gelu(self.fc1(x, tokens), approximate=True)
+    return self.fc2(constrain(hidden, ("batch", "length", "mlp")), tokens)
 
 
 class GeGLU(nnx.Module):
@@ -283,4 +350,5 @@ class GeGLU(nnx.Module):
 
   def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
     hidden = jax.nn.gelu(self.gate(x, tokens), approximate=True)
-    return self.down(hidden * self.up(x, tokens), tokens)
+    hidden = constrain(hidden * self.up(x, tokens), ("batch", "length", "mlp"))
+    return self.down(hidden, tokens)

@@ -4,15 +4,16 @@ The parameter layout follows SigLIP's so its checkpoints convert by renaming
 and reshaping: the patch embedding is a Dense over flattened p*p*3 patches,
 which is the conv kernel [p, p, 3, width] reshaped to [p*p*3, width]; the
 position embedding is learned; attention and MLP have biases; there is no
-pooling head (PaliGemma feeds every patch token to the decoder).
+pooling head (PaliGemma feeds every patch token to the decoder). The layers
+are one scanned stack (`stack.py`), as in big_vision's scanned ViT.
 """
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from omnismola.models import layers
+from omnismola.models import stack
 from omnismola.models.layers import LinearFactory, TokenInfo, make_dense
 
 
@@ -25,6 +26,7 @@ class ViTConfig:
   depth: int
   num_heads: int
   mlp_dim: int
+  norm_eps: float = 1e-6
 
   def __post_init__(self):
     if self.image_size % self.patch_size:
@@ -58,27 +60,31 @@ class EncoderLayer(nnx.Module):
   def __init__(self, path: str, config: ViTConfig, *,
                make_linear: LinearFactory, rngs: nnx.Rngs):
     heads = config.num_heads
-    self.norm1 = layers.LayerNorm(config.width)
+    self.norm1 = layers.LayerNorm(config.width, eps=config.norm_eps)
     self.attn = layers.Attention(
         f"{path}/attn", config.width, num_heads=heads, num_kv_heads=heads,
         head_dim=config.width // heads, use_bias=True,
         rope_max_wavelength=None, make_linear=make_linear, rngs=rngs)
-    self.norm2 = layers.LayerNorm(config.width)
+    self.norm2 = layers.LayerNorm(config.width, eps=config.norm_eps)
     self.mlp = layers.Mlp(f"{path}/mlp", config.width, config.mlp_dim,
                           make_linear=make_linear, rngs=rngs)
 
   def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
     attn, _ = self.attn(self.norm1(x), tokens, mask=None)
     x = x + attn
-    return x + self.mlp(self.norm2(x), tokens)
+    x = x + self.mlp(self.norm2(x), tokens)
+    return layers.constrain(x, ("batch", "length", "embed"))
 
 
 class ViT(nnx.Module):
   """Image [B, H, W, 3] in [-1, 1] -> patch tokens [B, N, width]."""
 
   def __init__(self, config: ViTConfig, *, path: str = "vit",
-               make_linear: LinearFactory = make_dense, rngs: nnx.Rngs):
+               make_linear: LinearFactory = make_dense,
+               remat_policy: str = "none", rngs: nnx.Rngs):
+    stack.check_remat_policy(remat_policy)
     self.config = config
+    self.remat_policy = remat_policy
     patch_pixels = config.patch_size**2 * 3
     self.embedding = make_linear(f"{path}/embedding", patch_pixels,
                                  config.width, axes=("patch", "embed"),
@@ -87,10 +93,14 @@ class ViT(nnx.Module):
     self.pos_embedding = nnx.Param(
         init(rngs.params(), (config.num_patches, config.width)),
         logical_axes=("vision_patches", "embed"))
-    self.layers = nnx.List([
-        EncoderLayer(f"{path}/layers/{i}", config, make_linear=make_linear,
-                     rngs=rngs) for i in range(config.depth)])
-    self.norm = layers.LayerNorm(config.width)
+    layers_path = f"{path}/layers"
+    layer_linear = stack.stacked_linear_factory(make_linear, layers_path,
+                                                config.depth)
+    self.layers = stack.create_stack(
+        lambda rngs: EncoderLayer(layers_path, config,
+                                  make_linear=layer_linear, rngs=rngs),
+        config.depth, rngs)
+    self.norm = layers.LayerNorm(config.width, eps=config.norm_eps)
 
   def __call__(self, image: jax.Array, tokens: TokenInfo) -> jax.Array:
     """Encodes images; `tokens` is the TokenInfo of the N patch tokens."""
@@ -98,8 +108,10 @@ class ViT(nnx.Module):
     if image.shape[1:] != (size, size, 3):
       raise ValueError(f"The ViT expects images [B, {size}, {size}, 3], got "
                        f"{image.shape}.")
-    patches = patchify(image.astype(jnp.float32), self.config.patch_size)
+    patches = patchify(image, self.config.patch_size)
     x = self.embedding(patches, tokens) + self.pos_embedding[...]
-    for layer in self.layers:
-      x = layer(x, tokens)
+    x = layers.constrain(x, ("batch", "length", "embed"))
+    x, _ = stack.scan_stack(
+        self.layers, lambda layer, x, _: (layer(x, tokens), None), x, (),
+        remat_policy=self.remat_policy)
     return self.norm(x)

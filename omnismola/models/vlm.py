@@ -16,17 +16,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omnismola.models.connectors import make_connector
-from omnismola.models.decoder import Decoder, DecoderConfig, KVCache
+from omnismola.models.decoder import (Decoder, DecoderConfig, KVCache,
+                                      sliding_window_mask)
 from omnismola.models.layers import LinearFactory, TokenInfo, make_dense
 from omnismola.models.vit import ViT, ViTConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class VLMConfig:
-  """A ViT, a connector kind (see `connectors.CONNECTORS`) and a decoder."""
+  """A ViT, a connector kind (see `connectors.CONNECTORS`) and a decoder.
+
+  `remat_policy` (a key of `stack.REMAT_POLICIES`) applies to the layers of
+  both towers.
+  """
   vit: ViTConfig
   decoder: DecoderConfig
   connector: str = "linear"
+  remat_policy: str = "none"
 
 
 def sequence_layout(num_image_tokens: int, mask_ar: jax.Array,
@@ -65,12 +71,14 @@ class VLM(nnx.Module):
   def __init__(self, config: VLMConfig, *,
                make_linear: LinearFactory = make_dense, rngs: nnx.Rngs):
     self.config = config
-    self.vit = ViT(config.vit, path="vit", make_linear=make_linear, rngs=rngs)
+    self.vit = ViT(config.vit, path="vit", make_linear=make_linear,
+                   remat_policy=config.remat_policy, rngs=rngs)
     self.connector = make_connector(
         config.connector, "connector", config.vit.width,
         config.decoder.width, make_linear=make_linear, rngs=rngs)
     self.decoder = Decoder(config.decoder, path="decoder",
-                           make_linear=make_linear, rngs=rngs)
+                           make_linear=make_linear,
+                           remat_policy=config.remat_policy, rngs=rngs)
 
   @property
   def num_image_tokens(self) -> int:
@@ -81,20 +89,41 @@ class VLM(nnx.Module):
     tokens = TokenInfo.image(image.shape[0], self.num_image_tokens)
     return self.connector(self.vit(image, tokens), tokens)
 
-  def _decoder_inputs(self, image, text, mask_ar, mask_input):
-    """(x, tokens, mask, positions) of the [image, text] sequence."""
+  def _sliding_mask(self, mask, positions, key_positions,
+                    bidirectional_pairs=None):
+    """The sliding-window layers' mask, or None if the decoder has none."""
+    window = self.config.decoder.sliding_window
+    if not window:
+      return None
+    return sliding_window_mask(mask, positions, key_positions, window,
+                               bidirectional_pairs)
+
+  def _run_sequence(self, image, text, mask_ar, mask_input, free_slots=0,
+                    kv=None):
+    """Runs the decoder over [image tokens, text].
+
+    With `kv`, the sequence is written into the cache from slot 0 and
+    queries also "see" `free_slots` empty slots after it (masked out).
+
+    Returns:
+      (h [B, N+L, width], tokens, positions, (k, v) or None).
+    """
     x = jnp.concatenate([self.embed_image(image), self.decoder.embed(text)],
                         axis=1)
     tokens, mask, positions = sequence_layout(self.num_image_tokens, mask_ar,
                                               mask_input)
-    return x, tokens, mask, positions
+    pad = lambda y: jnp.pad(y, ((0, 0),) * (y.ndim - 1) + ((0, free_slots),))
+    pairs = tokens.bidirectional[:, :, None] & tokens.bidirectional[:, None, :]
+    sliding_mask = self._sliding_mask(pad(mask), positions, pad(positions),
+                                      pad(pairs))
+    h, kv = self.decoder(x, tokens, pad(mask), positions,
+                         sliding_mask=sliding_mask, kv=kv, index=0)
+    return h, tokens, positions, kv
 
   def __call__(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array,
                mask_input: jax.Array) -> jax.Array:
     """Logits float32 [B, L, vocab] at the text positions."""
-    x, tokens, mask, positions = self._decoder_inputs(image, text, mask_ar,
-                                                      mask_input)
-    h, _ = self.decoder(x, tokens, mask, positions)
+    h, _, _, _ = self._run_sequence(image, text, mask_ar, mask_input)
     return self.decoder.logits(h[:, self.num_image_tokens:])
 
   def prefill(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array,
@@ -109,23 +138,21 @@ class VLM(nnx.Module):
       (logits float32 [B, vocab] of each example's last valid prompt token,
        KVCache).
     """
-    x, tokens, mask, positions = self._decoder_inputs(image, text, mask_ar,
-                                                      mask_input)
-    batch, length = tokens.valid.shape
+    batch, length = text.shape[0], self.num_image_tokens + text.shape[1]
     if cache_length < length:
       raise ValueError(f"cache_length={cache_length} cannot hold the "
                        f"{length} image + prompt tokens.")
     free = cache_length - length
-    cache = KVCache.empty(self.config.decoder, batch, cache_length, x.dtype)
-    # Queries see only this call's slots; the free ones hold zeros.
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, free)))
-    h, kv = self.decoder(x, tokens, mask, positions,
-                         kv=tuple(zip(cache.k, cache.v)), index=0)
+    empty = KVCache.empty(self.config.decoder, batch, cache_length,
+                          self.decoder.embedder.embedding.dtype)
+    h, tokens, positions, (k, v) = self._run_sequence(
+        image, text, mask_ar, mask_input, free_slots=free,
+        kv=(empty.k, empty.v))
     last = jnp.max(jnp.where(tokens.valid, jnp.arange(length), -1), axis=1)
     h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
     cache = KVCache(
-        k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv),
-        valid=jnp.pad(tokens.valid, ((0, 0), (0, free))),
+        k=k, v=v, valid=jnp.pad(tokens.valid, ((0, 0), (0, free))),
+        key_positions=jnp.pad(positions, ((0, 0), (0, free))),
         positions=jnp.sum(tokens.valid, axis=1, dtype=jnp.int32),
         index=jnp.asarray(length, jnp.int32))
     return self.decoder.logits(h_last), cache
@@ -138,14 +165,18 @@ class VLM(nnx.Module):
     """
     batch = tokens.shape[0]
     x = self.decoder.embed(tokens[:, None])
-    valid = jax.lax.dynamic_update_slice(
-        cache.valid, jnp.ones((batch, 1), bool), (0, cache.index))
+    write = lambda slots, new: jax.lax.dynamic_update_slice(
+        slots, new[:, None].astype(slots.dtype), (0, cache.index))
+    valid = write(cache.valid, jnp.ones((batch,), bool))
+    key_positions = write(cache.key_positions, cache.positions)
     # The new token is the latest in the sequence, so causal attention means
     # every valid slot, itself included.
-    h, kv = self.decoder(x, TokenInfo.decode_step(batch), valid[:, None, :],
-                         cache.positions[:, None],
-                         kv=tuple(zip(cache.k, cache.v)), index=cache.index)
-    cache = KVCache(k=tuple(k for k, _ in kv), v=tuple(v for _, v in kv),
-                    valid=valid, positions=cache.positions + 1,
-                    index=cache.index + 1)
+    mask = valid[:, None, :]
+    positions = cache.positions[:, None]
+    h, (k, v) = self.decoder(
+        x, TokenInfo.decode_step(batch), mask, positions,
+        sliding_mask=self._sliding_mask(mask, positions, key_positions),
+        kv=(cache.k, cache.v), index=cache.index)
+    cache = KVCache(k=k, v=v, valid=valid, key_positions=key_positions,
+                    positions=cache.positions + 1, index=cache.index + 1)
     return self.decoder.logits(h[:, 0]), cache
