@@ -72,9 +72,11 @@ def prompt(model):
 
 @pytest.fixture(scope="module")
 def small_model():
+  # A seed where the asserted non-trivialities hold: greedy misses the best
+  # hypothesis and the length penalty changes the winner.
   config = presets.get_preset("tiny", decoder_depth=2,
                               decoder_vocab_size=SMALL_VOCAB)
-  return _sharpened(VLM(config, rngs=nnx.Rngs(2)))
+  return _sharpened(VLM(config, rngs=nnx.Rngs(4)))
 
 
 @pytest.fixture(scope="module")
