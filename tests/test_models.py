@@ -7,9 +7,15 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from omnismola.models import connectors, layers, presets, vit
+from omnismola.models import connectors, layers, presets, stack, vit
 from omnismola.models.layers import Dense, TokenInfo
 from omnismola.models.vlm import VLM, sequence_layout
+from omnismola.train import partitioning
+
+# Every Gemma 2 switch on, with a window shorter than the sequences below.
+GEMMA2 = dict(decoder_post_norms=True, decoder_attn_logit_softcap=5.0,
+              decoder_final_logit_softcap=3.0,
+              decoder_query_pre_attn_scalar=24.0, decoder_sliding_window=3)
 
 LOGICAL_NAMES = {"layers", "embed", "mlp", "heads", "kv", "vocab",
                  "vision_patches", "patch"}
@@ -279,9 +285,10 @@ def test_padding_changes_nothing_at_valid_positions():
 # --- KV cache --------------------------------------------------------------
 
 
-def test_prefill_and_extend_match_the_full_forward():
+@pytest.mark.parametrize("overrides", [{}, GEMMA2], ids=["gemma", "gemma2"])
+def test_prefill_and_extend_match_the_full_forward(overrides):
   """Prompts of different lengths: padding sits in the middle of the cache."""
-  model = _model(decoder_depth=2)
+  model = _model(decoder_depth=3, **overrides)
   prompt_lens, prompt_len, steps = [5, 2, 4], 5, 4
   batch = len(prompt_lens)
   image = _image(batch, model)
@@ -308,6 +315,118 @@ def test_prefill_and_extend_match_the_full_forward():
                                 n + np.array(prompt_lens) + steps)
   # Example 1's padding slots stay invalid in the cache.
   np.testing.assert_array_equal(cache.valid[1, n + 2:n + 5], False)
+
+
+def test_gemma2_switches_change_the_model():
+  """Each Gemma 2 switch matters (so the cache test above is not vacuous)."""
+  image, text, mask_ar, mask_input = _masking_batch(_model())
+  base = _model(decoder_depth=3, **GEMMA2)
+  logits = _forward(base, image, text, mask_ar, mask_input)
+  assert np.abs(logits).max() <= 3.0  # The final soft cap.
+  for key, off in [("decoder_sliding_window", 0),
+                   ("decoder_attn_logit_softcap", 0.0),
+                   ("decoder_query_pre_attn_scalar", 0.0)]:
+    other = nnx.merge(nnx.graphdef(_model(decoder_depth=3,
+                                          **{**GEMMA2, key: off})),
+                      nnx.state(base))
+    changed = _forward(other, image, text, mask_ar, mask_input)
+    assert np.abs(changed - logits).max() > 1e-4, key
+
+
+def test_sliding_window_limits_causal_attention_only():
+  """A layer with window w: suffix token t sees keys t-w+1..t; the
+  bidirectional image + prefix block sees itself whatever the distance."""
+  model = _model(decoder_depth=1, decoder_sliding_window=2)  # Layer 0 slides.
+  image, text, mask_ar, mask_input = _masking_batch(model)  # 4 + 3 prefix.
+  before = _forward(model, image, text, mask_ar, mask_input)
+  # Text token 3 is the first suffix token; token 5 sees 4 and 5 only.
+  after = _forward(model, image, text.at[:, 3].set(7), mask_ar, mask_input)
+  np.testing.assert_array_equal(before[:, 5:], after[:, 5:])
+  assert np.abs(before[:, 3:5] - after[:, 3:5]).max() > 1e-4
+  # The first prefix token still sees the last one, 6 positions away.
+  after = _forward(model, image, text.at[:, 2].set(7), mask_ar, mask_input)
+  assert np.abs(before[:, 0] - after[:, 0]).max() > 1e-4
+
+
+# --- Presets ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, published, image_tokens", [
+    # Published sizes in billions, to the digits they were published with.
+    ("paligemma_3b_224", "2.92", 256),    # PaliGemma model card.
+    ("paligemma_3b_448", "2.92", 1024),
+    ("paligemma_3b_896", "2.93", 4096),
+    ("paligemma2_3b_224", "3.0", 256),    # PaliGemma 2 paper, Table 1.
+    ("paligemma2_10b_448", "9.7", 1024),
+    ("paligemma2_28b_896", "27.7", 4096),
+])
+def test_large_preset_parameter_counts(name, published, image_tokens):
+  config = presets.get_preset(name)
+  assert config.vit.num_patches == image_tokens
+  billions = _parameter_count(config) / 1e9
+  places = len(published.split(".")[1])
+  assert f"{billions:.{places}f}" == published, billions
+
+
+def test_palix_scale_preset():
+  """A stand-in of PaLI-X's size (ViT-22B + a 32B LM = 55B), within 2%."""
+  config = presets.get_preset("palix_55b")
+  encoder = nnx.eval_shape(lambda: vit.ViT(config.vit, rngs=nnx.Rngs(0)))
+  vit_count = sum(p.size
+                  for p in jax.tree.leaves(nnx.state(encoder, nnx.Param)))
+  assert abs(vit_count / 22e9 - 1) < 0.02, vit_count
+  assert abs(_parameter_count(config) / 55e9 - 1) < 0.02
+
+
+def _parameter_count(config) -> int:
+  model = nnx.eval_shape(lambda: VLM(config, rngs=nnx.Rngs(0)))
+  return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+# --- Scanned layers --------------------------------------------------------
+
+
+def _train_step_hlo_and_compile_seconds(depth):
+  import time  # pylint: disable=g-import-not-at-top
+  model = _model(decoder_depth=depth, vit_depth=depth)
+  graphdef, params = nnx.split(model)
+  batch = dict(zip(("image", "text", "mask_ar", "mask_input"),
+                   _masking_batch(model)))
+  grad = jax.jit(jax.grad(lambda p: _loss(nnx.merge(graphdef, p), batch)))
+  lowered = grad.lower(params)
+  start = time.perf_counter()
+  lowered.compile()
+  return len(lowered.as_text()), time.perf_counter() - start
+
+
+def test_compiled_program_does_not_grow_with_depth():
+  """A scanned stack: 24 layers compile to the program of 2."""
+  size_2, seconds_2 = _train_step_hlo_and_compile_seconds(2)
+  size_24, seconds_24 = _train_step_hlo_and_compile_seconds(24)
+  print(f"train-step compile: 2 layers {seconds_2:.2f} s, 24 layers "
+        f"{seconds_24:.2f} s; HLO {size_2} vs {size_24} chars")
+  assert size_24 < 1.05 * size_2
+  assert seconds_24 < 2 * seconds_2 + 1.0
+
+
+def test_remat_policies_keep_gradients():
+  model = _model(decoder_depth=2)
+  batch = dict(zip(("image", "text", "mask_ar", "mask_input"),
+                   _masking_batch(model)))
+  _, params = nnx.split(model)
+
+  def grads(policy):
+    config = presets.get_preset("tiny", decoder_depth=2, remat_policy=policy)
+    graphdef = nnx.graphdef(VLM(config, rngs=nnx.Rngs(0)))
+    return jax.jit(jax.grad(
+        lambda p: _loss(nnx.merge(graphdef, p), batch)))(params)
+
+  reference = grads("none")
+  for policy in sorted(set(stack.REMAT_POLICIES) - {"none"}):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                 grads(policy), reference)
+  with pytest.raises(ValueError, match="remat_policy"):
+    _model(remat_policy="sometimes")
 
 
 # --- Training and sharding -------------------------------------------------
@@ -377,3 +496,51 @@ def test_sharded_forward_equals_single_device():
   sharded = forward(state, *inputs)
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(expected),
                              atol=1e-5, rtol=1e-5)
+
+
+def test_train_step_sharded_over_fsdp_and_tensor_equals_one_device():
+  """Params by the default rules on fsdp=4 x tensor=2, activations pinned by
+  their logical axes: the same loss and update as on one device."""
+  mesh = partitioning.make_mesh(dict(data=1, fsdp=4, tensor=2, expert=1))
+  rules = partitioning.DEFAULT_RULES
+  model = _model(decoder_depth=2, decoder_mlp_dim=64, decoder_num_heads=4,
+                 decoder_num_kv_heads=2)
+  graphdef, params = nnx.split(model)
+  batch = dict(zip(("image", "text", "mask_ar", "mask_input"),
+                   _masking_batch(model)))
+  batch = {k: jnp.tile(v, (4,) + (1,) * (v.ndim - 1)) for k, v in
+           batch.items()}  # 8 examples: one per device.
+
+  def step(params, batch):
+    loss, grads = jax.value_and_grad(
+        lambda p: _loss(nnx.merge(graphdef, p), batch))(params)
+    return loss, jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+
+  want_loss, want_params = jax.jit(step)(params, batch)
+
+  shardings = partitioning.state_shardings(params, rules, mesh)
+  sharded = jax.device_put(nnx.to_pure_dict(params), shardings)
+  kernel = shardings["decoder"]["layers"]["mlp"]["up"]["kernel"]
+  assert kernel.spec == P(None, "fsdp", "tensor")
+  put_batch = lambda x: jax.device_put(
+      x, partitioning.batch_sharding(mesh, rules, x.shape))
+  to_sharding = lambda axes, shape: NamedSharding(
+      mesh, partitioning.logical_to_spec(axes, shape, rules, mesh))
+
+  def sharded_step(pure, batch):
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, pure)
+    loss, new = step(state, batch)
+    return loss, nnx.to_pure_dict(new)
+
+  with layers.activation_sharding(to_sharding):
+    lowered = jax.jit(sharded_step, out_shardings=(None, shardings)).lower(
+        sharded, jax.tree.map(put_batch, batch))
+  assert lowered.as_text().count("sharding_constraint") >= 10  # Activations.
+  loss, new = lowered.compile()(sharded, jax.tree.map(put_batch, batch))
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  up = new["decoder"]["layers"]["mlp"]["up"]["kernel"]
+  assert len(up.sharding.device_set) == 8
+  np.testing.assert_allclose(
+      up, nnx.to_pure_dict(want_params)["decoder"]["layers"]["mlp"]["up"][
+          "kernel"], atol=1e-5)

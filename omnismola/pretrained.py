@@ -1,0 +1,94 @@
+"""`from_pretrained(DIR)`: a model with its weights, from a converted
+checkpoint or a training workdir, for notebooks and scripts.
+
+  model = omnismola.from_pretrained("/ckpt/paligemma-3b-pt-224")
+  logits = model(image, text, mask_ar, mask_input)   # [B, L, vocab]
+
+The directory's saved config says what to build (backbone fields and, for a
+training workdir, its experts); the checkpoint's parameters fill it. Passing
+`experts=[...]` attaches other experts (e.g. fresh SMoLA pools to a
+converted backbone): parameters of adapters the checkpoint lacks are
+initialised, any other missing parameter is an error. Only the arrays that
+need it are initialised, so a 3B backbone never exists twice in memory.
+"""
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from omnismola import build
+from omnismola.train import init as init_lib
+
+
+def read_config(step_dir: str) -> dict:
+  """The config saved with a checkpoint step (a plain dict)."""
+  return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+      os.path.join(step_dir, "config"))
+
+
+def from_pretrained(directory: str, *, experts=None, dtype=None,
+                    rng: int = 0) -> nnx.Module:
+  """The VLM saved in `directory` (a workdir, checkpoints dir or step dir).
+
+  Args:
+    directory: written by `python -m omnismola.convert` or by training.
+    experts: a `config.experts` list replacing the saved one; None keeps it.
+    dtype: cast every parameter to this dtype; None keeps float32 (the
+      dtype models are built in).
+    rng: seed for parameters the checkpoint does not hold (new adapters).
+
+  Returns:
+    The model; call it with image, text, mask_ar, mask_input (DESIGN.md's
+    batch contract) for logits at the text positions.
+  """
+  step_dir = init_lib.resolve_step_dir(directory)
+  config = read_config(step_dir)
+  config["experts"] = list(config.get("experts") or []) if experts is None \
+      else list(experts)
+  config = ml_collections.ConfigDict(
+      dict(model=config["model"], experts=config["experts"]))
+
+  abstract = nnx.eval_shape(lambda: build.build_model(config, rng))
+  graphdef, abstract_state = nnx.split(abstract)
+  wanted = init_lib._flat(nnx.to_pure_dict(abstract_state))
+  saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+  source = {}
+  for group in ("params", "frozen"):
+    source.update(init_lib._flat(saved.get(group, {})))
+
+  missing = sorted(set(wanted) - set(source))
+  not_adapters = [k for k in missing if "/adapters/" not in k]
+  if not_adapters:
+    raise ValueError(f"{step_dir} lacks parameters of the model it describes:"
+                     f" {not_adapters[:8]}")
+  fresh = _initialise_only(config, rng, missing) if missing else {}
+
+  def value(key, target):
+    array = fresh[key] if key in fresh else source[key]
+    if tuple(array.shape) != tuple(target.shape):
+      raise ValueError(f"{step_dir}: {key} has shape {tuple(array.shape)}, "
+                       f"the model wants {tuple(target.shape)}.")
+    return np.asarray(array, dtype or target.dtype)
+
+  pure = nnx.to_pure_dict(abstract_state)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
+  keys = list(init_lib._flat(pure))
+  filled = jax.tree_util.tree_unflatten(
+      treedef, [value(k, leaf) for k, (_, leaf) in zip(keys, leaves)])
+  nnx.replace_by_pure_dict(abstract_state, filled)
+  return nnx.merge(graphdef, abstract_state)
+
+
+def _initialise_only(config, rng: int, keys: list[str]) -> dict:
+  """Fresh values of `keys`; jit drops every other parameter's init."""
+
+  @jax.jit
+  def init():
+    state = nnx.to_pure_dict(nnx.state(build.build_model(config, rng)))
+    flat = init_lib._flat(state)
+    return {k: flat[k] for k in keys}
+
+  return jax.device_get(init())
