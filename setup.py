@@ -18,6 +18,8 @@ setuptools.setup(
         "ml-collections>=0.1.1",
         "absl-py>=2.1",
         "numpy>=1.26",
+        # bfloat16 for numpy (safetensors import); jax depends on it too.
+        "ml_dtypes>=0.4",
         "tensorboardX>=2.6",
         # Data layer (the only package importing TensorFlow).
         "tensorflow>=2.16",
@@ -30,6 +32,10 @@ setuptools.setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # transformers on PyTorch (CPU) is the judge of the PaliGemma import
+        # (tests/test_convert_hf.py); install torch first (see README) so
+        # pip does not pull a multi-GB CUDA build.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch>=2.2",
+                 "transformers>=4.50", "safetensors>=0.4"],
     },
 )
