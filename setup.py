@@ -25,6 +25,8 @@ setuptools.setup(
         "tensorflow>=2.16",
         "tensorflow-datasets>=4.9.4",
         "seqio>=0.0.19",
+        # config.data.vocabulary: SentencePiece models (Gemma's tokenizer).
+        "sentencepiece>=0.1.99",
         # tensorflow-datasets imports it without declaring it.
         "importlib_resources",
         # Metrics: CIDEr comes from the official scorer.

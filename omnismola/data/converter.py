@@ -20,6 +20,18 @@ def _pad(ids: tf.Tensor, length: int) -> tf.Tensor:
   return tf.ensure_shape(padded, [length])
 
 
+def fit_image(example: dict, size: int) -> dict:
+  """The example with its image resized to the model's [size, size] input.
+
+  Real datasets keep their images' aspect and size; the synthetic suite is
+  already square at the default size, and is left untouched.
+  """
+  if example["image"].shape[:2].as_list() == [size, size]:
+    return example
+  return {**example, "image": tf.image.resize(example["image"], [size, size],
+                                              antialias=True)}
+
+
 def train_features(example: dict, task_id: int, *, prefix_length: int,
                    suffix_length: int) -> dict:
   """Model features of a training example, tagged with its task id."""

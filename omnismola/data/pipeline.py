@@ -7,7 +7,12 @@
 `config.data` fields: `mixture` (a SeqIO mixture or task name), `task_modules`
 (modules imported first, to register user tasks), `feature_lengths`
 (dict(prefix=P, suffix=S)), `tfds_data_dir` and `shuffle_buffer` (examples
-held for shuffling, in total over the mixture's tasks).
+held for shuffling, in total over the mixture's tasks). Optional fields, with
+their defaults when a config lacks them: `vocabulary` ("byte", or the path of
+a SentencePiece model such as Gemma's), `image_size` (64: images are resized
+to [image_size, image_size]) and `manual_dir` (where the real datasets' files
+are, one directory per builder: `<manual_dir>/<builder name>`; default
+`<tfds_data_dir>/downloads/manual`).
 
 Training reads this host's shard of every task (`seqio.ShardInfo`), converts
 examples to model features tagged with the task's index in the mixture,
@@ -25,12 +30,14 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import seqio
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from absl import logging
 
 from omnismola.data import converter
 from omnismola.data import mixtures
 from omnismola.data import tasks as tasks_lib
 from omnismola.data.synthetic import baselines
+from omnismola.data.synthetic import render
 from omnismola.data.synthetic import scenes
 
 EOS_ID = tasks_lib.EOS_ID
@@ -39,16 +46,30 @@ _TRAIN_KEYS = ("image", "text", "mask_ar", "mask_loss", "mask_input",
 _PROMPT_KEYS = ("image", "text", "mask_ar", "mask_input", "task_id")
 
 
-def detokenize(ids: Sequence[int]) -> str:
-  """Token ids -> text, up to the first EOS, padding and special ids dropped."""
-  return tasks_lib.VOCAB.decode([int(i) for i in ids])
+def get_vocabulary(data_config) -> seqio.Vocabulary:
+  """The vocabulary of config.data.vocabulary (default: bytes)."""
+  return tasks_lib.get_vocabulary(
+      data_config.get("vocabulary", tasks_lib.BYTE))
+
+
+def _image_size(data_config) -> int:
+  return data_config.get("image_size", render.IMAGE_SIZE)
+
+
+def detokenize(ids: Sequence[int],
+               vocabulary: seqio.Vocabulary = tasks_lib.VOCAB) -> str:
+  """Token ids -> text, up to the first EOS, padding and special ids dropped.
+
+  Pass get_vocabulary(config.data) when the config names another vocabulary.
+  """
+  return vocabulary.decode([int(i) for i in ids])
 
 
 def mixture_task_names(data_config) -> list[str]:
   """The tasks of config.data.mixture; a task's index is its task_id."""
   for module in data_config.task_modules:
     importlib.import_module(module)
-  return [name for name, _ in mixtures.mixture_tasks(data_config.mixture)]
+  return mixtures.task_names(data_config.mixture)
 
 
 def _use_data_dir(data_config, names: Sequence[str]) -> str:
@@ -71,11 +92,15 @@ def _use_data_dir(data_config, names: Sequence[str]) -> str:
 def prepare(data_config) -> None:
   """Builds the TFDS data of every task of the mixture that is missing.
 
-  Only TFDS sources are built; the synthetic suite is rendered locally (no
-  download). Idempotent and cheap when everything is there.
+  Only TFDS sources are built, and nothing is downloaded: the synthetic suite
+  is rendered locally, real datasets are read from
+  `<manual_dir>/<builder name>`. Idempotent and cheap when everything is
+  there.
   """
   names = mixture_task_names(data_config)
   data_dir = _use_data_dir(data_config, names)
+  manual_dir = os.path.expanduser(data_config.get("manual_dir", "") or
+                                  os.path.join(data_dir, "downloads/manual"))
   for name in names:
     source = seqio.get_mixture_or_task(name).source
     if not isinstance(source, seqio.TfdsDataSource):
@@ -84,7 +109,8 @@ def prepare(data_config) -> None:
     if not builder.is_prepared():
       logging.info("Building %s into %s (once; later runs reuse it).",
                    source.tfds_dataset.name, data_dir)
-      builder.download_and_prepare()
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=os.path.join(manual_dir, builder.name)))
 
 
 def _seed(*parts: int) -> int:
@@ -104,18 +130,23 @@ def _train_dataset(data_config, *, global_batch_size: int, seed: int,
   if global_batch_size % process_count:
     raise ValueError(f"The global batch size {global_batch_size} is not "
                      f"divisible by the {process_count} processes.")
+  # Rates from example counts read the data: point the sources at it first.
+  _use_data_dir(data_config, mixtures.task_names(data_config.mixture))
   mixture = mixtures.mixture_tasks(data_config.mixture)
-  _use_data_dir(data_config, [name for name, _ in mixture])
   lengths = dict(data_config.feature_lengths)
   shard = seqio.ShardInfo(index=process_index, num_shards=process_count)
   buffer = max(1, data_config.shuffle_buffer // len(mixture))
+  vocabulary = get_vocabulary(data_config)
   datasets = []
   for task_id, (name, _) in enumerate(mixture):
-    ds = seqio.get_mixture_or_task(name).get_dataset(
+    ds = tasks_lib.get_task(name, vocabulary).get_dataset(
         sequence_length=None, split="train", shuffle=True,
         shuffle_buffer_size=buffer, seed=_seed(seed, task_id),
         shard_info=shard, num_epochs=None, use_cached=False,
         try_in_mem_cache=False)
+    ds = ds.map(functools.partial(converter.fit_image,
+                                  size=_image_size(data_config)),
+                num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(functools.partial(
         converter.train_features, task_id=task_id,
         prefix_length=lengths["prefix"], suffix_length=lengths["suffix"]),
@@ -186,12 +217,14 @@ class EvalSet:
   batches: Callable[[], Iterator[dict]]
 
 
-def _eval_examples(name: str, split: str,
+def _eval_examples(name: str, data_config, split: str,
                    max_examples: int | None) -> tf.data.Dataset:
-  ds = seqio.get_mixture_or_task(name).get_dataset(
+  ds = tasks_lib.get_task(name, get_vocabulary(data_config)).get_dataset(
       sequence_length=None, split=split, shuffle=False, num_epochs=1,
       use_cached=False, try_in_mem_cache=False)
-  return ds.take(max_examples) if max_examples else ds
+  ds = ds.take(max_examples) if max_examples else ds
+  return ds.map(functools.partial(converter.fit_image,
+                                  size=_image_size(data_config)))
 
 
 def _stack(rows: list[dict], batch_size: int, pad_row: dict) -> dict:
@@ -216,7 +249,8 @@ def _eval_batches(name: str, task_id: int, data_config, *, batch_size: int,
   """This host's batches of one task; every host yields the same number."""
   _use_data_dir(data_config, [name])
   # One pass over the split: every host needs the total count anyway.
-  everything = list(_eval_examples(name, split, max_examples).map(
+  examples = _eval_examples(name, data_config, split, max_examples)
+  everything = list(examples.map(
       functools.partial(converter.prompt_features, task_id=task_id,
                         prefix_length=data_config.feature_lengths["prefix"])
   ).as_numpy_iterator())

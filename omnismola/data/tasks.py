@@ -2,18 +2,22 @@
 
 Every task's source yields (after the task's own preprocessors) raw examples
 
-  image       uint8 [64, 64, 3]
+  image       uint8 [H, W, 3] (the pipeline resizes to the model's input)
   prefix      string: the prompt ("answer en what color is the square?")
   suffix      string: the target ("gold")
   references  string [n]: every answer the task's metric accepts
 
 and `register_vl_task` turns them into the output features the converter
-reads: `prefix` / `suffix` as byte ids (EOS after the suffix), `image` float32
-in [-1, 1], plus `prefix_pretokenized`, `suffix_pretokenized` and
-`references` for evaluation. It also records the task's metric, so the
-evaluator needs no per-task code. A user task module registers its tasks the
-same way and is named in `config.data.task_modules`.
+reads: `prefix` / `suffix` as token ids (EOS after the suffix), `image`
+float32 in [-1, 1], plus `prefix_pretokenized`, `suffix_pretokenized` and
+`references` for evaluation. Tasks are registered with the byte vocabulary;
+`get_task(name, vocabulary)` gives the same task tokenised with another one
+(config.data.vocabulary), so no task is registered twice. It also records
+the task's metric, so the evaluator needs no per-task code. A user task
+module registers its tasks the same way and is named in
+`config.data.task_modules`.
 """
+import functools
 from typing import Sequence
 
 import seqio
@@ -28,19 +32,54 @@ from omnismola.eval import metrics
 VOCAB = seqio.ByteVocabulary()
 EOS_ID = VOCAB.eos_id
 
-OUTPUT_FEATURES = {
-    "prefix": seqio.Feature(VOCAB, add_eos=False),
-    "suffix": seqio.Feature(VOCAB, add_eos=True),
-    "image": seqio.ContinuousFeature(dtype=tf.float32, rank=3),
-}
+BYTE = "byte"
+
+
+def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+  return {
+      "prefix": seqio.Feature(vocabulary, add_eos=False),
+      "suffix": seqio.Feature(vocabulary, add_eos=True),
+      "image": seqio.ContinuousFeature(dtype=tf.float32, rank=3),
+  }
+
+
+OUTPUT_FEATURES = output_features(VOCAB)
 
 # Task name -> name of its metric in omnismola.eval.metrics.METRICS.
 TASK_METRICS: dict[str, str] = {}
 
 
-def get_vocabulary() -> seqio.Vocabulary:
-  """The vocabulary of every omnismola task."""
-  return VOCAB
+@functools.cache
+def get_vocabulary(spec: str = BYTE) -> seqio.Vocabulary:
+  """"byte" (the default) or the path of a SentencePiece model file.
+
+  The SentencePiece model must use id 0 for padding (as Gemma's does): the
+  converter pads with 0 and the decoder stops at the model's EOS.
+  """
+  if spec == BYTE:
+    return VOCAB
+  vocabulary = seqio.SentencePieceVocabulary(spec)
+  model = vocabulary.tokenizer  # Loads the file: a bad path fails here.
+  if model.pad_id() != 0 or model.eos_id() < 0:
+    raise ValueError(f"SentencePiece model {spec}: needs pad id 0 and an EOS "
+                     f"id; it has pad {model.pad_id()}, eos "
+                     f"{model.eos_id()}.")
+  return vocabulary
+
+
+def get_task(name: str, vocabulary: seqio.Vocabulary = VOCAB) -> seqio.Task:
+  """Registered task `name`, tokenised with `vocabulary`.
+
+  A vocabulary other than the byte one gives an unregistered copy of the
+  task (same source, same preprocessors) whose output features use it.
+  """
+  task = seqio.get_mixture_or_task(name)
+  if vocabulary is VOCAB:
+    return task
+  return seqio.Task(name, source=task.source,
+                    output_features=output_features(vocabulary),
+                    preprocessors=task.preprocessors,
+                    shuffle_buffer_size=task.shuffle_buffer_size)
 
 
 @seqio.map_over_dataset

@@ -1,0 +1,132 @@
+"""The base of every real-dataset builder: official files in, one schema out.
+
+Real benchmarks cannot be downloaded by a script (accounts, licences, or
+just size), so each builder reads the official annotation files and images
+from a local manual_dir, laid out exactly as the dataset ships them. A
+subclass names the files it needs (MANUAL_FILES) and turns them into
+`Record`s (`_records`); everything else is shared here:
+
+  - one stored schema for every dataset (FEATURES), so one task preprocessor
+    turns any of them into the raw example format (see prompts.py);
+  - a check that lists every missing file, with the layout expected, before
+    any work is done;
+  - image decoding through images.load_image, whose errors name the example.
+"""
+import dataclasses
+import json
+from typing import Any, Iterator, Mapping, Sequence
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from omnismola.data.benchmarks import images
+
+FEATURES = tfds.features.FeaturesDict({
+    # Longer side <= images.MAX_SIDE; JPEG keeps the built data small.
+    "image": tfds.features.Image(shape=(None, None, 3),
+                                 encoding_format="jpeg"),
+    "id": tfds.features.Text(),        # The official question/image id.
+    "question": tfds.features.Text(),  # Empty for captioning.
+    "context": tfds.features.Text(),   # Text beside the image (ScienceQA).
+    "choices": tfds.features.Sequence(tfds.features.Text()),  # Multiple choice.
+    "answers": tfds.features.Sequence(tfds.features.Text()),  # References.
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One example as a dataset's annotations describe it, image not read yet."""
+  id: str
+  image: epath.Path
+  answers: Sequence[str]
+  question: str = ""
+  context: str = ""
+  choices: Sequence[str] = ()
+  labels: Sequence[images.Label] = ()  # Text to draw on the image (AI2D).
+
+
+def read_json(path: epath.Path) -> Any:
+  with path.open() as f:
+    return json.load(f)
+
+
+def _paths(files: Mapping[str, Sequence[str]]) -> list[str]:
+  """Every path of {split: paths}, once, sorted."""
+  return sorted({path for split_files in files.values()
+                 for path in split_files})
+
+
+def layout(files: Mapping[str, Sequence[str]]) -> str:
+  """The manual_dir layout a builder expects, one path per line."""
+  return "\n".join(f"  <manual_dir>/{path}" for path in _paths(files))
+
+
+def missing_files(root: epath.Path,
+                  files: Mapping[str, Sequence[str]]) -> list[str]:
+  """The paths of `files` (a trailing / marks a directory) not under root."""
+  return [path for path in _paths(files) if not _exists(root / path, path)]
+
+
+def _exists(path: epath.Path, name: str) -> bool:
+  return path.is_dir() if name.endswith("/") else path.is_file()
+
+
+class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A builder of FEATURES examples from the official files in manual_dir.
+
+  Subclasses set VERSION, HOMEPAGE, MANUAL_FILES ({TFDS split: paths
+  relative to manual_dir, directories ending in /}) and implement
+  `_records(root, split)`.
+  """
+
+  HOMEPAGE = ""
+  MANUAL_FILES: Mapping[str, Sequence[str]] = {}
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    cls.MANUAL_DOWNLOAD_INSTRUCTIONS = (
+        f"Copy the official files of {cls.HOMEPAGE} into manual_dir, "
+        f"unchanged:\n{layout(cls.MANUAL_FILES)}")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # Not dataset_info_from_configs: that reads metadata files next to the
+    # builder's module, which a user's single-file module does not have.
+    return tfds.core.DatasetInfo(builder=self, features=FEATURES,
+                                 homepage=self.HOMEPAGE)
+
+  def _manual_root(self, dl_manager) -> epath.Path:
+    """The checked manual_dir: every file of MANUAL_FILES is there."""
+    try:
+      root = dl_manager.manual_dir
+    except AssertionError as e:  # TFDS: the directory is missing or empty.
+      raise FileNotFoundError(
+          f"{self.name}: no manual files. Expected layout:\n"
+          f"{layout(self.MANUAL_FILES)}") from e
+    missing = missing_files(root, self.MANUAL_FILES)
+    if missing:
+      raise FileNotFoundError(
+          f"{self.name}: missing in {root}: "
+          f"{', '.join(missing)}. Expected layout:\n"
+          f"{layout(self.MANUAL_FILES)}")
+    return root
+
+  def _split_generators(self, dl_manager):
+    root = self._manual_root(dl_manager)
+    return {split: self._generate_examples(root, split)
+            for split in self.MANUAL_FILES}
+
+  def _generate_examples(self, root: epath.Path, split: str):
+    for record in self._records(root, split):
+      yield record.id, {
+          "image": images.load_image(
+              record.image, example=f"{self.name}/{split}/{record.id}",
+              labels=record.labels),
+          "id": record.id,
+          "question": record.question,
+          "context": record.context,
+          "choices": list(record.choices),
+          "answers": list(record.answers),
+      }
+
+  def _records(self, root: epath.Path, split: str) -> Iterator[Record]:
+    raise NotImplementedError

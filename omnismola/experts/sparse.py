@@ -1,0 +1,350 @@
+"""Sparse top-k mixture of full-MLP experts (V-MoE, VL-MoE, CuMo).
+
+Each token picks k experts by its router's softmax and gets
+y_t = sum_c g_tc MLP_{e_tc}(x_t), the gates g renormalised over the k chosen
+experts by default (CuMo). Experts have the backbone MLP's shape (GeGLU for
+the decoder, GELU with biases for the ViT), so they can be upcycled from it.
+
+Experts come in pools. By default one pool serves every valid token. With
+`pools=dict(image=n, text=m)` (VL-MoE) image tokens are routed only among the
+image experts and text tokens only among the text experts: one router
+kernel, softmax restricted to the token's pool, which is the same as a
+separate router per pool. All experts live in one [E, ...] array (pools are
+consecutive ranges, in sorted pool order) so one dispatch serves every pool
+and the `expert` logical axis shards them all.
+
+Dispatch (see dispatch.py): `capacity` (fixed slots per expert per sequence,
+overflow dropped, optional batch-priority fill order) or `dropless`, which
+is `ragged` (jax.lax.ragged_dot) on GPU/TPU and `blocked` (tiled batched
+einsum) on CPU, where XLA's ragged_dot is slow.
+
+The router's auxiliary losses and statistics come back as `MoEAux` beside
+the output, so scanned layers can stack them and the trainer can weight each
+loss once. Padding never routes and never counts.
+"""
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from omnismola.experts import dispatch as dispatch_lib
+from omnismola.experts import routing
+from omnismola.models.layers import TokenInfo
+
+POOLS = ("all", "image", "text")
+DISPATCHES = ("capacity", "dropless", "ragged", "blocked")
+# activation -> the MLP's layers, as (name, in is width, use_bias).
+ACTIVATIONS = {
+    "geglu": (("gate", True, False), ("up", True, False),
+              ("down", False, False)),
+    "gelu": (("fc1", True, True), ("fc2", False, True)),
+}
+
+
+@flax.struct.dataclass
+class MoEAux:
+  """Auxiliary losses and routing statistics of one sparse MoE call.
+
+  Attributes:
+    balance_loss: Switch/GShard load balance, 1 at perfect balance; with
+      several pools, their losses weighted by their share of tokens.
+    z_loss: mean over routed tokens of logsumexp(pool logits)^2.
+    tokens_per_expert: float [E], token copies each expert was chosen for
+      (before any capacity drop).
+    max_violation: max over experts of load / (mean load of its pool) - 1.
+    router_entropy: mean entropy of the routed tokens' router softmax.
+    dropped_fraction: share of routed token copies dropped for capacity.
+  """
+  balance_loss: jax.Array
+  z_loss: jax.Array
+  tokens_per_expert: jax.Array
+  max_violation: jax.Array
+  router_entropy: jax.Array
+  dropped_fraction: jax.Array
+
+
+def pool_of_tokens(tokens: TokenInfo, pool_names) -> jax.Array:
+  """int [B, T]: index into `pool_names` of the pool serving each token, or
+  -1 (padding, or a modality no pool serves)."""
+  serves = {"all": tokens.valid, "image": tokens.is_image & tokens.valid,
+            "text": tokens.is_text}
+  index = jnp.full(tokens.valid.shape, -1, jnp.int32)
+  for i, name in enumerate(pool_names):
+    index = jnp.where(serves[name], i, index)
+  return index
+
+
+def top_k_gates(probs: jax.Array, top_k: int, renormalize: bool):
+  """(gates [..., k], experts int [..., k]): the k largest probabilities,
+  divided by their sum when `renormalize` (so they always sum to 1)."""
+  gates, experts = jax.lax.top_k(probs, top_k)
+  if renormalize:
+    total = jnp.sum(gates, axis=-1, keepdims=True)
+    gates = gates / jnp.where(total > 0, total, 1.0)
+  return gates, experts
+
+
+def z_loss(logits: jax.Array, allowed: jax.Array,
+           routed: jax.Array) -> jax.Array:
+  """Mean over routed tokens of logsumexp(logits over the pool)^2 (ST-MoE).
+
+  Keeps router logits small, where bfloat16 rounding is harmless.
+  """
+  lse = jax.nn.logsumexp(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+  return _mean(jnp.square(lse), routed)
+
+
+def balance_loss(probs: jax.Array, experts: jax.Array, routed: jax.Array,
+                 allowed: jax.Array, pool_size: jax.Array) -> jax.Array:
+  """Load balance, sum_pools (n_p / n) * E_p * sum_{e in p} f_e * P_e.
+
+  f_e: the share of pool p's routed token copies (all k choices) sent to e;
+  P_e: the mean router probability of e over pool p's routed tokens; n_p:
+  routed tokens of pool p, n: of all pools; E_p: experts in pool p. One
+  pool gives Switch's E * sum_e f_e P_e; a pool absent from the batch
+  contributes 0.
+
+  Args:
+    probs: [..., E] router softmax (0 outside the token's pool).
+    experts: int [..., k] chosen experts.
+    routed: bool [...], tokens that count.
+    allowed: bool [..., E], the experts of each token's pool.
+    pool_size: [E], the number of experts in each expert's pool.
+  """
+  top_k = experts.shape[-1]
+  counts = _expert_counts(experts, routed, pool_size.shape[0])
+  prob_sum = jnp.sum(probs * routed[..., None], axis=tuple(range(routed.ndim)))
+  pool_tokens = jnp.sum(allowed & routed[..., None],
+                        axis=tuple(range(routed.ndim)))
+  total = jnp.maximum(jnp.sum(routed), 1)
+  return jnp.sum(pool_size * counts * prob_sum /
+                 (top_k * total * jnp.maximum(pool_tokens, 1)))
+
+
+def routing_aux(logits: jax.Array, probs: jax.Array, experts: jax.Array,
+                routed: jax.Array, allowed: jax.Array, pool_size: jax.Array,
+                kept: jax.Array) -> MoEAux:
+  """Losses and statistics of one routing decision (see MoEAux).
+
+  Args:
+    logits, probs: [..., E] router logits and softmax within the pool.
+    experts: int [..., k] chosen experts.
+    routed: bool [...], tokens routed at all.
+    allowed: bool [..., E], the experts of each token's pool.
+    pool_size: [E], the number of experts in each expert's pool.
+    kept: bool [..., k], copies that reached their expert.
+  """
+  axes = tuple(range(routed.ndim))
+  top_k = experts.shape[-1]
+  counts = _expert_counts(experts, routed, pool_size.shape[0])
+  mean_load = jnp.sum(allowed & routed[..., None], axis=axes) * top_k / (
+      pool_size)
+  violation = jnp.where(mean_load > 0,
+                        counts / jnp.maximum(mean_load, 1e-9) - 1, -1.0)
+  entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0), -1)
+  copies = jnp.maximum(jnp.sum(routed) * top_k, 1)
+  return MoEAux(
+      balance_loss=balance_loss(probs, experts, routed, allowed, pool_size),
+      z_loss=z_loss(logits, allowed, routed),
+      tokens_per_expert=counts,
+      max_violation=jnp.maximum(jnp.max(violation), 0.0),
+      router_entropy=_mean(entropy, routed),
+      dropped_fraction=1.0 - jnp.sum(kept & routed[..., None]) / copies)
+
+
+def _expert_counts(experts, routed, num_experts):
+  """float [E]: routed token copies choosing each expert."""
+  hot = jax.nn.one_hot(experts, num_experts) * routed[..., None, None]
+  return jnp.sum(hot, axis=tuple(range(experts.ndim)))
+
+
+def _mean(values, mask):
+  return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def expert_mlp(weights: dict, activation: str, h: jax.Array,
+               linear: dispatch_lib.GroupedLinear) -> jax.Array:
+  """Every expert's MLP, with the layer shapes of the backbone's MLP.
+
+  Args:
+    weights: layer name -> (kernel [E, in, out], bias [E, out] or None).
+    activation: "geglu" (down(gelu(gate h) * up h)) or "gelu"
+      (fc2(gelu(fc1 h))).
+    h: rows in the dispatch's layout.
+    linear: the dispatch's grouped linear map.
+  """
+  layer = lambda name, h: linear(h, *weights[name])
+  gelu = functools.partial(jax.nn.gelu, approximate=True)
+  if activation == "geglu":
+    return layer("down", gelu(layer("gate", h)) * layer("up", h))
+  return layer("fc2", gelu(layer("fc1", h)))
+
+
+def resolve_dispatch(name: str) -> str:
+  """"dropless" is ragged_dot on GPU/TPU and the blocked einsum on CPU."""
+  if name not in DISPATCHES:
+    raise ValueError(f"Unknown sparse MoE dispatch {name!r}; expected one "
+                     f"of {DISPATCHES}.")
+  if name == "dropless":
+    return "blocked" if jax.default_backend() == "cpu" else "ragged"
+  return name
+
+
+def default_tile(copies: int, num_experts: int) -> int:
+  """Rows per tile of the blocked dispatch: about an expert's mean load,
+  a multiple of 8, at most 128. Smaller tiles waste fewer padding rows but
+  gather the expert weights more times."""
+  mean_load = -(-copies // num_experts)
+  return min(128, -(-mean_load // 8) * 8)
+
+
+class ExpertLinear(nnx.Module):
+  """E independent linear maps: kernel [E, in, out] (+ bias [E, out]).
+
+  Laid out like the backbone's Dense with a leading `expert` axis, so
+  upcycling copies the dense kernel into every expert.
+  """
+
+  def __init__(self, num_experts: int, in_features: int, out_features: int,
+               *, axes, use_bias: bool, rngs: nnx.Rngs):
+    init = jax.nn.initializers.lecun_normal(in_axis=-2, out_axis=-1,
+                                            batch_axis=(0,))
+    self.kernel = nnx.Param(
+        init(rngs.params(), (num_experts, in_features, out_features)),
+        logical_axes=("expert",) + tuple(axes))
+    self.bias = (nnx.Param(jnp.zeros((num_experts, out_features)),
+                           logical_axes=("expert", axes[1]))
+                 if use_bias else None)
+
+  def weights(self):
+    return self.kernel[...], None if self.bias is None else self.bias[...]
+
+
+class SparseMoE(nnx.Module):
+  """Top-k routed MLP experts: `y, aux = moe(x [B, T, width], tokens)`.
+
+  y is the mixture's output only (no residual): a dropped or unrouted token
+  gets 0 and is carried by the residual connection around the MLP.
+
+  Args:
+    path: the module path, for error messages and targets.
+    width, mlp_dim: the MLP's model and hidden widths.
+    num_experts: experts of the single shared pool; or give `pools`.
+    pools: experts per pool, dict(all=n) (the default with num_experts) or
+      dict(image=n, text=m) for modality-split pools (either may be absent;
+      its tokens then get no expert).
+    top_k: experts per token.
+    capacity_factor: capacity dispatch only; each expert has
+      ceil(capacity_factor * T * top_k / E_pool) slots per sequence.
+    dispatch: "capacity", "dropless" (ragged on GPU/TPU, blocked on CPU),
+      "ragged" or "blocked".
+    activation: "geglu" (decoder) or "gelu" (ViT, with biases).
+    renormalize: divide the k gates by their sum.
+    batch_priority: capacity dispatch fills slots by descending top gate
+      rather than by position (V-MoE's batch-priority routing).
+    tile: rows per tile of the blocked dispatch; None picks default_tile.
+    rngs: initialisation.
+  """
+
+  def __init__(self, path: str, width: int, mlp_dim: int, *,
+               num_experts: int | None = None,
+               pools: dict[str, int] | None = None, top_k: int = 2,
+               capacity_factor: float = 1.25, dispatch: str = "dropless",
+               activation: str = "geglu", renormalize: bool = True,
+               batch_priority: bool = False, tile: int | None = None,
+               rngs: nnx.Rngs):
+    if (num_experts is None) == (pools is None):
+      raise ValueError(f"{path}: give exactly one of num_experts (one shared "
+                       "pool) and pools (e.g. dict(image=8, text=8)).")
+    pools = dict(all=num_experts) if pools is None else dict(pools)
+    unknown = sorted(set(pools) - set(POOLS))
+    if unknown or ("all" in pools and len(pools) > 1):
+      raise ValueError(f"{path}: pools must be dict(all=n) or keyed by "
+                       f"'image'/'text', got {pools}.")
+    if any(n < top_k for n in pools.values()) or top_k < 1:
+      raise ValueError(f"{path}: every pool needs at least top_k={top_k} >= 1 "
+                       f"experts, got {pools}.")
+    if activation not in ACTIVATIONS:
+      raise ValueError(f"{path}: unknown activation {activation!r}; expected "
+                       f"one of {sorted(ACTIVATIONS)}.")
+    resolve_dispatch(dispatch)  # Fails early on a typo.
+    self.path = path
+    self.pool_names = tuple(sorted(pools))
+    sizes = [pools[name] for name in self.pool_names]
+    self.num_experts = sum(sizes)
+    # Static per-expert facts: its pool's index and its pool's size.
+    self.expert_pool = tuple(int(i) for i in np.repeat(range(len(sizes)),
+                                                       sizes))
+    self.pool_size = tuple(int(n) for n in np.repeat(sizes, sizes))
+    self.top_k = top_k
+    self.capacity_factor = capacity_factor
+    self.dispatch = dispatch
+    self.activation = activation
+    self.renormalize = renormalize
+    self.batch_priority = batch_priority
+    self.tile = tile
+    init = jax.nn.initializers.lecun_normal()
+    self.router = nnx.Param(init(rngs.params(), (width, self.num_experts)),
+                            logical_axes=("embed", "expert"))
+    self.layers = nnx.Dict({
+        name: ExpertLinear(self.num_experts, *((width, mlp_dim) if from_width
+                                               else (mlp_dim, width)),
+                           axes=(("embed", "mlp") if from_width
+                                 else ("mlp", "embed")),
+                           use_bias=use_bias, rngs=rngs)
+        for name, from_width, use_bias in ACTIVATIONS[activation]})
+
+  def __call__(self, x: jax.Array, tokens: TokenInfo):
+    token_pool = pool_of_tokens(tokens, self.pool_names)
+    routed = token_pool >= 0
+    # Unrouted tokens route in pool 0 and are masked out below: no row is
+    # ever all -inf, so no NaN reaches the gradients.
+    allowed = (jnp.maximum(token_pool, 0)[..., None] ==
+               jnp.asarray(self.expert_pool))
+    logits = jnp.einsum("btd,de->bte", x.astype(jnp.float32),
+                        self.router[...].astype(jnp.float32))
+    probs = routing.masked_softmax(logits, allowed, axis=-1)
+    gates, experts = top_k_gates(probs, self.top_k, self.renormalize)
+    gates = gates * routed[..., None]
+    expert_fn = functools.partial(
+        expert_mlp, {name: layer.weights() for name, layer in
+                     self.layers.items()}, self.activation)
+
+    kind = resolve_dispatch(self.dispatch)
+    if kind == "capacity":
+      y, kept = self._capacity(x, experts, gates, routed, expert_fn)
+    else:
+      y = self._dropless(kind, x, experts, gates, routed, expert_fn)
+      kept = jnp.ones(experts.shape, bool)
+    probs = probs * routed[..., None]
+    aux = routing_aux(logits, probs, experts, routed, allowed,
+                      jnp.asarray(self.pool_size, jnp.float32), kept)
+    return y.astype(x.dtype), aux
+
+  def _capacity(self, x, experts, gates, routed, expert_fn):
+    """Capacity dispatch with each sequence as one routing group."""
+    length = x.shape[1]
+    slots = [dispatch_lib.capacity(self.capacity_factor, length, self.top_k,
+                                   n) for n in self.pool_size]
+    return dispatch_lib.capacity_dispatch(
+        x, experts, gates, routed,
+        expert_capacity=jnp.asarray(slots, jnp.int32), slots=max(slots),
+        expert_fn=expert_fn,
+        priority=gates[..., 0] if self.batch_priority else None)
+
+  def _dropless(self, kind, x, experts, gates, routed, expert_fn):
+    """Dropless dispatch over all B * T tokens at once."""
+    batch, length, width = x.shape
+    flat = lambda a: a.reshape(batch * length, *a.shape[2:])
+    args = (flat(x), flat(experts), flat(gates), flat(routed))
+    if kind == "ragged":
+      y = dispatch_lib.ragged_dispatch(*args, num_experts=self.num_experts,
+                                       expert_fn=expert_fn)
+    else:
+      tile = self.tile or default_tile(experts.size, self.num_experts)
+      y = dispatch_lib.blocked_dispatch(*args, num_experts=self.num_experts,
+                                        tile=tile, expert_fn=expert_fn)
+    return y.reshape(batch, length, width)
