@@ -25,8 +25,8 @@ def vlm_config(model_fields) -> presets.VLMConfig:
 
 def build_model(config, rng: int = 0) -> VLM:
   """Builds config.model with config.experts attached, at seed `rng`."""
-  factory = attach.make_linear_factory(config.experts)
-  model = VLM(vlm_config(config.model), make_linear=factory,
-              rngs=nnx.Rngs(rng))
+  factory = attach.make_factory(config.experts)
+  model = VLM(vlm_config(config.model), make_linear=factory.linear,
+              make_mlp=factory.mlp, rngs=nnx.Rngs(rng))
   factory.check_all_matched()
   return model

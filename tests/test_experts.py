@@ -154,11 +154,11 @@ def test_smola_sequence_without_pool_tokens_is_finite():
 
 
 def test_zero_initialised_adapters_compute_the_base_layer():
-  factory = attach.make_linear_factory([
+  factory = attach.make_factory([
       dict(kind="smola", targets="blk/.*", pools=dict(text=2, image=2, all=2),
            rank=2),
       dict(kind="lora", targets="blk/q", rank=3)])
-  layer = factory("blk/q", D_IN, D_OUT, axes=("embed", "heads"),
+  layer = factory.linear("blk/q", D_IN, D_OUT, axes=("embed", "heads"),
                   use_bias=True, rngs=nnx.Rngs(0))
   assert sorted(layer.adapters) == ["lora_1", "smola_0"]
   x = jax.random.normal(jax.random.key(0), (B, T, D_IN))
@@ -174,10 +174,10 @@ def test_lora_matches_reference():
 
 
 def test_factory_leaves_unmatched_layers_plain_and_reports_unused_specs():
-  factory = attach.make_linear_factory([dict(kind="lora", targets="nope/.*",
-                                             rank=2)])
-  layer = factory("blk/q", D_IN, D_OUT, axes=(None, None), use_bias=False,
-                  rngs=nnx.Rngs(0))
+  factory = attach.make_factory([dict(kind="lora", targets="nope/.*",
+                                      rank=2)])
+  layer = factory.linear("blk/q", D_IN, D_OUT, axes=(None, None),
+                         use_bias=False, rngs=nnx.Rngs(0))
   assert layer.adapters is None
   with pytest.raises(ValueError, match="(?s)matched no linear layer.*blk/q"):
     factory.check_all_matched()
@@ -185,8 +185,8 @@ def test_factory_leaves_unmatched_layers_plain_and_reports_unused_specs():
 
 def test_stacked_layers_match_per_layer_paths_all_or_none():
   stacked = tuple(f"dec/layers/{i}/q" for i in range(3))
-  make = lambda targets: attach.make_linear_factory(
-      [dict(kind="lora", targets=targets, rank=2)])(
+  make = lambda targets: attach.make_factory(
+      [dict(kind="lora", targets=targets, rank=2)]).linear(
           "dec/layers/q", D_IN, D_OUT, axes=(None, None), use_bias=False,
           rngs=nnx.Rngs(0), match_paths=stacked)
   assert sorted(make(r"dec/layers/\d+/q").adapters) == ["lora_0"]
@@ -201,15 +201,15 @@ def test_stacked_layers_match_per_layer_paths_all_or_none():
 ])
 def test_bad_expert_specs_fail_clearly(entry, message):
   with pytest.raises(ValueError, match=message):
-    attach.make_linear_factory([entry])
+    attach.make_factory([entry])
 
 
 def test_unknown_adapter_option_names_the_layer():
-  factory = attach.make_linear_factory([dict(kind="lora", targets=".*",
-                                             rank=2, rnak=3)])
+  factory = attach.make_factory([dict(kind="lora", targets=".*", rank=2,
+                                      rnak=3)])
   with pytest.raises(ValueError, match="experts\\[0\\].*blk/q.*rnak"):
-    factory("blk/q", D_IN, D_OUT, axes=(None, None), use_bias=False,
-            rngs=nnx.Rngs(0))
+    factory.linear("blk/q", D_IN, D_OUT, axes=(None, None), use_bias=False,
+                   rngs=nnx.Rngs(0))
 
 
 def test_masked_softmax_all_masked_gives_zeros():

@@ -226,6 +226,10 @@ class ExpertLinear(nnx.Module):
 class SparseMoE(nnx.Module):
   """Top-k routed MLP experts: `y, aux = moe(x [B, T, width], tokens)`.
 
+  Built by `experts/attach.py` in place of a backbone MLP block (a
+  `sparse_moe` entry of `config.experts`), with the block's widths and
+  activation.
+
   y is the mixture's output only (no residual): a dropped or unrouted token
   gets 0 and is carried by the residual connection around the MLP.
 
@@ -246,6 +250,13 @@ class SparseMoE(nnx.Module):
     batch_priority: capacity dispatch fills slots by descending top gate
       rather than by position (V-MoE's batch-priority routing).
     tile: rows per tile of the blocked dispatch; None picks default_tile.
+    out_features: output width (default `width`; the `mlp` connector maps
+      to the decoder's width).
+    causal: some tokens attend causally (the decoder), so no token's output
+      may depend on another token. Capacity dispatch breaks that (a
+      sequence's tokens compete for slots: a later token can push an
+      earlier one out, and cached decoding would route differently from
+      training), so it is refused here.
     rngs: initialisation.
   """
 
@@ -255,6 +266,7 @@ class SparseMoE(nnx.Module):
                capacity_factor: float = 1.25, dispatch: str = "dropless",
                activation: str = "geglu", renormalize: bool = True,
                batch_priority: bool = False, tile: int | None = None,
+               out_features: int | None = None, causal: bool = False,
                rngs: nnx.Rngs):
     if (num_experts is None) == (pools is None):
       raise ValueError(f"{path}: give exactly one of num_experts (one shared "
@@ -270,7 +282,12 @@ class SparseMoE(nnx.Module):
     if activation not in ACTIVATIONS:
       raise ValueError(f"{path}: unknown activation {activation!r}; expected "
                        f"one of {sorted(ACTIVATIONS)}.")
-    resolve_dispatch(dispatch)  # Fails early on a typo.
+    if resolve_dispatch(dispatch) == "capacity" and causal:  # Checks typos.
+      raise ValueError(
+          f"{path}: dispatch='capacity' is not causal (tokens of a sequence "
+          "compete for expert slots, so later tokens change earlier ones' "
+          "outputs, and cached decoding differs from training); use "
+          "dispatch='dropless' for blocks with causal tokens.")
     self.path = path
     self.pool_names = tuple(sorted(pools))
     sizes = [pools[name] for name in self.pool_names]
@@ -290,8 +307,9 @@ class SparseMoE(nnx.Module):
     self.router = nnx.Param(init(rngs.params(), (width, self.num_experts)),
                             logical_axes=("embed", "expert"))
     self.layers = nnx.Dict({
-        name: ExpertLinear(self.num_experts, *((width, mlp_dim) if from_width
-                                               else (mlp_dim, width)),
+        name: ExpertLinear(self.num_experts,
+                           *((width, mlp_dim) if from_width
+                             else (mlp_dim, out_features or width)),
                            axes=(("embed", "mlp") if from_width
                                  else ("mlp", "embed")),
                            use_bias=use_bias, rngs=rngs)
@@ -337,7 +355,7 @@ class SparseMoE(nnx.Module):
 
   def _dropless(self, kind, x, experts, gates, routed, expert_fn):
     """Dropless dispatch over all B * T tokens at once."""
-    batch, length, width = x.shape
+    batch, length, _ = x.shape
     flat = lambda a: a.reshape(batch * length, *a.shape[2:])
     args = (flat(x), flat(experts), flat(gates), flat(routed))
     if kind == "ragged":
@@ -347,4 +365,4 @@ class SparseMoE(nnx.Module):
       tile = self.tile or default_tile(experts.size, self.num_experts)
       y = dispatch_lib.blocked_dispatch(*args, num_experts=self.num_experts,
                                         tile=tile, expert_fn=expert_fn)
-    return y.reshape(batch, length, width)
+    return y.reshape(batch, length, -1)

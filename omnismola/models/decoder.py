@@ -7,7 +7,10 @@ field: norms after attention and after the MLP (`post_norms`), soft caps on
 attention and output logits, query scaling by `query_pre_attn_scalar`, and
 a sliding attention window on the even-numbered layers.
 
-The layers are one scanned stack (`stack.py`). The decoder does not build
+The layers are one scanned stack (`stack.py`); every linear layer and MLP
+block is built by a factory, so experts attach by path. The MLP blocks are
+built with `causal=True`: suffix tokens must not see later tokens, not even
+through an MLP's routing. The decoder does not build
 attention masks or positions: the caller (`vlm.py`) owns the sequence layout
 and hands them in, together with the TokenInfo. The KV cache is a pytree
 passed in and returned, never stored in the module, so decoding stays a pure
@@ -23,7 +26,8 @@ from flax import nnx
 
 from omnismola.models import layers
 from omnismola.models import stack
-from omnismola.models.layers import LinearFactory, TokenInfo, make_dense
+from omnismola.models.layers import (LinearFactory, MlpFactory, TokenInfo,
+                                     make_dense)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +142,8 @@ class DecoderLayer(nnx.Module):
   """x + attn(norm(x)), then x + mlp(norm(x)); Gemma 2 also norms both outputs."""
 
   def __init__(self, path: str, config: DecoderConfig, *,
-               make_linear: LinearFactory, rngs: nnx.Rngs):
+               make_linear: LinearFactory, make_mlp: MlpFactory,
+               rngs: nnx.Rngs):
     norm = lambda: layers.RMSNorm(config.width, eps=config.norm_eps)
     self.pre_attn_norm = norm()
     self.attn = layers.Attention(
@@ -149,20 +154,24 @@ class DecoderLayer(nnx.Module):
         make_linear=make_linear, rngs=rngs)
     self.post_attn_norm = norm() if config.post_norms else None
     self.pre_mlp_norm = norm()
-    self.mlp = layers.GeGLU(f"{path}/mlp", config.width, config.mlp_dim,
-                            make_linear=make_linear, rngs=rngs)
+    self.mlp_path = f"{path}/mlp"
+    self.mlp = make_mlp(self.mlp_path, config.width, config.mlp_dim,
+                        activation="geglu", make_linear=make_linear,
+                        rngs=rngs, causal=True)
     self.post_mlp_norm = norm() if config.post_norms else None
 
   def __call__(self, x, tokens, mask, positions, kv=None, index=0):
+    """(x, kv: this layer's keys and values, aux {module path: aux})."""
     attn, kv = self.attn(self.pre_attn_norm(x), tokens, mask,
                          positions=positions, kv=kv, index=index)
     if self.post_attn_norm is not None:
       attn = self.post_attn_norm(attn)
     x = x + attn
-    mlp = self.mlp(self.pre_mlp_norm(x), tokens)
+    mlp, aux = self.mlp(self.pre_mlp_norm(x), tokens)
     if self.post_mlp_norm is not None:
       mlp = self.post_mlp_norm(mlp)
-    return layers.constrain(x + mlp, ("batch", "length", "embed")), kv
+    x = layers.constrain(x + mlp, ("batch", "length", "embed"))
+    return x, kv, layers.keyed_aux(self.mlp_path, aux)
 
 
 class Decoder(nnx.Module):
@@ -170,17 +179,19 @@ class Decoder(nnx.Module):
 
   def __init__(self, config: DecoderConfig, *, path: str = "decoder",
                make_linear: LinearFactory = make_dense,
+               make_mlp: MlpFactory = layers.make_mlp,
                remat_policy: str = "none", rngs: nnx.Rngs):
     stack.check_remat_policy(remat_policy)
     self.config = config
     self.remat_policy = remat_policy
     self.embedder = Embedder(config.vocab_size, config.width, rngs=rngs)
     layers_path = f"{path}/layers"
-    layer_linear = stack.stacked_linear_factory(make_linear, layers_path,
-                                                config.depth)
+    in_stack = lambda make: stack.stacked_factory(make, layers_path,
+                                                  config.depth)
     self.layers = stack.create_stack(
         lambda rngs: DecoderLayer(layers_path, config,
-                                  make_linear=layer_linear, rngs=rngs),
+                                  make_linear=in_stack(make_linear),
+                                  make_mlp=in_stack(make_mlp), rngs=rngs),
         config.depth, rngs)
     self.final_norm = layers.RMSNorm(config.width, eps=config.norm_eps)
 
@@ -211,7 +222,8 @@ class Decoder(nnx.Module):
 
     Returns:
       (h [B, T, width] after the final norm, (k, v) [depth, B, S, K, D]
-       attended to: the updated cache, or None without one).
+       attended to: the updated cache, or None without one, aux {module
+       path: aux} stacked [depth, ...]).
     """
     sliding = self.config.sliding_layers()
     if sliding.any() and sliding_mask is None:
@@ -223,15 +235,15 @@ class Decoder(nnx.Module):
       is_sliding, layer_kv = per_layer
       layer_mask = (jnp.where(is_sliding, sliding_mask, mask)
                     if sliding.any() else mask)
-      x, layer_kv = layer(x, tokens, layer_mask, positions, kv=layer_kv,
-                          index=index)
-      return x, (layer_kv if kv is not None else None)
+      x, layer_kv, aux = layer(x, tokens, layer_mask, positions, kv=layer_kv,
+                               index=index)
+      return x, (layer_kv if kv is not None else None), aux
 
     x = layers.constrain(x, ("batch", "length", "embed"))
-    x, new_kv = stack.scan_stack(self.layers, body, x,
-                                 (jnp.asarray(sliding), kv),
-                                 remat_policy=self.remat_policy)
-    return self.final_norm(x), new_kv
+    x, new_kv, aux = stack.scan_stack(self.layers, body, x,
+                                      (jnp.asarray(sliding), kv),
+                                      remat_policy=self.remat_policy)
+    return self.final_norm(x), new_kv, aux
 
 
 def sliding_window_mask(mask: jax.Array, positions: jax.Array,

@@ -6,9 +6,17 @@
 * `Dense` and `make_dense`: the plain linear layer and its default factory.
   Every linear layer of the backbone is built by a `LinearFactory`, which is
   how `experts/attach.py` wraps layers by path without the backbone knowing.
-* Norms (LayerNorm for the ViT, Gemma's RMSNorm), RoPE, attention with
-  grouped key/value heads, and the two MLPs (GELU for the ViT, GeGLU for the
-  decoder).
+* `Mlp`, `GeGLU` and `make_mlp`: the two MLP blocks (GELU for the ViT and
+  the connector, GeGLU for the decoder) and their default factory. Every MLP
+  block is built by an `MlpFactory`, which is how `experts/attach.py`
+  replaces whole blocks (sparse MoE) by path.
+* Norms (LayerNorm for the ViT, Gemma's RMSNorm), RoPE and attention with
+  grouped key/value heads.
+
+MLP blocks return `(y, aux)`: aux is {} for a dense block and the router's
+losses and statistics for a routed one. `keyed_aux` names a block's aux by
+its path, so a model's aux is a plain dict {module path: aux} that every
+level merges and returns explicitly (no sown state).
 
 Every parameter carries `logical_axes` metadata, one name (or None) per
 dimension; `train/partitioning.py` maps the names to mesh axes. Large
@@ -31,6 +39,10 @@ Axes = tuple[str | None, ...]
 # rngs, match_paths=None)` returning a module called as `y = module(x, tokens)`
 # (see `Dense` for the two paths).
 LinearFactory = Callable[..., nnx.Module]
+# A factory `make_mlp(path, width, mlp_dim, *, activation, make_linear, rngs,
+# match_paths=None, out_features=None, causal=False)` returning a module
+# called as `y, aux = module(x, tokens)` (see `make_mlp`).
+MlpFactory = Callable[..., nnx.Module]
 
 
 # (logical axes, shape) -> jax.sharding.Sharding, or None outside a trainer.
@@ -325,30 +337,77 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-  """The ViT's MLP: fc2(gelu(fc1(x))), with biases (SigLIP layout)."""
+  """The ViT's MLP: fc2(gelu(fc1(x))), with biases (SigLIP layout).
+
+  Also the `mlp` connector (LLaVA's two-layer GELU projection), which maps
+  to another width: `out_features` (default `width`).
+  """
 
   def __init__(self, path: str, width: int, mlp_dim: int, *,
-               make_linear: LinearFactory, rngs: nnx.Rngs):
+               make_linear: LinearFactory, rngs: nnx.Rngs,
+               out_features: int | None = None):
     linear = child_linear(make_linear, path, use_bias=True, rngs=rngs)
     self.fc1 = linear("fc1", width, mlp_dim, ("embed", "mlp"))
-    self.fc2 = linear("fc2", mlp_dim, width, ("mlp", "embed"))
+    self.fc2 = linear("fc2", mlp_dim, out_features or width, ("mlp", "embed"))
 
-  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
+  def __call__(self, x: jax.Array, tokens: TokenInfo):
     hidden = jax.nn.gelu(self.fc1(x, tokens), approximate=True)
-    return self.fc2(constrain(hidden, ("batch", "length", "mlp")), tokens)
+    hidden = constrain(hidden, ("batch", "length", "mlp"))
+    return self.fc2(hidden, tokens), {}
 
 
 class GeGLU(nnx.Module):
   """Gemma's MLP: down(gelu(gate(x)) * up(x)), without biases."""
 
   def __init__(self, path: str, width: int, mlp_dim: int, *,
-               make_linear: LinearFactory, rngs: nnx.Rngs):
+               make_linear: LinearFactory, rngs: nnx.Rngs,
+               out_features: int | None = None):
     linear = child_linear(make_linear, path, use_bias=False, rngs=rngs)
     self.gate = linear("gate", width, mlp_dim, ("embed", "mlp"))
     self.up = linear("up", width, mlp_dim, ("embed", "mlp"))
-    self.down = linear("down", mlp_dim, width, ("mlp", "embed"))
+    self.down = linear("down", mlp_dim, out_features or width,
+                       ("mlp", "embed"))
 
-  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
+  def __call__(self, x: jax.Array, tokens: TokenInfo):
     hidden = jax.nn.gelu(self.gate(x, tokens), approximate=True)
     hidden = constrain(hidden * self.up(x, tokens), ("batch", "length", "mlp"))
-    return self.down(hidden, tokens)
+    return self.down(hidden, tokens), {}
+
+
+# activation -> the dense MLP block with it; sparse MoE experts mirror these
+# layouts (`experts/sparse.py`), so they can be upcycled from them.
+MLPS = {"gelu": Mlp, "geglu": GeGLU}
+
+
+def make_mlp(path: str, width: int, mlp_dim: int, *, activation: str,
+             make_linear: LinearFactory, rngs: nnx.Rngs,
+             match_paths: tuple[str, ...] | None = None,
+             out_features: int | None = None, causal: bool = False):
+  """The default MlpFactory: the dense MLP block of the given activation.
+
+  Args:
+    path: where the block's parameters live (`decoder/layers/mlp`).
+    width, mlp_dim: input and hidden widths.
+    activation: "gelu" (`Mlp`) or "geglu" (`GeGLU`).
+    make_linear: builds the block's linear layers.
+    rngs: initialisation.
+    match_paths: the paths expert configs match (one per layer of a stack;
+      see `Dense`). A dense block has no experts of its own to attach.
+    out_features: output width (default `width`).
+    causal: some of the block's tokens attend causally, so a token's output
+      must not depend on other tokens. A dense block is per-token anyway.
+  """
+  del match_paths, causal  # Only factories that attach experts use them.
+  if activation not in MLPS:
+    raise ValueError(f"{path}: unknown MLP activation {activation!r}; "
+                     f"expected one of {sorted(MLPS)}.")
+  return MLPS[activation](path, width, mlp_dim, make_linear=make_linear,
+                          rngs=rngs, out_features=out_features)
+
+
+def keyed_aux(path: str, aux) -> dict:
+  """{path: aux}, or {} for a block without auxiliary outputs (aux == {}).
+
+  Dense blocks return {}, so a model's aux names exactly its routers.
+  """
+  return {path: aux} if jax.tree.leaves(aux) else {}

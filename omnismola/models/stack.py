@@ -5,11 +5,15 @@ parameter gets a leading `layers` axis, and applied with `nnx.scan`, so the
 compiled program holds one layer body whatever the depth (compile time stays
 flat from 2 to 24 layers and beyond; tests/test_models.py measures it).
 
-Expert configs still address single layers: a linear layer of a stack at
-`decoder/layers` lives at `decoder/layers/attn/q` but matches its `targets`
-regex as `decoder/layers/0/attn/q`, ..., `decoder/layers/{depth-1}/attn/q`
-(see `stacked_linear_factory`). A stack is homogeneous, so a regex must
-match all of its layers or none.
+Expert configs still address single layers: a linear layer or MLP block of
+a stack at `decoder/layers` lives at `decoder/layers/attn/q` but matches its
+`targets` regex as `decoder/layers/0/attn/q`, ...,
+`decoder/layers/{depth-1}/attn/q` (see `stacked_factory`). A stack is
+homogeneous, so a regex must match all of its layers or none.
+
+Layers return their auxiliary outputs (routers' losses and statistics, a
+dict {module path: aux}); `scan_stack` stacks them along the layer axis, so
+`decoder/layers/mlp`'s balance loss comes back as [depth].
 
 Rematerialisation trades compute for memory per layer; the policy is a
 config field (`model.remat_policy`).
@@ -19,7 +23,6 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from omnismola.models.layers import LinearFactory
 
 # Name -> what the backward pass may keep of a layer's forward pass.
 REMAT_POLICIES: dict[str, Any] = {
@@ -38,19 +41,22 @@ def check_remat_policy(name: str) -> None:
                      f"{sorted(REMAT_POLICIES)}.")
 
 
-def stacked_linear_factory(make_linear: LinearFactory, prefix: str,
-                           depth: int) -> LinearFactory:
-  """make_linear for the layer of a stack at `prefix` with `depth` layers."""
+def stacked_factory(make: Callable[..., nnx.Module], prefix: str,
+                    depth: int) -> Callable[..., nnx.Module]:
+  """A module factory (LinearFactory, MlpFactory) for the layer of a stack.
 
-  def make(path: str, in_features: int, out_features: int, **kwargs):
+  `make(path, ...)` is called with `match_paths`, the module's path as seen
+  in each of the stack's `depth` layers at `prefix`.
+  """
+
+  def make_stacked(path: str, *args, **kwargs):
     if not path.startswith(prefix + "/"):
       raise ValueError(f"{path} is not inside the stack {prefix}.")
     suffix = path[len(prefix):]
     match_paths = tuple(f"{prefix}/{i}{suffix}" for i in range(depth))
-    return make_linear(path, in_features, out_features,
-                       match_paths=match_paths, **kwargs)
+    return make(path, *args, match_paths=match_paths, **kwargs)
 
-  return make
+  return make_stacked
 
 
 def create_stack(make_layer: Callable[[nnx.Rngs], nnx.Module], depth: int,
@@ -73,18 +79,20 @@ def create_stack(make_layer: Callable[[nnx.Rngs], nnx.Module], depth: int,
 
 def scan_stack(stack: nnx.Module, body: Callable, carry, xs, *,
                remat_policy: str = "none"):
-  """Runs `carry, y = body(layer, carry, x)` over the layers of `stack`.
+  """Runs `carry, y, aux = body(layer, carry, x)` over the layers of `stack`.
 
   Args:
     stack: a module from `create_stack`.
-    body: one layer's step; `x` is layer i's slice of `xs`.
+    body: one layer's step; `x` is layer i's slice of `xs`, `aux` the
+      layer's auxiliary outputs ({module path: aux}, {} for none).
     carry: what flows from layer to layer (the residual stream).
     xs: a pytree of per-layer inputs with a leading layer axis (e.g. a KV
       cache, or which layers use a sliding window); () for none.
     remat_policy: a key of REMAT_POLICIES.
 
   Returns:
-    (final carry, ys stacked along a leading layer axis).
+    (final carry, ys, aux), ys and every aux leaf stacked along a leading
+    layer axis.
   """
   check_remat_policy(remat_policy)
   policy = REMAT_POLICIES[remat_policy]
@@ -95,9 +103,11 @@ def scan_stack(stack: nnx.Module, body: Callable, carry, xs, *,
   graphdef, state = nnx.split(stack)
 
   def apply(layer_state, carry, x):
-    return body(nnx.merge(graphdef, layer_state), carry, x)
+    carry, y, aux = body(nnx.merge(graphdef, layer_state), carry, x)
+    return carry, (y, aux)
 
   if policy is not None:
     apply = jax.checkpoint(apply, policy=policy, prevent_cse=False)
-  return jax.lax.scan(lambda carry, xs: apply(xs[0], carry, xs[1]), carry,
-                      (state, xs))
+  carry, (ys, aux) = jax.lax.scan(
+      lambda carry, xs: apply(xs[0], carry, xs[1]), carry, (state, xs))
+  return carry, ys, aux

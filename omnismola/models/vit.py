@@ -5,7 +5,8 @@ and reshaping: the patch embedding is a Dense over flattened p*p*3 patches,
 which is the conv kernel [p, p, 3, width] reshaped to [p*p*3, width]; the
 position embedding is learned; attention and MLP have biases; there is no
 pooling head (PaliGemma feeds every patch token to the decoder). The layers
-are one scanned stack (`stack.py`), as in big_vision's scanned ViT.
+are one scanned stack (`stack.py`), as in big_vision's scanned ViT. Every
+linear layer and MLP block is built by a factory, so experts attach by path.
 """
 import dataclasses
 
@@ -14,7 +15,8 @@ from flax import nnx
 
 from omnismola.models import layers
 from omnismola.models import stack
-from omnismola.models.layers import LinearFactory, TokenInfo, make_dense
+from omnismola.models.layers import (LinearFactory, MlpFactory, TokenInfo,
+                                     make_dense)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +60,8 @@ class EncoderLayer(nnx.Module):
   """Pre-LN transformer block with bidirectional attention."""
 
   def __init__(self, path: str, config: ViTConfig, *,
-               make_linear: LinearFactory, rngs: nnx.Rngs):
+               make_linear: LinearFactory, make_mlp: MlpFactory,
+               rngs: nnx.Rngs):
     heads = config.num_heads
     self.norm1 = layers.LayerNorm(config.width, eps=config.norm_eps)
     self.attn = layers.Attention(
@@ -66,14 +69,17 @@ class EncoderLayer(nnx.Module):
         head_dim=config.width // heads, use_bias=True,
         rope_max_wavelength=None, make_linear=make_linear, rngs=rngs)
     self.norm2 = layers.LayerNorm(config.width, eps=config.norm_eps)
-    self.mlp = layers.Mlp(f"{path}/mlp", config.width, config.mlp_dim,
-                          make_linear=make_linear, rngs=rngs)
+    self.mlp_path = f"{path}/mlp"
+    self.mlp = make_mlp(self.mlp_path, config.width, config.mlp_dim,
+                        activation="gelu", make_linear=make_linear, rngs=rngs)
 
-  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
+  def __call__(self, x: jax.Array, tokens: TokenInfo):
+    """(x [B, N, width], aux {module path: aux})."""
     attn, _ = self.attn(self.norm1(x), tokens, mask=None)
     x = x + attn
-    x = x + self.mlp(self.norm2(x), tokens)
-    return layers.constrain(x, ("batch", "length", "embed"))
+    mlp, aux = self.mlp(self.norm2(x), tokens)
+    x = layers.constrain(x + mlp, ("batch", "length", "embed"))
+    return x, layers.keyed_aux(self.mlp_path, aux)
 
 
 class ViT(nnx.Module):
@@ -81,6 +87,7 @@ class ViT(nnx.Module):
 
   def __init__(self, config: ViTConfig, *, path: str = "vit",
                make_linear: LinearFactory = make_dense,
+               make_mlp: MlpFactory = layers.make_mlp,
                remat_policy: str = "none", rngs: nnx.Rngs):
     stack.check_remat_policy(remat_policy)
     self.config = config
@@ -94,16 +101,21 @@ class ViT(nnx.Module):
         init(rngs.params(), (config.num_patches, config.width)),
         logical_axes=("vision_patches", "embed"))
     layers_path = f"{path}/layers"
-    layer_linear = stack.stacked_linear_factory(make_linear, layers_path,
-                                                config.depth)
+    in_stack = lambda make: stack.stacked_factory(make, layers_path,
+                                                  config.depth)
     self.layers = stack.create_stack(
         lambda rngs: EncoderLayer(layers_path, config,
-                                  make_linear=layer_linear, rngs=rngs),
+                                  make_linear=in_stack(make_linear),
+                                  make_mlp=in_stack(make_mlp), rngs=rngs),
         config.depth, rngs)
     self.norm = layers.LayerNorm(config.width, eps=config.norm_eps)
 
-  def __call__(self, image: jax.Array, tokens: TokenInfo) -> jax.Array:
-    """Encodes images; `tokens` is the TokenInfo of the N patch tokens."""
+  def __call__(self, image: jax.Array, tokens: TokenInfo):
+    """Encodes images; `tokens` is the TokenInfo of the N patch tokens.
+
+    Returns:
+      (tokens [B, N, width], aux {module path: aux}, stacked [depth, ...]).
+    """
     size = self.config.image_size
     if image.shape[1:] != (size, size, 3):
       raise ValueError(f"The ViT expects images [B, {size}, {size}, 3], got "
@@ -111,7 +123,11 @@ class ViT(nnx.Module):
     patches = patchify(image, self.config.patch_size)
     x = self.embedding(patches, tokens) + self.pos_embedding[...]
     x = layers.constrain(x, ("batch", "length", "embed"))
-    x, _ = stack.scan_stack(
-        self.layers, lambda layer, x, _: (layer(x, tokens), None), x, (),
-        remat_policy=self.remat_policy)
-    return self.norm(x)
+
+    def body(layer, x, _):
+      x, aux = layer(x, tokens)
+      return x, None, aux
+
+    x, _, aux = stack.scan_stack(self.layers, body, x, (),
+                                 remat_policy=self.remat_policy)
+    return self.norm(x), aux

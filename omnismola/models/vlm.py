@@ -8,6 +8,11 @@ tokens have mask_ar 0 and are always valid, so they and the text prefix
 causal. RoPE positions count valid tokens only (`cumsum(valid) - 1`), so
 padding anywhere never shifts the positions of real tokens, and cached
 decoding with per-example prompt lengths continues each example's own count.
+
+`forward` returns the logits and the routers' auxiliary outputs, a dict
+{module path: aux} (e.g. `decoder/layers/mlp`: a `MoEAux` whose leaves are
+stacked [depth, ...]); `__call__` returns the logits only. Cached decoding
+(`prefill`, `extend`) drops aux: nothing trains there.
 """
 import dataclasses
 
@@ -18,7 +23,9 @@ from flax import nnx
 from omnismola.models.connectors import make_connector
 from omnismola.models.decoder import (Decoder, DecoderConfig, KVCache,
                                       sliding_window_mask)
-from omnismola.models.layers import LinearFactory, TokenInfo, make_dense
+from omnismola.models import layers
+from omnismola.models.layers import (LinearFactory, MlpFactory, TokenInfo,
+                                     make_dense)
 from omnismola.models.vit import ViT, ViTConfig
 
 
@@ -66,28 +73,34 @@ def sequence_layout(num_image_tokens: int, mask_ar: jax.Array,
 
 
 class VLM(nnx.Module):
-  """PaliGemma-style VLM with every linear layer built by `make_linear`."""
+  """PaliGemma-style VLM with every linear layer built by `make_linear` and
+  every MLP block by `make_mlp`."""
 
   def __init__(self, config: VLMConfig, *,
-               make_linear: LinearFactory = make_dense, rngs: nnx.Rngs):
+               make_linear: LinearFactory = make_dense,
+               make_mlp: MlpFactory = layers.make_mlp, rngs: nnx.Rngs):
     self.config = config
     self.vit = ViT(config.vit, path="vit", make_linear=make_linear,
-                   remat_policy=config.remat_policy, rngs=rngs)
+                   make_mlp=make_mlp, remat_policy=config.remat_policy,
+                   rngs=rngs)
     self.connector = make_connector(
         config.connector, "connector", config.vit.width,
-        config.decoder.width, make_linear=make_linear, rngs=rngs)
+        config.decoder.width, make_linear=make_linear, make_mlp=make_mlp,
+        rngs=rngs)
     self.decoder = Decoder(config.decoder, path="decoder",
-                           make_linear=make_linear,
+                           make_linear=make_linear, make_mlp=make_mlp,
                            remat_policy=config.remat_policy, rngs=rngs)
 
   @property
   def num_image_tokens(self) -> int:
     return self.config.vit.num_patches
 
-  def embed_image(self, image: jax.Array) -> jax.Array:
-    """[B, H, W, 3] -> decoder-width image tokens [B, N, width]."""
+  def embed_image(self, image: jax.Array):
+    """[B, H, W, 3] -> (decoder-width image tokens [B, N, width], aux)."""
     tokens = TokenInfo.image(image.shape[0], self.num_image_tokens)
-    return self.connector(self.vit(image, tokens), tokens)
+    x, vit_aux = self.vit(image, tokens)
+    x, connector_aux = self.connector(x, tokens)
+    return x, {**vit_aux, **connector_aux}
 
   def _sliding_mask(self, mask, positions, key_positions,
                     bidirectional_pairs=None):
@@ -106,25 +119,37 @@ class VLM(nnx.Module):
     queries also "see" `free_slots` empty slots after it (masked out).
 
     Returns:
-      (h [B, N+L, width], tokens, positions, (k, v) or None).
+      (h [B, N+L, width], tokens, positions, (k, v) or None, aux).
     """
-    x = jnp.concatenate([self.embed_image(image), self.decoder.embed(text)],
-                        axis=1)
+    image_x, image_aux = self.embed_image(image)
+    x = jnp.concatenate([image_x, self.decoder.embed(text)], axis=1)
     tokens, mask, positions = sequence_layout(self.num_image_tokens, mask_ar,
                                               mask_input)
     pad = lambda y: jnp.pad(y, ((0, 0),) * (y.ndim - 1) + ((0, free_slots),))
     pairs = tokens.bidirectional[:, :, None] & tokens.bidirectional[:, None, :]
     sliding_mask = self._sliding_mask(pad(mask), positions, pad(positions),
                                       pad(pairs))
-    h, kv = self.decoder(x, tokens, pad(mask), positions,
-                         sliding_mask=sliding_mask, kv=kv, index=0)
-    return h, tokens, positions, kv
+    h, kv, decoder_aux = self.decoder(x, tokens, pad(mask), positions,
+                                      sliding_mask=sliding_mask, kv=kv,
+                                      index=0)
+    return h, tokens, positions, kv, {**image_aux, **decoder_aux}
+
+  def forward(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array,
+              mask_input: jax.Array):
+    """(logits float32 [B, L, vocab] at the text positions, aux).
+
+    aux: {module path: the module's auxiliary outputs} for every routed
+    block, e.g. `vit/layers/mlp` -> `MoEAux` with leaves [depth, ...],
+    `connector/mlp` -> `MoEAux`; {} for a dense model. The trainer weights
+    the losses and logs the statistics (docs/experts.md).
+    """
+    h, _, _, _, aux = self._run_sequence(image, text, mask_ar, mask_input)
+    return self.decoder.logits(h[:, self.num_image_tokens:]), aux
 
   def __call__(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array,
                mask_input: jax.Array) -> jax.Array:
-    """Logits float32 [B, L, vocab] at the text positions."""
-    h, _, _, _ = self._run_sequence(image, text, mask_ar, mask_input)
-    return self.decoder.logits(h[:, self.num_image_tokens:])
+    """Logits float32 [B, L, vocab] at the text positions (see `forward`)."""
+    return self.forward(image, text, mask_ar, mask_input)[0]
 
   def prefill(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array,
               mask_input: jax.Array, *, cache_length: int):
@@ -145,7 +170,7 @@ class VLM(nnx.Module):
     free = cache_length - length
     empty = KVCache.empty(self.config.decoder, batch, cache_length,
                           self.decoder.embedder.embedding.dtype)
-    h, tokens, positions, (k, v) = self._run_sequence(
+    h, tokens, positions, (k, v), _ = self._run_sequence(
         image, text, mask_ar, mask_input, free_slots=free,
         kv=(empty.k, empty.v))
     last = jnp.max(jnp.where(tokens.valid, jnp.arange(length), -1), axis=1)
@@ -173,7 +198,7 @@ class VLM(nnx.Module):
     # every valid slot, itself included.
     mask = valid[:, None, :]
     positions = cache.positions[:, None]
-    h, (k, v) = self.decoder(
+    h, (k, v), _ = self.decoder(
         x, TokenInfo.decode_step(batch), mask, positions,
         sliding_mask=self._sliding_mask(mask, positions, key_positions),
         kv=(cache.k, cache.v), index=cache.index)

@@ -1,0 +1,86 @@
+"""Upcycling: dense parameters into the initial parameters of experts.
+
+Sparse upcycling (Komatsuzaki et al., 2023; CuMo) starts every expert of a
+sparse MoE as a copy of the dense MLP block it replaces. With the k gates
+renormalised to sum to 1 and no token dropped, sum_c g_c MLP(x) = MLP(x)
+whatever the fresh router says, so the MoE model computes exactly its dense
+parent at initialisation (tested) and training starts from the dense
+model's quality. Awaker2.5-VL's second stage likewise turns one trained
+LoRA into several LoRA experts.
+
+Pure functions over parameter pytrees (nested dicts of arrays, as
+`nnx.to_pure_dict` gives); leading axes, such as a scanned stack's
+[depth, ...], are kept. Optional Gaussian noise makes the copies differ, so
+their gradients differ from the first step on.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def expert_copies(params, num_experts: int, *, noise_std: float = 0.0,
+                  key: jax.Array | None = None):
+  """`params` with an expert axis: every leaf copied `num_experts` times.
+
+  Leaves are matrices [..., in, out] (kernels, LoRA's `a` and `b`) or
+  biases [..., out] (leaves named `bias`). The expert axis goes just before
+  those trailing dims, the layout of `sparse.ExpertLinear`: a stacked kernel
+  [depth, in, out] becomes [depth, E, in, out], a LoRA's `a` [in, r]
+  becomes [E, in, r].
+
+  Args:
+    params: a pytree of arrays (a dense MLP block's, or a LoRA's {a, b}).
+    num_experts: E.
+    noise_std: std of independent Gaussian noise added to every copy; 0
+      gives exact copies.
+    key: PRNG key, required with noise.
+
+  Returns:
+    The pytree of copies, leaves in their input dtypes.
+  """
+  if noise_std and key is None:
+    raise ValueError("expert_copies: noise_std > 0 needs a PRNG key.")
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = (jax.random.split(key, len(leaves)) if noise_std
+          else [None] * len(leaves))
+
+  def copy(path, leaf, leaf_key):
+    trailing = 1 if getattr(path[-1], "key", None) == "bias" else 2
+    if leaf.ndim < trailing:
+      raise ValueError(f"expert_copies: {jax.tree_util.keystr(path)} has "
+                       f"shape {leaf.shape}; expected a matrix [..., in, "
+                       "out] or a bias [..., out].")
+    axis = leaf.ndim - trailing
+    out = jnp.repeat(jnp.expand_dims(leaf, axis), num_experts, axis=axis)
+    if noise_std:
+      out = out + noise_std * jax.random.normal(leaf_key, out.shape,
+                                                out.dtype)
+    return out
+
+  return jax.tree_util.tree_unflatten(
+      treedef, [copy(p, l, k) for (p, l), k in zip(leaves, keys)])
+
+
+def upcycle_mlp(dense, moe, *, noise_std: float = 0.0,
+                key: jax.Array | None = None):
+  """SparseMoE parameters whose experts are copies of a dense MLP block.
+
+  Args:
+    dense: the dense block's parameters: `Mlp` {fc1, fc2: {kernel, bias}}
+      or `GeGLU` {gate, up, down: {kernel}}, possibly stacked
+      ([depth, in, out]).
+    moe: the replacing SparseMoE's freshly initialised parameters {router,
+      layers}. Its router is kept (routers have no dense counterpart) and
+      its shapes say how many experts to make and check the copies.
+    noise_std, key: see `expert_copies`.
+
+  Returns:
+    `moe` with `layers` replaced by the copies.
+  """
+  num_experts = moe["router"].shape[-1]
+  layers = expert_copies(dense, num_experts, noise_std=noise_std, key=key)
+  shapes = lambda tree: jax.tree.map(jnp.shape, tree)
+  if shapes(layers) != shapes(moe["layers"]):
+    raise ValueError("upcycle_mlp: the dense block's copies "
+                     f"{shapes(layers)} do not fit the MoE's experts "
+                     f"{shapes(moe['layers'])}.")
+  return {**moe, "layers": layers}
