@@ -62,6 +62,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # state). From scratch everything must learn; from a pretrained
       # backbone, train the adapters only.
       trainable=r".*/adapters/.*" if args.frozen_backbone else r".*",
+      # (regex, multiplier) pairs over trained parameter paths; the first
+      # match scales that parameter's learning rate, e.g.
+      # [(r".*/router/.*", 0.1)].
+      lr_multipliers=(),
+      # Forward/backward dtype; master weights and optimizer state are
+      # float32 whatever this is ('bfloat16' on accelerators).
+      compute_dtype="float32",
+      microbatches=1,          # Gradient accumulation steps per batch.
+      max_nonfinite_steps=20,  # Consecutive skipped steps before stopping.
       log_every=50,
       checkpoint_every=500,
       keep_checkpoints=3,

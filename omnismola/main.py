@@ -4,6 +4,12 @@ Modes:
   train  trains (resuming from DIR/checkpoints when present), then evaluates;
   eval   evaluates the latest checkpoint of DIR.
 Any config field can be overridden, e.g. --config.train.steps=50.
+
+Multi-host: on Cloud TPU (and SLURM / Open MPI) every host runs the same
+command and the processes find each other automatically. Elsewhere pass
+--coordinator_address=HOST:PORT (process 0's address), --num_processes and
+--process_id, or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID.
 """
 import os
 import sys
@@ -23,6 +29,16 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for checkpoints, metrics and evals.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+    "HOST:PORT of process 0, for multi-host runs outside Cloud TPU "
+    "(default: $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", os.environ.get("JAX_NUM_PROCESSES"),
+    "Processes of a multi-host run (default: $JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", os.environ.get("JAX_PROCESS_ID"),
+    "This process's index in [0, num_processes) (default: $JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,8 +60,38 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+def initialize_distributed(coordinator_address: str | None,
+                           num_processes: int | None,
+                           process_id: int | None) -> None:
+  """Joins the processes of a multi-host run; must precede any JAX use.
+
+  With a coordinator address all three values are required. Without one,
+  JAX detects Cloud TPU, SLURM and Open MPI jobs by itself; anywhere else
+  there is nothing to join and the run is single-process.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise app.UsageError("--coordinator_address needs --num_processes and "
+                           "--process_id (or JAX_NUM_PROCESSES and "
+                           "JAX_PROCESS_ID).")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return
+  if num_processes is not None or process_id is not None:
+    raise app.UsageError("--num_processes/--process_id need "
+                         "--coordinator_address (or JAX_COORDINATOR_ADDRESS).")
+  try:
+    jax.distributed.initialize()
+  except ValueError as e:
+    if "coordinator_address" not in str(e):
+      raise  # A cluster was detected but is misconfigured.
+    logging.info("No multi-host cluster detected: running one process.")
+
+
 def main(argv):
   del argv
+  initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value)
   # People read the progress lines and the eval table; library info logs
   # (Orbax, TFDS) only with an explicit --verbosity.
   if not flags.FLAGS["verbosity"].present:
@@ -54,7 +100,11 @@ def main(argv):
   config = _CONFIG.value
   logging.info("Config:\n%s", config)
   if _MODE.value == "train":
-    trainer.train_and_evaluate(config, _WORKDIR.value)
+    try:
+      trainer.train_and_evaluate(config, _WORKDIR.value)
+    except trainer.NonFiniteError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
   else:
     trainer.evaluate_checkpoint(config, _WORKDIR.value)
 

@@ -87,3 +87,11 @@ def test_model_experts_train_and_eval_import_without_tensorflow():
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == "[]"
+
+
+def test_multihost_flags_need_a_coordinator(tmp_path):
+  result = _run("--config=configs/mix.py", f"--workdir={tmp_path}",
+                "--num_processes=2", "--process_id=0")
+  assert result.returncode != 0
+  assert "--coordinator_address" in result.stderr
+  assert not os.listdir(tmp_path)

@@ -26,6 +26,24 @@ def _config(data_dir, **train):
   return c
 
 
+def tiny_config(data_dir=None, **train):
+  """The `tiny` preset without experts: the trainer's own logic, compiled fast.
+
+  (Expert layers multiply compile time; their tests live elsewhere.)
+  """
+  c = config_lib.load_config_file("configs/mix.py:preset=tiny")
+  c.experts = []
+  c.model.vit.image_size, c.model.vit.patch_size = 64, 16  # The data's size.
+  c.data.shuffle_buffer = 64
+  if data_dir is not None:
+    c.data.tfds_data_dir = str(data_dir)
+  c.train.update(dict(steps=4, batch_size=8, log_every=1, checkpoint_every=2,
+                      warmup_steps=0, schedule="constant"))
+  c.train.update(train)
+  c.eval.at_end = False
+  return c
+
+
 def _losses(workdir):
   with open(os.path.join(workdir, "train_metrics.jsonl")) as f:
     return {r["step"]: r["loss"] for r in map(json.loads, f)}

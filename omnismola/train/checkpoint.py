@@ -3,7 +3,8 @@
 One step directory holds three items saved together: `state` (parameters,
 optimizer state and step, restored onto whatever mesh the new run has),
 `data` (the input iterator state, JSON) and `config` (the resolved config,
-JSON). Saves are asynchronous; only the last `keep` steps are kept.
+JSON). Saves are asynchronous; only the last `keep` steps are kept. A run
+resumes from the newest checkpoint it can read (`restore_latest`).
 """
 import json
 import os
@@ -52,6 +53,40 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore()))
     return restored.state, restored.data
+
+  def restore_latest(self, abstract_state):
+    """(step, state, data state) of the newest readable checkpoint, or None.
+
+    A checkpoint can be unreadable when a host died mid-write or storage lost
+    a file. Rather than failing the job (or silently starting over), resume
+    from the previous checkpoint, warn naming the broken one, and delete it
+    so training can write that step again. If no checkpoint can be read, the
+    newest one's error is raised: that is usually a config that no longer
+    matches the checkpoints.
+    """
+    unreadable, first_error = [], None
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, data = self.restore(step, abstract_state)
+      # Orbax and TensorStore raise many types for a missing or bad file.
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        logging.warning("Checkpoint %s is unreadable (%s: %s); trying the "
+                        "previous one.", self.step_dir(step),
+                        type(e).__name__, e)
+        unreadable.append(step)
+        first_error = first_error or e
+        continue
+      for bad in unreadable:
+        logging.warning("Resuming from step %d; deleting the unreadable %s.",
+                        step, self.step_dir(bad))
+        self.manager.delete(bad)
+      return step, state, data
+    if first_error is not None:
+      raise first_error
+    return None
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

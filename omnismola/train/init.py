@@ -12,13 +12,12 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from omnismola.train import logging as log_lib
+from omnismola.train import optim
 
 
 def _flat(tree) -> dict[str, object]:
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    flat["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf
-  return flat
+  return {optim.key_path_str(path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def resolve_step_dir(path: str) -> str:

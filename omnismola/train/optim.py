@@ -1,6 +1,7 @@
 """Optimizer and the trainable/frozen split of parameters by regex."""
 import re
 
+import jax
 import optax
 from flax import nnx
 
@@ -10,16 +11,26 @@ def path_str(path) -> str:
   return "/".join(str(p) for p in path)
 
 
+def key_path_str(key_path) -> str:
+  """'decoder/layers/0/attn/q/kernel' from a jax key path of a pure dict."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k)))
+                  for k in key_path)
+
+
+def _compile(regex: str, field: str) -> re.Pattern:
+  try:
+    return re.compile(regex)
+  except re.error as e:
+    raise ValueError(f"{field}: bad regex {regex!r}: {e}") from e
+
+
 def trainable_filter(regex: str):
   """NNX filter: parameters whose full path matches `regex` are trained.
 
   Frozen parameters are split off before the optimizer is built, so they get
   no optimizer state and no gradients.
   """
-  try:
-    pattern = re.compile(regex)
-  except re.error as e:
-    raise ValueError(f"config.train.trainable: bad regex {regex!r}: {e}") from e
+  pattern = _compile(regex, "config.train.trainable")
 
   def is_trainable(path, variable) -> bool:
     return (isinstance(variable, nnx.Param) and
@@ -45,12 +56,47 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
       [optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
+def scale_by_path(multipliers) -> optax.GradientTransformation:
+  """Scales each parameter's update by the first (regex, multiplier) matching.
+
+  Applied after AdamW, scaling the update is scaling that group's learning
+  rate (weight decay included). Paths are matched as in `trainable_filter`;
+  unmatched parameters keep multiplier 1. A regex that matches no trained
+  parameter is an error, found when the optimizer state is first built: it is
+  almost always a typo that would otherwise go unnoticed.
+  """
+  rules = [(_compile(regex, "config.train.lr_multipliers"), float(m))
+           for regex, m in multipliers]
+
+  def multiplier(key_path) -> float:
+    path = key_path_str(key_path)
+    return next((m for p, m in rules if p.fullmatch(path)), 1.0)
+
+  def init(params):
+    paths = [key_path_str(p)
+             for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for pattern, _ in rules:
+      if not any(pattern.fullmatch(path) for path in paths):
+        raise ValueError(f"config.train.lr_multipliers: {pattern.pattern!r} "
+                         "matches no trained parameter.")
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u * multiplier(path), updates), state
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(train_config) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping and the configured schedule."""
+  """AdamW with global-norm clipping, the schedule and per-group lr scales."""
   parts = []
   if train_config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(float(train_config.grad_clip_norm)))
   parts.append(optax.adamw(learning_rate_schedule(train_config),
                            b1=0.9, b2=0.999,
                            weight_decay=float(train_config.weight_decay)))
+  if train_config.lr_multipliers:
+    parts.append(scale_by_path(train_config.lr_multipliers))
   return optax.chain(*parts)

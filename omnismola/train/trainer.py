@@ -4,6 +4,7 @@ Reading order: `TrainState` and `ModelParts` (what is trained and how the
 model is rebuilt from arrays), `create_state` (sharded init from shapes),
 `make_train_step` (loss, gradients, update), then `train_and_evaluate`.
 """
+import contextlib
 import dataclasses
 import functools
 import os
@@ -128,52 +129,164 @@ def next_token_loss(logits, text, mask_loss):
   return jnp.sum(nll * weights, axis=1), jnp.sum(weights, axis=1)
 
 
-def make_train_step(parts: ModelParts, optimizer, schedule, num_tasks: int):
-  """train_step(state, batch) -> (state, metrics), to be jitted."""
+def cast_floats(tree, dtype):
+  """Floating-point leaves as `dtype`; integer leaves (ids, masks) unchanged."""
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+      else x, tree)
 
-  def loss_fn(params, frozen, batch):
-    model = parts.merge(params, frozen)
-    logits = model(batch["image"], batch["text"], batch["mask_ar"],
-                   batch["mask_input"])
+
+def split_microbatches(batch: dict, num: int) -> dict:
+  """[B, ...] arrays -> [num, B / num, ...]; microbatch i gets rows i::num.
+
+  Strided rather than contiguous rows: each device's contiguous shard of the
+  batch then splits evenly, so every microbatch spans all data-parallel
+  devices instead of sitting on a few of them.
+  """
+  def split(x):
+    if x.shape[0] % num:
+      raise ValueError(f"The batch of {x.shape[0]} does not split into "
+                       f"config.train.microbatches={num} equal parts.")
+    return jnp.swapaxes(x.reshape((x.shape[0] // num, num) + x.shape[1:]),
+                        0, 1)
+
+  return jax.tree.map(split, batch)
+
+
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(parts: ModelParts, optimizer, schedule, num_tasks: int, *,
+                    compute_dtype=jnp.float32, microbatches: int = 1):
+  """train_step(state, batch) -> (state, metrics), to be jitted.
+
+  The forward and backward passes run in `compute_dtype` on copies of the
+  float32 master weights; loss, gradients and optimizer state stay float32.
+  The batch is processed in `microbatches` sequential parts (a scan) whose
+  gradients add up to the full batch's. A step whose loss, gradients or
+  updated parameters are not finite changes nothing but `step`, and says so
+  in `metrics["nonfinite"]`.
+  """
+
+  def nll_sum(params, frozen, batch):
+    """Summed target NLL (not the mean, so microbatch gradients add up)."""
+    model = parts.merge(cast_floats(params, compute_dtype),
+                        cast_floats(frozen, compute_dtype))
+    logits = model(batch["image"].astype(compute_dtype), batch["text"],
+                   batch["mask_ar"], batch["mask_input"])
     nll, count = next_token_loss(logits, batch["text"], batch["mask_loss"])
-    loss = jnp.sum(nll) / jnp.maximum(jnp.sum(count), 1.0)
-    return loss, (nll, count)
+    return jnp.sum(nll), (nll, count)
+
+  def accumulate(params, frozen, micro):
+    """Summed gradients and per-example (nll, count) [M, B / M] by a scan."""
+    grad_fn = jax.grad(nll_sum, has_aux=True)
+
+    def body(grads, batch):
+      g, per_example = grad_fn(params, frozen, batch)
+      return jax.tree.map(jnp.add, grads, g), per_example
+
+    return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), micro)
 
   def train_step(state: TrainState, batch):
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (nll, count)), grads = grad_fn(state.params, state.frozen, batch)
+    micro = split_microbatches(batch, microbatches)
+    grads, (nll, count) = accumulate(state.params, state.frozen, micro)
+    tokens = jnp.maximum(jnp.sum(count), 1.0)
+    loss = jnp.sum(nll) / tokens
+    grads = jax.tree.map(lambda g: g / tokens, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    task = batch["task_id"]
+    finite = all_finite((loss, grads, params))
+    keep_if_finite = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    task = micro["task_id"].reshape(-1)
     metrics = {
         "loss": loss,
         "grad_norm": optax.global_norm(grads),
         "learning_rate": schedule(state.step),
         "target_tokens": jnp.sum(count),
+        "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
         # Sums per task, turned into per-task losses when logged.
-        "task_nll": jax.ops.segment_sum(nll, task, num_tasks),
-        "task_tokens": jax.ops.segment_sum(count, task, num_tasks),
+        "task_nll": jax.ops.segment_sum(nll.reshape(-1), task, num_tasks),
+        "task_tokens": jax.ops.segment_sum(count.reshape(-1), task,
+                                           num_tasks),
     }
-    new_state = state.replace(step=state.step + 1, params=params,
-                              opt_state=opt_state)
+    new_state = state.replace(
+        step=state.step + 1, params=keep_if_finite(params, state.params),
+        opt_state=keep_if_finite(opt_state, state.opt_state))
     return new_state, metrics
 
   return train_step
 
 
 def summarize(step_metrics: list[dict], task_names: list[str]) -> dict:
-  """Averages the metrics of the steps since the last log line."""
+  """Averages the metrics of the steps since the last log line.
+
+  Skipped (non-finite) steps are counted, and left out of the averages
+  unless every step was skipped.
+  """
   host = jax.device_get(step_metrics)
-  out = {k: float(np.mean([m[k] for m in host]))
+  applied = [m for m in host if not m["nonfinite"]] or host
+  out = {k: float(np.mean([m[k] for m in applied]))
          for k in ("loss", "grad_norm", "learning_rate")}
+  out["skipped_steps"] = float(sum(m["nonfinite"] for m in host))
   out["target_tokens_per_step"] = float(
-      np.mean([m["target_tokens"] for m in host]))
-  nll = np.sum([m["task_nll"] for m in host], axis=0)
-  tokens = np.sum([m["task_tokens"] for m in host], axis=0)
+      np.mean([m["target_tokens"] for m in applied]))
+  nll = np.sum([m["task_nll"] for m in applied], axis=0)
+  tokens = np.sum([m["task_tokens"] for m in applied], axis=0)
   for name, n, t in zip(task_names, nll, tokens):
     if t > 0:
       out[f"loss/{name}"] = float(n / t)
   return out
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or update."""
+
+
+class NonFiniteGuard:
+  """Gives up after `limit` consecutive skipped (non-finite) steps.
+
+  The step function already refuses non-finite updates, so the state (and
+  every checkpoint of it) stays finite; this only decides when skipping has
+  become hopeless. Each step's flag is read after the next step has been
+  dispatched, so the host never makes the device wait.
+  """
+
+  def __init__(self, limit: int):
+    if limit < 1:
+      raise ValueError("config.train.max_nonfinite_steps must be >= 1, got "
+                       f"{limit}.")
+    self.limit = limit
+    self.streak = 0
+    self._unread = None  # (step, flag) of the latest step.
+
+  def observe(self, step: int, flag: jax.Array) -> None:
+    unread, self._unread = self._unread, (step, flag)
+    if unread is not None:
+      self._check(*unread)
+
+  def flush(self) -> None:
+    if self._unread is not None:
+      self._check(*self._unread)
+      self._unread = None
+
+  def _check(self, step: int, flag: jax.Array) -> None:
+    if not int(flag):
+      self.streak = 0
+      return
+    self.streak += 1
+    logging.warning("Step %d: non-finite loss, gradient or update; update "
+                    "skipped (%d in a row).", step, self.streak)
+    if self.streak >= self.limit:
+      raise NonFiniteError(
+          f"Steps {step - self.streak + 1}-{step}: the loss, gradients or "
+          f"updated parameters were non-finite {self.streak} times in a row "
+          f"(config.train.max_nonfinite_steps={self.limit}); every such "
+          "update was skipped and nothing non-finite was checkpointed. "
+          "Stopping: lower config.train.lr, check the data, or resume from "
+          "the last checkpoint.")
 
 
 def make_decode_fn(parts: ModelParts, put_batch: Callable[[dict], dict],
@@ -257,9 +370,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=config.train.keep_checkpoints)
   writer = log_lib.MetricWriter(workdir)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state = ckpt.restore(latest, abstract)
+  restored = ckpt.restore_latest(abstract)
+  if restored is not None:
+    latest, state, data_state = restored
     log_lib.truncate_after(writer.path, latest)
     log_lib.print_line(f"Resuming from the checkpoint of step {latest}.")
   else:
@@ -276,21 +389,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
   put_batch = make_put_batch(mesh, rules)
   state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
   train_step = jax.jit(
-      make_train_step(parts, optimizer, schedule, len(task_names)),
+      make_train_step(parts, optimizer, schedule, len(task_names),
+                      compute_dtype=jnp.dtype(config.train.compute_dtype),
+                      microbatches=int(config.train.microbatches)),
       in_shardings=(state_shardings, None), out_shardings=(state_shardings,
                                                            None),
       donate_argnums=0)
 
   run_eval = _make_eval_runner(config, workdir, parts, put_batch, pipeline)
+  guard = NonFiniteGuard(int(config.train.max_nonfinite_steps))
   total = int(config.train.steps)
   step = int(jax.device_get(state.step))
   progress = log_lib.Progress(step, total, batch_size)
   pending: list[dict] = []
-  results = {}
-  with _StopSignal() as stop:
+  # Saves the loop's current step and state (read when called).
+  save = lambda: ckpt.save(step, state, train_iter.get_state(),
+                           config.to_dict())
+  # Pending asynchronous saves complete however the loop ends.
+  with (_StopSignal() as stop, contextlib.closing(ckpt),
+        contextlib.closing(writer)):
     while step < total and not stop.requested:
       state, metrics = train_step(state, put_batch(next(train_iter)))
       step += 1
+      guard.observe(step, metrics["nonfinite"])
       pending.append(metrics)
       if step == progress.first_step + 1:  # Exclude compilation from rates.
         jax.block_until_ready(metrics)
@@ -303,20 +424,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
         log_lib.print_line(progress.line(step, scalars["loss"],
                                          scalars.get("examples_per_sec")))
       if step % config.train.checkpoint_every == 0 or step == total:
-        ckpt.save(step, state, train_iter.get_state(), config.to_dict())
+        save()
       if config.eval.every and step % config.eval.every == 0 and step < total:
         run_eval(step, state)
+    guard.flush()
     if stop.requested and step < total:
-      ckpt.save(step, state, train_iter.get_state(), config.to_dict())
-      ckpt.close()
+      save()
       log_lib.print_line(f"Stopped by SIGTERM at step {step}; checkpoint "
                          "saved. Re-run the same command to resume.")
       return {}
-  ckpt.close()
-  writer.close()
-  if config.eval.at_end:
-    results = run_eval(step, state)
-  return results
+  return run_eval(step, state) if config.eval.at_end else {}
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:

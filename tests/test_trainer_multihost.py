@@ -1,0 +1,92 @@
+"""Two processes x 4 CPU devices train and checkpoint; one process restores.
+
+Run as a script (`python tests/test_trainer_multihost.py PORT PROCESS_ID
+WORKDIR DATA_DIR`) this file is one of the two training processes: it joins
+the other through main.initialize_distributed (gloo collectives), trains the
+`tiny` model with the real trainer, then restores its last checkpoint and
+process 0 saves the parameters for the test to compare.
+"""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+STEPS = 3
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _flat_params(state) -> dict[str, np.ndarray]:
+  import jax  # pylint: disable=g-import-not-at-top
+  from omnismola.train import optim  # pylint: disable=g-import-not-at-top
+  return {optim.key_path_str(path): np.asarray(leaf) for path, leaf in
+          jax.tree_util.tree_flatten_with_path(state.params)[0]}
+
+
+def _restore(config, workdir):
+  from omnismola.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from omnismola.train import optim  # pylint: disable=g-import-not-at-top
+  from omnismola.train import trainer  # pylint: disable=g-import-not-at-top
+  mesh = trainer.partitioning.make_mesh(dict(config.mesh))
+  _, abstract, _ = trainer.create_state(config, mesh,
+                                        optim.make_optimizer(config.train))
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     keep=3)
+  restored = ckpt.restore_latest(abstract)
+  ckpt.close()
+  return restored
+
+
+def test_two_processes_train_and_one_restores(synthetic_data_dir, tmp_path):
+  from test_trainer import tiny_config  # pylint: disable=g-import-not-at-top
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  workers = [subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), str(port), str(i),
+       str(tmp_path), str(synthetic_data_dir)],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+  for worker in workers:
+    output, _ = worker.communicate(timeout=400)
+    assert worker.returncode == 0, output
+
+  with open(tmp_path / "train_metrics.jsonl") as f:
+    assert len(f.readlines()) == STEPS  # Process 0 alone writes metrics.
+  step, state, data = _restore(tiny_config(synthetic_data_dir), tmp_path)
+  assert step == STEPS and data == {"batches_consumed": STEPS}
+  saved = np.load(tmp_path / "params_2x4.npz")
+  restored = _flat_params(state)
+  assert sorted(saved.files) == sorted(restored)
+  for key, value in restored.items():
+    np.testing.assert_array_equal(value, saved[key], err_msg=key)
+
+
+def _worker(port: str, process_id: str, workdir: str, data_dir: str) -> None:
+  """One of the two training processes (see the module docstring)."""
+  from omnismola import main  # pylint: disable=g-import-not-at-top
+  main.initialize_distributed(f"127.0.0.1:{port}", 2, int(process_id))
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from omnismola.train import trainer  # pylint: disable=g-import-not-at-top
+  from test_trainer import tiny_config  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  assert (jax.process_count(), jax.device_count()) == (2, 8)
+  config = tiny_config(data_dir, steps=STEPS, checkpoint_every=STEPS)
+  trainer.train_and_evaluate(config, workdir)
+  _, state, _ = _restore(config, workdir)
+  params = multihost_utils.process_allgather(state.params, tiled=True)
+  if jax.process_index() == 0:
+    np.savez(os.path.join(workdir, "params_2x4.npz"),
+             **_flat_params(state.replace(params=params)))
+
+
+if __name__ == "__main__":
+  _worker(*sys.argv[1:])

@@ -1,0 +1,73 @@
+"""Exact resume: a run killed by SIGKILL and restarted logs the same losses.
+
+Run as a script (`python tests/test_trainer_resume.py WORKDIR DATA_DIR STEPS`)
+this file is the training process the test starts and kills. The schedule is
+constant, so a run's length does not change its steps: the leg that is killed
+is made too long to end by itself.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+STEPS, CHECKPOINT_EVERY = 60, 5
+
+
+def _start(workdir, data_dir, steps=STEPS) -> subprocess.Popen:
+  return subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), str(workdir), str(data_dir),
+       str(steps)],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process: subprocess.Popen) -> str:
+  output, _ = process.communicate(timeout=300)
+  assert process.returncode == 0, output
+  return output
+
+
+def _logged(workdir) -> list[str]:
+  path = workdir / "train_metrics.jsonl"
+  return path.read_text().splitlines() if path.exists() else []
+
+
+def _losses(workdir) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in map(json.loads, _logged(workdir))}
+
+
+def test_sigkill_then_restart_logs_bitwise_identical_losses(
+    synthetic_data_dir, tmp_path):
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  _finish(_start(straight, synthetic_data_dir))
+
+  kill_after = random.randint(CHECKPOINT_EVERY + 1, STEPS // 2)
+  process = _start(killed, synthetic_data_dir, steps=100 * STEPS)
+  deadline = time.time() + 300
+  first_checkpoint = killed / "checkpoints" / str(CHECKPOINT_EVERY)
+  while len(_logged(killed)) < kill_after or not first_checkpoint.exists():
+    assert process.poll() is None, process.stdout.read()
+    assert time.time() < deadline, "training did not progress"
+    time.sleep(0.01)
+  process.send_signal(signal.SIGKILL)
+  process.communicate(timeout=60)
+  assert process.returncode == -signal.SIGKILL
+  assert len(_logged(killed)) < STEPS, f"killed too late (aimed at {kill_after})"
+
+  output = _finish(_start(killed, synthetic_data_dir))
+  assert "Resuming from the checkpoint of step" in output
+  assert _losses(killed) == _losses(straight)  # Exact float equality.
+  assert sorted(_losses(killed)) == list(range(1, STEPS + 1))
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from omnismola.train import trainer  # pylint: disable=g-import-not-at-top
+  from test_trainer import tiny_config  # pylint: disable=g-import-not-at-top
+  trainer.train_and_evaluate(
+      tiny_config(sys.argv[2], steps=int(sys.argv[3]),
+                  checkpoint_every=CHECKPOINT_EVERY),
+      sys.argv[1])
