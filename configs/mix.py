@@ -47,8 +47,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       task_modules=(),
       feature_lengths=dict(prefix=48, suffix=32),
       tfds_data_dir="~/tensorflow_datasets",
+      # Real datasets' files: <manual_dir>/<builder>/ ('' = under
+      # tfds_data_dir/downloads/manual). See docs/data.md.
+      manual_dir="",
+      # "byte", or the path of a SentencePiece model (Gemma's for PaliGemma).
+      vocabulary="byte",
       shuffle_buffer=10_000,
   )
+  # Images are resized to what the ViT takes; overriding
+  # --config.model.vit.image_size moves both.
+  c.data.image_size = c.model.vit.get_ref("image_size")
 
   c.train = dict(
       steps=1000,
@@ -71,6 +79,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       compute_dtype="float32",
       microbatches=1,          # Gradient accumulation steps per batch.
       max_nonfinite_steps=20,  # Consecutive skipped steps before stopping.
+      # Weights of the routers' auxiliary losses (sparse experts; SMoLA has
+      # none): each averaged over a stack's layers, summed over blocks.
+      aux_loss_weights=dict(balance_loss=0.01, z_loss=0.001),
       log_every=50,
       checkpoint_every=500,
       keep_checkpoints=3,
@@ -85,5 +96,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_new_tokens=32,
   )
 
-  c.init = dict(checkpoint="")  # A workdir/checkpoint to initialise from.
+  c.init = dict(
+      checkpoint="",  # A workdir or converted checkpoint to start from.
+      # Noise on experts upcycled from the checkpoint's dense MLPs.
+      upcycle_noise_std=0.0,
+  )
   return c.lock()

@@ -53,11 +53,11 @@ def from_pretrained(directory: str, *, experts=None, dtype=None,
 
   abstract = nnx.eval_shape(lambda: build.build_model(config, rng))
   graphdef, abstract_state = nnx.split(abstract)
-  wanted = init_lib._flat(nnx.to_pure_dict(abstract_state))
+  wanted = init_lib.flatten_by_path(nnx.to_pure_dict(abstract_state))
   saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
   source = {}
   for group in ("params", "frozen"):
-    source.update(init_lib._flat(saved.get(group, {})))
+    source.update(init_lib.flatten_by_path(saved.get(group, {})))
 
   missing = sorted(set(wanted) - set(source))
   not_adapters = [k for k in missing if "/adapters/" not in k]
@@ -75,7 +75,7 @@ def from_pretrained(directory: str, *, experts=None, dtype=None,
 
   pure = nnx.to_pure_dict(abstract_state)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
-  keys = list(init_lib._flat(pure))
+  keys = list(init_lib.flatten_by_path(pure))
   filled = jax.tree_util.tree_unflatten(
       treedef, [value(k, leaf) for k, (_, leaf) in zip(keys, leaves)])
   nnx.replace_by_pure_dict(abstract_state, filled)
@@ -88,7 +88,7 @@ def _initialise_only(config, rng: int, keys: list[str]) -> dict:
   @jax.jit
   def init():
     state = nnx.to_pure_dict(nnx.state(build.build_model(config, rng)))
-    flat = init_lib._flat(state)
+    flat = init_lib.flatten_by_path(state)
     return {k: flat[k] for k in keys}
 
   return jax.device_get(init())

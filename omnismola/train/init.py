@@ -3,6 +3,10 @@
 Parameters whose path and shape match are loaded; the rest (new experts,
 routers) keep their fresh initialisation. Optimizer state and step start anew,
 which is what a new stage of a multi-stage recipe wants.
+
+A sparse MoE block that replaces a dense MLP of the checkpoint (CuMo's
+co-upcycling) starts with every expert a copy of that MLP
+(`experts/upcycle.py`), optionally with noise; its router stays fresh.
 """
 import os
 
@@ -11,11 +15,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from omnismola.experts import upcycle
 from omnismola.train import logging as log_lib
 from omnismola.train import optim
 
 
-def _flat(tree) -> dict[str, object]:
+def flatten_by_path(tree) -> dict[str, object]:
   return {optim.key_path_str(path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -36,23 +41,69 @@ def resolve_step_dir(path: str) -> str:
   return os.path.join(path, str(max(steps)))
 
 
-def load_partial(path: str, state, abstract_state):
+def _nested(flat: dict, prefix: str) -> dict:
+  """The subtree under `prefix/` of a flat {path: array} dict, nested."""
+  tree = {}
+  for key, value in flat.items():
+    if key.startswith(prefix + "/"):
+      *parents, leaf = key[len(prefix) + 1:].split("/")
+      node = tree
+      for name in parents:
+        node = node.setdefault(name, {})
+      node[leaf] = value
+  return tree
+
+
+def upcycled_experts(source: dict, model: dict, *, noise_std: float = 0.0,
+                     seed: int = 0) -> dict:
+  """Flat {path: array} of expert weights copied from dense MLPs in `source`.
+
+  For every MoE block of `model` (a path with a `router`) whose experts the
+  checkpoint lacks but whose dense MLP (same path) it has.
+  """
+  copies = {}
+  blocks = [k[:-len("/router")] for k in model if k.endswith("/router")]
+  for i, block in enumerate(blocks):
+    dense = {k: v for k, v in _nested(source, block).items()
+             if k not in ("router", "layers", "adapters")}
+    if not dense or any(k.startswith(block + "/layers/") for k in source):
+      continue
+    moe = dict(router=model[f"{block}/router"],
+               layers=_nested(model, f"{block}/layers"))
+    key = jax.random.fold_in(jax.random.key(seed), i) if noise_std else None
+    experts = upcycle.upcycle_mlp(dense, moe, noise_std=noise_std, key=key)
+    copies.update({f"{block}/layers/{k}": v for k, v in
+                   flatten_by_path(experts["layers"]).items()})
+  return copies
+
+
+def load_partial(path: str, state, abstract_state, *,
+                 upcycle_noise_std: float = 0.0, seed: int = 0):
   """Returns `state` with params/frozen replaced where the checkpoint has them.
 
   `abstract_state` gives the target shardings. Shapes that differ are an
   error: silently re-initialising a mismatched layer hides config mistakes.
+  Experts of MoE blocks that replace a dense MLP of the checkpoint are
+  upcycled from it (see module docstring).
   """
   step_dir = resolve_step_dir(path)
   saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
   source = {}
   for group in ("params", "frozen"):
-    source.update(_flat(saved.get(group, {})))
+    source.update(flatten_by_path(saved.get(group, {})))
+  model = {**flatten_by_path(state.params), **flatten_by_path(state.frozen)}
+  upcycled = upcycled_experts(source, model, noise_std=upcycle_noise_std,
+                              seed=seed)
+  if upcycled:
+    log_lib.print_line(f"Upcycled {len(upcycled)} expert arrays from dense "
+                       "MLPs of the checkpoint.")
+  source.update(upcycled)
 
   loaded, fresh = [], []
 
   def merge_group(current, abstract):
-    flat_current = _flat(current)
-    flat_abstract = _flat(abstract)
+    flat_current = flatten_by_path(current)
+    flat_abstract = flatten_by_path(abstract)
     leaves = []
     for key, value in flat_current.items():
       if key in source:

@@ -6,7 +6,7 @@ several times, and the first candidate that exists in the mesh with size > 1,
 divides the dimension and is not yet used by another dimension wins (MaxText's
 ordered fallbacks). Anything unmatched is replicated.
 """
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -109,6 +109,13 @@ def batch_sharding(mesh: Mesh, rules, shape: Sequence[int]) -> NamedSharding:
   spec = logical_to_spec(("batch",) + (None,) * (len(shape) - 1), shape,
                          rules, mesh)
   return NamedSharding(mesh, spec)
+
+
+def activation_sharding(mesh: Mesh, rules) -> Callable:
+  """(logical axes, shape) -> NamedSharding, for models.layers.constrain."""
+  rules = list(rules)
+  return lambda axes, shape: NamedSharding(
+      mesh, logical_to_spec(axes, shape, rules, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

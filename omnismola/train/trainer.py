@@ -22,6 +22,8 @@ from flax import nnx
 from omnismola import build
 from omnismola.eval import decode as decode_lib
 from omnismola.eval import evaluator
+from omnismola.experts import stats
+from omnismola.models import layers
 from omnismola.train import checkpoint as checkpoint_lib
 from omnismola.train import init as init_lib
 from omnismola.train import logging as log_lib
@@ -159,7 +161,8 @@ def all_finite(tree) -> jax.Array:
 
 
 def make_train_step(parts: ModelParts, optimizer, schedule, num_tasks: int, *,
-                    compute_dtype=jnp.float32, microbatches: int = 1):
+                    compute_dtype=jnp.float32, microbatches: int = 1,
+                    aux_loss_weights: dict | None = None):
   """train_step(state, batch) -> (state, metrics), to be jitted.
 
   The forward and backward passes run in `compute_dtype` on copies of the
@@ -167,32 +170,43 @@ def make_train_step(parts: ModelParts, optimizer, schedule, num_tasks: int, *,
   The batch is processed in `microbatches` sequential parts (a scan) whose
   gradients add up to the full batch's. A step whose loss, gradients or
   updated parameters are not finite changes nothing but `step`, and says so
-  in `metrics["nonfinite"]`.
+  in `metrics["nonfinite"]`. Routers' auxiliary losses are added with
+  `aux_loss_weights` (see experts/stats.py) and logged with their routing
+  statistics.
   """
+  aux_loss_weights = dict(aux_loss_weights or {})
 
-  def nll_sum(params, frozen, batch):
-    """Summed target NLL (not the mean, so microbatch gradients add up)."""
+  def objective(params, frozen, batch, aux_scale):
+    """Summed target NLL (not the mean, so microbatch gradients add up),
+    plus the routers' weighted auxiliary losses times `aux_scale`."""
     model = parts.merge(cast_floats(params, compute_dtype),
                         cast_floats(frozen, compute_dtype))
-    logits = model(batch["image"].astype(compute_dtype), batch["text"],
-                   batch["mask_ar"], batch["mask_input"])
+    logits, aux = model.forward(batch["image"].astype(compute_dtype),
+                                batch["text"], batch["mask_ar"],
+                                batch["mask_input"])
     nll, count = next_token_loss(logits, batch["text"], batch["mask_loss"])
-    return jnp.sum(nll), (nll, count)
+    aux_loss = stats.weighted_aux_loss(aux, aux_loss_weights)
+    return (jnp.sum(nll) + aux_scale * aux_loss,
+            (nll, count, aux_loss, stats.routing_metrics(aux)))
 
-  def accumulate(params, frozen, micro):
-    """Summed gradients and per-example (nll, count) [M, B / M] by a scan."""
-    grad_fn = jax.grad(nll_sum, has_aux=True)
+  def accumulate(params, frozen, micro, aux_scale):
+    """Summed gradients and per-microbatch outputs [M, ...] by a scan."""
+    grad_fn = jax.grad(objective, has_aux=True)
 
     def body(grads, batch):
-      g, per_example = grad_fn(params, frozen, batch)
-      return jax.tree.map(jnp.add, grads, g), per_example
+      g, outputs = grad_fn(params, frozen, batch, aux_scale)
+      return jax.tree.map(jnp.add, grads, g), outputs
 
     return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), micro)
 
   def train_step(state: TrainState, batch):
     micro = split_microbatches(batch, microbatches)
-    grads, (nll, count) = accumulate(state.params, state.frozen, micro)
-    tokens = jnp.maximum(jnp.sum(count), 1.0)
+    tokens = jnp.maximum(
+        jnp.sum(batch["mask_loss"][:, 1:].astype(jnp.float32)), 1.0)
+    # Gradients are divided by `tokens` below: scaled so, each microbatch's
+    # auxiliary loss enters the step as its mean over microbatches.
+    grads, (nll, count, aux_loss, routing) = accumulate(
+        state.params, state.frozen, micro, tokens / microbatches)
     loss = jnp.sum(nll) / tokens
     grads = jax.tree.map(lambda g: g / tokens, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -206,6 +220,8 @@ def make_train_step(parts: ModelParts, optimizer, schedule, num_tasks: int, *,
         "grad_norm": optax.global_norm(grads),
         "learning_rate": schedule(state.step),
         "target_tokens": jnp.sum(count),
+        "aux_loss": jnp.mean(aux_loss),
+        **{k: jnp.mean(v) for k, v in routing.items()},
         "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
         # Sums per task, turned into per-task losses when logged.
         "task_nll": jax.ops.segment_sum(nll.reshape(-1), task, num_tasks),
@@ -228,8 +244,9 @@ def summarize(step_metrics: list[dict], task_names: list[str]) -> dict:
   """
   host = jax.device_get(step_metrics)
   applied = [m for m in host if not m["nonfinite"]] or host
-  out = {k: float(np.mean([m[k] for m in applied]))
-         for k in ("loss", "grad_norm", "learning_rate")}
+  averaged = ["loss", "grad_norm", "learning_rate", "aux_loss"] + [
+      k for k in host[0] if k.startswith("moe/")]
+  out = {k: float(np.mean([m[k] for m in applied])) for k in averaged}
   out["skipped_steps"] = float(sum(m["nonfinite"] for m in host))
   out["target_tokens_per_step"] = float(
       np.mean([m["target_tokens"] for m in applied]))
@@ -378,7 +395,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   else:
     state, data_state = init_fn(jax.random.key(config.seed)), None
     if config.init.checkpoint:
-      state = init_lib.load_partial(config.init.checkpoint, state, abstract)
+      state = init_lib.load_partial(
+          config.init.checkpoint, state, abstract,
+          upcycle_noise_std=config.init.upcycle_noise_std, seed=config.seed)
 
   pipeline.prepare(config.data)
   batch_size = config.train.batch_size
@@ -391,7 +410,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_step = jax.jit(
       make_train_step(parts, optimizer, schedule, len(task_names),
                       compute_dtype=jnp.dtype(config.train.compute_dtype),
-                      microbatches=int(config.train.microbatches)),
+                      microbatches=int(config.train.microbatches),
+                      aux_loss_weights=dict(config.train.aux_loss_weights)),
       in_shardings=(state_shardings, None), out_shardings=(state_shardings,
                                                            None),
       donate_argnums=0)
@@ -405,9 +425,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Saves the loop's current step and state (read when called).
   save = lambda: ckpt.save(step, state, train_iter.get_state(),
                            config.to_dict())
-  # Pending asynchronous saves complete however the loop ends.
+  # Pending asynchronous saves complete however the loop ends. Activations
+  # are pinned to their logical sharding wherever the step is traced.
   with (_StopSignal() as stop, contextlib.closing(ckpt),
-        contextlib.closing(writer)):
+        contextlib.closing(writer),
+        layers.activation_sharding(
+            partitioning.activation_sharding(mesh, rules))):
     while step < total and not stop.requested:
       state, metrics = train_step(state, put_batch(next(train_iter)))
       step += 1
@@ -464,8 +487,10 @@ def _make_eval_runner(config, workdir, parts, put_batch, pipeline):
 
   The data must already be prepared (`pipeline.prepare`).
   """
+  vocabulary = pipeline.get_vocabulary(config.data)
   decode_fn = make_decode_fn(parts, put_batch, config.eval.max_new_tokens,
-                             pipeline.EOS_ID)
+                             vocabulary.eos_id)
+  detokenize = functools.partial(pipeline.detokenize, vocabulary=vocabulary)
 
   def run_eval(step: int, state: TrainState) -> dict:
     eval_sets = pipeline.make_eval_sets(
@@ -473,7 +498,7 @@ def _make_eval_runner(config, workdir, parts, put_batch, pipeline):
         tasks=list(config.eval.tasks) or None,
         max_examples=config.eval.max_examples or None)
     results = evaluator.evaluate(functools.partial(decode_fn, state),
-                                 eval_sets, detokenize=pipeline.detokenize)
+                                 eval_sets, detokenize=detokenize)
     path = evaluator.write_results(workdir, step, results)
     chance = pipeline.chance_levels(config.data)
     log_lib.print_line(f"\nEvaluation at step {step} ({path}):\n" +
