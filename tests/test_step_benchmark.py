@@ -1,8 +1,11 @@
 """benchmarks/step.py runs on the tiny preset and never imports TensorFlow.
 
-In-process (one JAX start-up for all three settings, to stay well under a
-minute), so sys.modules shows what the benchmark path imported.
+The three settings run in-process (one JAX start-up, well under a minute);
+whether TensorFlow is imported is checked in a fresh process, since other
+tests of the session import it.
 """
+import os
+import subprocess
 import sys
 
 import pytest
@@ -26,5 +29,15 @@ def test_tiny_step_benchmark(experts, capsys):
   assert fields["experts"] == experts
   assert fields["trained"] == ("all" if experts == "none" else "adapters")
   assert fields["mfu"] == "n/a"  # CPU without --peak_tflops.
-  assert not any(m.split(".")[0] in ("tensorflow", "seqio")
-                 for m in sys.modules)
+
+
+def test_benchmark_path_imports_no_tensorflow():
+  code = ("import sys; from benchmarks import step; "
+          "step.main(['--preset=tiny', '--experts=none', '--batch=2', "
+          "'--text_len=8', '--steps=1', '--warmup=1']); "
+          "print(sorted({m.split('.')[0] for m in sys.modules} & "
+          "{'tensorflow', 'seqio', 'tensorflow_datasets'}))")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", code], cwd=root,
+                       capture_output=True, text=True, check=True)
+  assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

@@ -35,8 +35,10 @@ def test_restore_onto_a_different_mesh(tmp_path):
   ckpt.close()
   assert (step, data) == (7, {"batches_consumed": 7})
   jax.tree.map(np.testing.assert_array_equal, restored, saved)
-  kernel = restored.params["decoder"]["layers"][0]["mlp"]["up"]["kernel"]
-  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  # Stacked [layers, embed, mlp]: the layer axis stays whole.
+  kernel = restored.params["decoder"]["layers"]["mlp"]["up"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp",
+                                                            "tensor")
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous(
