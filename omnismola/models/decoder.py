@@ -185,14 +185,9 @@ class Decoder(nnx.Module):
     self.config = config
     self.remat_policy = remat_policy
     self.embedder = Embedder(config.vocab_size, config.width, rngs=rngs)
-    layers_path = f"{path}/layers"
-    in_stack = lambda make: stack.stacked_factory(make, layers_path,
-                                                  config.depth)
-    self.layers = stack.create_stack(
-        lambda rngs: DecoderLayer(layers_path, config,
-                                  make_linear=in_stack(make_linear),
-                                  make_mlp=in_stack(make_mlp), rngs=rngs),
-        config.depth, rngs)
+    self.layers = stack.create_tower_layers(
+        DecoderLayer, f"{path}/layers", config, make_linear=make_linear,
+        make_mlp=make_mlp, rngs=rngs)
     self.final_norm = layers.RMSNorm(config.width, eps=config.norm_eps)
 
   def embed(self, text: jax.Array) -> jax.Array:

@@ -77,6 +77,17 @@ def create_stack(make_layer: Callable[[nnx.Rngs], nnx.Module], depth: int,
   return stack
 
 
+def create_tower_layers(layer_cls, prefix: str, config, *, make_linear,
+                        make_mlp, rngs: nnx.Rngs) -> nnx.Module:
+  """The `config.depth` layers of a tower, `layer_cls(prefix, config, ...)`,
+  stacked, with their linears and MLPs matching per layer (see above)."""
+  in_stack = lambda make: stacked_factory(make, prefix, config.depth)
+  return create_stack(
+      lambda rngs: layer_cls(prefix, config, make_linear=in_stack(make_linear),
+                             make_mlp=in_stack(make_mlp), rngs=rngs),
+      config.depth, rngs)
+
+
 def scan_stack(stack: nnx.Module, body: Callable, carry, xs, *,
                remat_policy: str = "none"):
   """Runs `carry, y, aux = body(layer, carry, x)` over the layers of `stack`.

@@ -100,14 +100,9 @@ class ViT(nnx.Module):
     self.pos_embedding = nnx.Param(
         init(rngs.params(), (config.num_patches, config.width)),
         logical_axes=("vision_patches", "embed"))
-    layers_path = f"{path}/layers"
-    in_stack = lambda make: stack.stacked_factory(make, layers_path,
-                                                  config.depth)
-    self.layers = stack.create_stack(
-        lambda rngs: EncoderLayer(layers_path, config,
-                                  make_linear=in_stack(make_linear),
-                                  make_mlp=in_stack(make_mlp), rngs=rngs),
-        config.depth, rngs)
+    self.layers = stack.create_tower_layers(
+        EncoderLayer, f"{path}/layers", config, make_linear=make_linear,
+        make_mlp=make_mlp, rngs=rngs)
     self.norm = layers.LayerNorm(config.width, eps=config.norm_eps)
 
   def __call__(self, image: jax.Array, tokens: TokenInfo):
