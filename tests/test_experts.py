@@ -11,6 +11,8 @@ from omnismola.experts.lora import LoRA
 from omnismola.experts.smola import SMoLA, SMoLAPool
 from omnismola.models.layers import TokenInfo
 
+import checks
+
 B, T, D_IN, D_OUT = 2, 7, 12, 10
 
 
@@ -97,12 +99,7 @@ def test_smola_pool_matches_loop_reference_outputs_and_gradients(modality,
                                    pool.multiplier) * w)
 
   params = nnx.to_pure_dict(state)
-  np.testing.assert_allclose(fused(params, x), reference(params, x),
-                             rtol=1e-4, atol=1e-4)
-  got = jax.grad(fused, argnums=(0, 1))(params, x)
-  want = jax.grad(reference, argnums=(0, 1))(params, x)
-  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+  checks.assert_values_and_grads_close(fused, reference, params, x)
 
 
 def test_smola_tokens_outside_the_pool_get_nothing():

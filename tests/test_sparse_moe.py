@@ -13,6 +13,8 @@ from omnismola.experts import sparse
 from omnismola.models.layers import TokenInfo
 from omnismola.train import partitioning
 
+import checks
+
 B, T, WIDTH, MLP = 2, 8, 6, 10
 
 
@@ -147,12 +149,7 @@ def test_dispatch_matches_loop_reference_outputs_and_gradients(kind,
   def reference(params, x):
     return jnp.sum(_reference(params, x, routes, kept, activation) * w)
 
-  np.testing.assert_allclose(fused(params, x), reference(params, x),
-                             rtol=1e-4, atol=1e-4)
-  got = jax.grad(fused, argnums=(0, 1))(params, x)
-  want = jax.grad(reference, argnums=(0, 1))(params, x)
-  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+  checks.assert_values_and_grads_close(fused, reference, params, x)
 
 
 @pytest.mark.parametrize("batch_priority", [False, True])
