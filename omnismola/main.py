@@ -1,8 +1,10 @@
 r"""Entry point: python -m omnismola.main --config=configs/mix.py --workdir=DIR.
 
 Modes:
-  train  trains (resuming from DIR/checkpoints when present), then evaluates;
-  eval   evaluates the latest checkpoint of DIR.
+  train    trains (resuming from DIR/checkpoints when present), then evaluates;
+  eval     evaluates the latest checkpoint of DIR;
+  predict  answers --prompt about --image with the latest checkpoint of DIR
+           (or a converted model's directory) and prints the answer.
 Any config field can be overridden, e.g. --config.train.steps=50.
 
 Multi-host: on Cloud TPU (and SLURM / Open MPI) every host runs the same
@@ -28,7 +30,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally FILE:ARG.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for checkpoints, metrics and evals.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
+                          "What to run.")
+_IMAGE = flags.DEFINE_string("image", None, "--mode=predict: an image file.")
+_PROMPT = flags.DEFINE_string("prompt", None,
+                              "--mode=predict: the prompt, e.g. 'caption en'.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
     "HOST:PORT of process 0, for multi-host runs outside Cloud TPU "
@@ -105,8 +111,14 @@ def main(argv):
     except trainer.NonFiniteError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
-  else:
+  elif _MODE.value == "eval":
     trainer.evaluate_checkpoint(config, _WORKDIR.value)
+  else:
+    if not (_IMAGE.value and _PROMPT.value):
+      raise app.UsageError("--mode=predict needs --image and --prompt.")
+    from omnismola import predict  # pylint: disable=g-import-not-at-top
+    print(predict.predict(config, _WORKDIR.value, _IMAGE.value,
+                          _PROMPT.value))
 
 
 def run():

@@ -34,6 +34,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from omnismola.data import converter
+from omnismola.data.benchmarks import images
 from omnismola.data import mixtures
 from omnismola.data import tasks as tasks_lib
 from omnismola.data.synthetic import baselines
@@ -291,6 +292,24 @@ def make_eval_sets(data_config, *, batch_size: int, split: str = "validation",
                   process_count=process_count))
       for name in wanted
   ]
+
+
+def prompt_batch(data_config, image_path: str, prompt: str) -> dict:
+  """A batch of one prompt on one image file, prepared as evaluation is.
+
+  The image is read, scaled to [-1, 1] and resized to
+  `data_config.image_size` exactly like a task's image; the prompt is
+  tokenised with the config's vocabulary and becomes the prefix.
+  """
+  image = tasks_lib.image_in_model_range(
+      images.load_image(image_path, example=image_path))
+  image = converter.fit_image({"image": image}, _image_size(data_config))
+  ids = get_vocabulary(data_config).encode(prompt)
+  length = len(ids)
+  return {"image": image["image"].numpy()[None],
+          "text": np.asarray([ids], np.int32),
+          "mask_ar": np.zeros((1, length), np.int32),
+          "mask_input": np.ones((1, length), np.int32)}
 
 
 def chance_levels(data_config) -> dict[str, float]:

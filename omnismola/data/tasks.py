@@ -82,12 +82,14 @@ def get_task(name: str, vocabulary: seqio.Vocabulary = VOCAB) -> seqio.Task:
                     shuffle_buffer_size=task.shuffle_buffer_size)
 
 
+def image_in_model_range(image):
+  """uint8 [0, 255] -> float32 [-1, 1], the range the model expects."""
+  return tf.cast(image, tf.float32) / 127.5 - 1.0
+
+
 @seqio.map_over_dataset
 def image_to_float(example):
-  """uint8 [0, 255] -> float32 [-1, 1], the range the model expects."""
-  example = dict(example)
-  example["image"] = tf.cast(example["image"], tf.float32) / 127.5 - 1.0
-  return example
+  return {**example, "image": image_in_model_range(example["image"])}
 
 
 @seqio.map_over_dataset
