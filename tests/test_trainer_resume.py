@@ -17,17 +17,35 @@ STEPS, CHECKPOINT_EVERY = 60, 5
 
 
 def _start(workdir, data_dir, steps=STEPS) -> subprocess.Popen:
-  return subprocess.Popen(
+  """The training process; its output goes to a file (`process.log`), not a
+  pipe, which a long run would fill and block on while the test polls."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  log = open(f"{workdir}.log", "w")  # pylint: disable=consider-using-with
+  process = subprocess.Popen(
       [sys.executable, os.path.abspath(__file__), str(workdir), str(data_dir),
        str(steps)],
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      stdout=log, stderr=subprocess.STDOUT, text=True)
+  process.log = f"{workdir}.log"
+  return process
+
+
+def _output(process: subprocess.Popen) -> str:
+  with open(process.log) as f:
+    return f.read()
 
 
 def _finish(process: subprocess.Popen) -> str:
-  output, _ = process.communicate(timeout=300)
-  assert process.returncode == 0, output
-  return output
+  process.wait(timeout=900)
+  assert process.returncode == 0, _output(process)
+  return _output(process)
+
+
+def _has_checkpoint(workdir) -> bool:
+  """A finished checkpoint (Orbax renames a step's temporary directory to
+  the bare step number when it is complete; old steps get deleted)."""
+  directory = workdir / "checkpoints"
+  return directory.exists() and any(d.isdigit() for d in os.listdir(directory))
 
 
 def _logged(workdir) -> list[str]:
@@ -46,14 +64,13 @@ def test_sigkill_then_restart_logs_bitwise_identical_losses(
 
   kill_after = random.randint(CHECKPOINT_EVERY + 1, STEPS // 2)
   process = _start(killed, synthetic_data_dir, steps=100 * STEPS)
-  deadline = time.time() + 300
-  first_checkpoint = killed / "checkpoints" / str(CHECKPOINT_EVERY)
-  while len(_logged(killed)) < kill_after or not first_checkpoint.exists():
-    assert process.poll() is None, process.stdout.read()
+  deadline = time.time() + 900  # Generous: a loaded CI machine is slow.
+  while len(_logged(killed)) < kill_after or not _has_checkpoint(killed):
+    assert process.poll() is None, _output(process)
     assert time.time() < deadline, "training did not progress"
     time.sleep(0.01)
   process.send_signal(signal.SIGKILL)
-  process.communicate(timeout=60)
+  process.wait(timeout=60)
   assert process.returncode == -signal.SIGKILL
   assert len(_logged(killed)) < STEPS, f"killed too late (aimed at {kill_after})"
 
