@@ -45,19 +45,17 @@ def from_pretrained(directory: str, *, experts=None, dtype=None,
     batch contract) for logits at the text positions.
   """
   step_dir = init_lib.resolve_step_dir(directory)
-  config = read_config(step_dir)
-  config["experts"] = list(config.get("experts") or []) if experts is None \
-      else list(experts)
+  saved_config = read_config(step_dir)
+  if experts is None:
+    experts = saved_config.get("experts") or []
   config = ml_collections.ConfigDict(
-      dict(model=config["model"], experts=config["experts"]))
+      dict(model=saved_config["model"], experts=list(experts)))
 
   abstract = nnx.eval_shape(lambda: build.build_model(config, rng))
   graphdef, abstract_state = nnx.split(abstract)
-  wanted = init_lib.flatten_by_path(nnx.to_pure_dict(abstract_state))
-  saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
-  source = {}
-  for group in ("params", "frozen"):
-    source.update(init_lib.flatten_by_path(saved.get(group, {})))
+  pure = nnx.to_pure_dict(abstract_state)
+  wanted = init_lib.flatten_by_path(pure)  # In the tree's leaf order.
+  source = init_lib.read_parameters(step_dir)
 
   missing = sorted(set(wanted) - set(source))
   not_adapters = [k for k in missing if "/adapters/" not in k]
@@ -73,11 +71,9 @@ def from_pretrained(directory: str, *, experts=None, dtype=None,
                        f"the model wants {tuple(target.shape)}.")
     return np.asarray(array, dtype or target.dtype)
 
-  pure = nnx.to_pure_dict(abstract_state)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
-  keys = list(init_lib.flatten_by_path(pure))
   filled = jax.tree_util.tree_unflatten(
-      treedef, [value(k, leaf) for k, (_, leaf) in zip(keys, leaves)])
+      jax.tree.structure(pure),
+      [value(key, target) for key, target in wanted.items()])
   nnx.replace_by_pure_dict(abstract_state, filled)
   return nnx.merge(graphdef, abstract_state)
 

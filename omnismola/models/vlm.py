@@ -103,13 +103,20 @@ class VLM(nnx.Module):
     return x, {**vit_aux, **connector_aux}
 
   def _sliding_mask(self, mask, positions, key_positions,
-                    bidirectional_pairs=None):
-    """The sliding-window layers' mask, or None if the decoder has none."""
+                    query_bidirectional=None, key_bidirectional=None):
+    """The sliding-window layers' mask, or None if the decoder has none.
+
+    Pairs of bidirectional tokens (`query_bidirectional` [B, T] x
+    `key_bidirectional` [B, S]) stay visible whatever their distance.
+    """
     window = self.config.decoder.sliding_window
     if not window:
       return None
-    return sliding_window_mask(mask, positions, key_positions, window,
-                               bidirectional_pairs)
+    pairs = None
+    if query_bidirectional is not None:
+      pairs = (query_bidirectional[:, :, None] &
+               key_bidirectional[:, None, :])
+    return sliding_window_mask(mask, positions, key_positions, window, pairs)
 
   def _run_sequence(self, image, text, mask_ar, mask_input, free_slots=0,
                     kv=None):
@@ -126,10 +133,11 @@ class VLM(nnx.Module):
     tokens, mask, positions = sequence_layout(self.num_image_tokens, mask_ar,
                                               mask_input)
     pad = lambda y: jnp.pad(y, ((0, 0),) * (y.ndim - 1) + ((0, free_slots),))
-    pairs = tokens.bidirectional[:, :, None] & tokens.bidirectional[:, None, :]
-    sliding_mask = self._sliding_mask(pad(mask), positions, pad(positions),
-                                      pad(pairs))
-    h, kv, decoder_aux = self.decoder(x, tokens, pad(mask), positions,
+    mask = pad(mask)
+    sliding_mask = self._sliding_mask(mask, positions, pad(positions),
+                                      tokens.bidirectional,
+                                      pad(tokens.bidirectional))
+    h, kv, decoder_aux = self.decoder(x, tokens, mask, positions,
                                       sliding_mask=sliding_mask, kv=kv,
                                       index=0)
     return h, tokens, positions, kv, {**image_aux, **decoder_aux}

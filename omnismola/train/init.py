@@ -41,6 +41,15 @@ def resolve_step_dir(path: str) -> str:
   return os.path.join(path, str(max(steps)))
 
 
+def read_parameters(step_dir: str) -> dict[str, object]:
+  """{path: array} of a checkpoint step's parameters, trained and frozen."""
+  saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+  parameters = {}
+  for group in ("params", "frozen"):
+    parameters.update(flatten_by_path(saved.get(group, {})))
+  return parameters
+
+
 def _nested(flat: dict, prefix: str) -> dict:
   """The subtree under `prefix/` of a flat {path: array} dict, nested."""
   tree = {}
@@ -87,10 +96,7 @@ def load_partial(path: str, state, abstract_state, *,
   upcycled from it (see module docstring).
   """
   step_dir = resolve_step_dir(path)
-  saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
-  source = {}
-  for group in ("params", "frozen"):
-    source.update(flatten_by_path(saved.get(group, {})))
+  source = read_parameters(step_dir)
   model = {**flatten_by_path(state.params), **flatten_by_path(state.frozen)}
   upcycled = upcycled_experts(source, model, noise_std=upcycle_noise_std,
                               seed=seed)

@@ -120,13 +120,18 @@ def create_state(config, mesh, optimizer):
   return init_fn, abstract, parts
 
 
+def target_weights(mask_loss):
+  """float [B, L-1]: 1 where position i's prediction of token i+1 counts."""
+  return mask_loss[:, 1:].astype(jnp.float32)
+
+
 def next_token_loss(logits, text, mask_loss):
   """Per-example sums of next-token cross-entropy over target tokens.
 
   Position i predicts token i + 1; `mask_loss` marks the targets.
   """
   logits = logits[:, :-1].astype(jnp.float32)
-  targets, weights = text[:, 1:], mask_loss[:, 1:].astype(jnp.float32)
+  targets, weights = text[:, 1:], target_weights(mask_loss)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   return jnp.sum(nll * weights, axis=1), jnp.sum(weights, axis=1)
 
@@ -201,8 +206,7 @@ def make_train_step(parts: ModelParts, optimizer, schedule, num_tasks: int, *,
 
   def train_step(state: TrainState, batch):
     micro = split_microbatches(batch, microbatches)
-    tokens = jnp.maximum(
-        jnp.sum(batch["mask_loss"][:, 1:].astype(jnp.float32)), 1.0)
+    tokens = jnp.maximum(jnp.sum(target_weights(batch["mask_loss"])), 1.0)
     # Gradients are divided by `tokens` below: scaled so, each microbatch's
     # auxiliary loss enters the step as its mean over microbatches.
     grads, (nll, count, aux_loss, routing) = accumulate(
