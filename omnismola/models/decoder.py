@@ -87,6 +87,8 @@ class KVCache:
     index: int32 [], the slot the next token is written to (the same for
       every example). Writing past S is clamped by XLA, so callers size S
       for everything they will append.
+    instance: float32 [B, width], each example's prompt embedding for
+      instance-level routers (`TokenInfo.instance`), fixed at prefill.
   """
   k: jax.Array
   v: jax.Array
@@ -94,6 +96,7 @@ class KVCache:
   key_positions: jax.Array
   positions: jax.Array
   index: jax.Array
+  instance: jax.Array
 
   @classmethod
   def empty(cls, config: DecoderConfig, batch: int, length: int,
@@ -104,7 +107,8 @@ class KVCache:
                valid=jnp.zeros((batch, length), bool),
                key_positions=jnp.zeros((batch, length), jnp.int32),
                positions=jnp.zeros((batch,), jnp.int32),
-               index=jnp.zeros((), jnp.int32))
+               index=jnp.zeros((), jnp.int32),
+               instance=jnp.zeros((batch, config.width), jnp.float32))
 
   def take(self, indices: jax.Array) -> "KVCache":
     """The cache of examples `indices` (int [B']), e.g. reordered beams."""
@@ -112,7 +116,8 @@ class KVCache:
     return self.replace(k=pick(self.k, 1), v=pick(self.v, 1),
                         valid=pick(self.valid, 0),
                         key_positions=pick(self.key_positions, 0),
-                        positions=pick(self.positions, 0))
+                        positions=pick(self.positions, 0),
+                        instance=pick(self.instance, 0))
 
 
 class Embedder(nnx.Module):

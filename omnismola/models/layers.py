@@ -68,6 +68,32 @@ def constrain(x: jax.Array, axes: Axes) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, to_sharding(axes, x.shape))
 
 
+# True while `recording_usage()` is active (see `record_usage`).
+_RECORDING_USAGE: contextvars.ContextVar = contextvars.ContextVar(
+    "recording_usage", default=False)
+
+
+@contextlib.contextmanager
+def recording_usage():
+  """Within this context, routers keep their per-token expert weights.
+
+  For analysis only (`omnismola.analyze`): training never records, so the
+  weights cost nothing there.
+  """
+  token = _RECORDING_USAGE.set(True)
+  try:
+    yield
+  finally:
+    _RECORDING_USAGE.reset(token)
+
+
+def record_usage(module: nnx.Module, weights: jax.Array) -> None:
+  """Keeps a router's expert weights [B, T, E] (each token's weight on each
+  expert) as the module's `usage` intermediate, while recording."""
+  if _RECORDING_USAGE.get():
+    module.sow(nnx.Intermediate, "usage", weights)
+
+
 @flax.struct.dataclass
 class TokenInfo:
   """What each position of a [B, T] token sequence is.
@@ -78,20 +104,28 @@ class TokenInfo:
     bidirectional: bool [B, T], the token belongs to the bidirectional group
       (vision encoder tokens; the decoder's image + prefix). Causal tokens are
       valid tokens that are not bidirectional.
+    instance: float [B, D] or None, one vector per example for
+      instance-level routers: the mean embedding of the example's prompt
+      (see `VLM`). It is fixed before the first generated token, so
+      instance routing decides once per example and never changes while
+      decoding.
   """
   is_image: jax.Array
   valid: jax.Array
   bidirectional: jax.Array
+  instance: jax.Array | None = None
 
   @property
   def is_text(self) -> jax.Array:
     return self.valid & ~self.is_image
 
   @classmethod
-  def image(cls, batch: int, length: int) -> "TokenInfo":
+  def image(cls, batch: int, length: int,
+            instance: jax.Array | None = None) -> "TokenInfo":
     """Image tokens: all valid, all in one bidirectional group."""
     ones = jnp.ones((batch, length), bool)
-    return cls(is_image=ones, valid=ones, bidirectional=ones)
+    return cls(is_image=ones, valid=ones, bidirectional=ones,
+               instance=instance)
 
   @classmethod
   def text(cls, valid: jax.Array, bidirectional: jax.Array) -> "TokenInfo":
@@ -101,15 +135,22 @@ class TokenInfo:
                bidirectional=bidirectional.astype(bool) & valid)
 
   @classmethod
-  def decode_step(cls, batch: int) -> "TokenInfo":
+  def decode_step(cls, batch: int,
+                  instance: jax.Array | None = None) -> "TokenInfo":
     """One generated token per example: text, valid, causal."""
     return cls.text(valid=jnp.ones((batch, 1), bool),
-                    bidirectional=jnp.zeros((batch, 1), bool))
+                    bidirectional=jnp.zeros((batch, 1), bool)).replace(
+                        instance=instance)
 
   @classmethod
-  def concat(cls, parts: "list[TokenInfo]") -> "TokenInfo":
-    """Sequences placed one after the other along the length axis."""
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *parts)
+  def concat(cls, parts: "list[TokenInfo]",
+             instance: jax.Array | None = None) -> "TokenInfo":
+    """Sequences placed one after the other along the length axis, with the
+    given per-example `instance` vector."""
+    join = lambda name: jnp.concatenate([getattr(p, name) for p in parts],
+                                        axis=1)
+    return cls(is_image=join("is_image"), valid=join("valid"),
+               bidirectional=join("bidirectional"), instance=instance)
 
 
 class Dense(nnx.Module):

@@ -72,6 +72,14 @@ def sequence_layout(num_image_tokens: int, mask_ar: jax.Array,
   return tokens, mask, positions
 
 
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """float32 [B, D]: the mean of x [B, T, D] over positions where mask [B, T]
+  (zeros for an example without any)."""
+  weights = mask.astype(jnp.float32)[..., None]
+  total = jnp.sum(x.astype(jnp.float32) * weights, axis=1)
+  return total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+
+
 class VLM(nnx.Module):
   """PaliGemma-style VLM with every linear layer built by `make_linear` and
   every MLP block by `make_mlp`."""
@@ -95,9 +103,14 @@ class VLM(nnx.Module):
   def num_image_tokens(self) -> int:
     return self.config.vit.num_patches
 
-  def embed_image(self, image: jax.Array):
-    """[B, H, W, 3] -> (decoder-width image tokens [B, N, width], aux)."""
-    tokens = TokenInfo.image(image.shape[0], self.num_image_tokens)
+  def embed_image(self, image: jax.Array, instance: jax.Array | None = None):
+    """[B, H, W, 3] -> (decoder-width image tokens [B, N, width], aux).
+
+    `instance` ([B, width] or None) reaches instance-level routers of the
+    image side as `TokenInfo.instance`: the mean embedding of the prompt's
+    text, the only per-example signal known before the image is encoded.
+    """
+    tokens = TokenInfo.image(image.shape[0], self.num_image_tokens, instance)
     x, vit_aux = self.vit(image, tokens)
     x, connector_aux = self.connector(x, tokens)
     return x, {**vit_aux, **connector_aux}
@@ -128,10 +141,16 @@ class VLM(nnx.Module):
     Returns:
       (h [B, N+L, width], tokens, positions, (k, v) or None, aux).
     """
-    image_x, image_aux = self.embed_image(image)
-    x = jnp.concatenate([image_x, self.decoder.embed(text)], axis=1)
     tokens, mask, positions = sequence_layout(self.num_image_tokens, mask_ar,
                                               mask_input)
+    text_x = self.decoder.embed(text)
+    text_prompt = tokens.bidirectional[:, self.num_image_tokens:]
+    image_x, image_aux = self.embed_image(
+        image, instance=masked_mean(text_x, text_prompt))
+    x = jnp.concatenate([image_x, text_x], axis=1)
+    # The decoder's instance routers see the embedded prompt: image tokens
+    # and prefix text, never the suffix (Awaker2.5-VL's routing input).
+    tokens = tokens.replace(instance=masked_mean(x, tokens.bidirectional))
     pad = lambda y: jnp.pad(y, ((0, 0),) * (y.ndim - 1) + ((0, free_slots),))
     mask = pad(mask)
     sliding_mask = self._sliding_mask(mask, positions, pad(positions),
@@ -187,7 +206,7 @@ class VLM(nnx.Module):
         k=k, v=v, valid=jnp.pad(tokens.valid, ((0, 0), (0, free))),
         key_positions=jnp.pad(positions, ((0, 0), (0, free))),
         positions=jnp.sum(tokens.valid, axis=1, dtype=jnp.int32),
-        index=jnp.asarray(length, jnp.int32))
+        index=jnp.asarray(length, jnp.int32), instance=tokens.instance)
     return self.decoder.logits(h_last), cache
 
   def extend(self, tokens: jax.Array, cache: KVCache):
@@ -207,9 +226,10 @@ class VLM(nnx.Module):
     mask = valid[:, None, :]
     positions = cache.positions[:, None]
     h, (k, v), _ = self.decoder(
-        x, TokenInfo.decode_step(batch), mask, positions,
+        x, TokenInfo.decode_step(batch, cache.instance), mask, positions,
         sliding_mask=self._sliding_mask(mask, positions, key_positions),
         kv=(cache.k, cache.v), index=cache.index)
-    cache = KVCache(k=k, v=v, valid=valid, key_positions=key_positions,
-                    positions=cache.positions + 1, index=cache.index + 1)
+    cache = cache.replace(k=k, v=v, valid=valid, key_positions=key_positions,
+                          positions=cache.positions + 1,
+                          index=cache.index + 1)
     return self.decoder.logits(h[:, 0]), cache
