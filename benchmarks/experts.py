@@ -55,7 +55,7 @@ def run(args) -> list[dict]:
   x = jax.random.normal(jax.random.key(1), (batch, args.length, args.width))
   tokens = TokenInfo.image(batch, args.length)
   params = None
-  rows = []
+  fns = {}
   for kind in DISPATCHES:
     moe = SparseMoE("mlp", args.width, args.mlp_dim, num_experts=args.experts,
                     top_k=args.top_k, capacity_factor=args.capacity_factor,
@@ -69,12 +69,11 @@ def run(args) -> list[dict]:
       y, aux = nnx.merge(graphdef, filled)(x, tokens)
       return jnp.sum(y**2) + aux.balance_loss + aux.z_loss
 
-    passes = (("forward", loss),
-              ("fwd+bwd", jax.grad(loss, argnums=(0, 1))))
-    for name, fn in passes:
-      rows.append(dict(dispatch=kind, passes=name,
-                       **measure(fn, (params, x), args.repeats)))
-  return rows
+    fns[kind, "forward"] = loss
+    fns[kind, "fwd+bwd"] = jax.grad(loss, argnums=(0, 1))
+  results = measure(fns, (params, x), args.repeats)
+  return [dict(dispatch=kind, passes=name, **result)
+          for (kind, name), result in results.items()]
 
 
 def main():

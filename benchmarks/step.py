@@ -19,6 +19,12 @@ itself (and its own peak memory): (a) full fine-tuning, (b) frozen backbone
 import and CUDA is there, transformers' PaliGemma + PEFT LoRA of the same
 shape and batch, reported as a tokens/s ratio against (b).
 
+`--suite=smola_vs_lora` runs (b) and (c) alone on `--preset` (e.g. `tiny`),
+each in a fresh process, and prints SMoLA's step time over LoRA's:
+
+  python -m benchmarks.step --suite=smola_vs_lora --preset=tiny --batch=32 \
+      --text_len=80 --steps=10
+
 MFU is against the device's bf16 dense peak (`flops.PEAK_FLOPS`) or
 `--peak_tflops`; on CPU it is n/a unless that flag is given.
 
@@ -61,6 +67,9 @@ PALIGEMMA_3B_224 = dict(
 SUITE = (("full", "none", 0, 0, False),
          ("lora", "lora", 0, 4, True),
          ("smola", "smola", 16, 4, True))
+# Each suite's preset (None: --preset) and configurations, by SUITE name.
+SUITES = {"paligemma_3b_224": ("paligemma_3b_224", ("full", "lora", "smola")),
+          "smola_vs_lora": (None, ("lora", "smola"))}
 
 
 def model_fields(preset: str) -> dict:
@@ -291,17 +300,26 @@ def run_child(argv: list[str]) -> str | None:
 
 
 def suite(args) -> None:
-  """Issue 7's configurations, each in a fresh process, then HF + PEFT."""
-  common = [f"--preset={args.suite}", f"--batch={args.batch}",
+  """A suite's configurations, each in a fresh process, their step time
+  ratio, then (PaliGemma suite) HF + PEFT."""
+  preset, names = SUITES[args.suite]
+  common = [f"--preset={preset or args.preset}", f"--batch={args.batch}",
             f"--text_len={args.text_len}", f"--steps={args.steps}",
             f"--warmup={args.warmup}", f"--dtype={args.dtype}"]
   if args.peak_tflops:
     common.append(f"--peak_tflops={args.peak_tflops}")
   lines = {}
   for name, kind, pools, rank, frozen in SUITE:
+    if name not in names:
+      continue
     lines[name] = run_child(
         common + [f"--experts={kind}", f"--pools={pools}", f"--rank={rank}"] +
         (["--frozen_backbone"] if frozen else []))
+  if lines["lora"] and lines["smola"]:
+    ratio = field(lines["smola"], "step_s") / field(lines["lora"], "step_s")
+    print(f"smola_over_lora_step_s={ratio:.2f}")
+  if args.suite != "paligemma_3b_224":
+    return
   reason = hf_skip_reason()
   if reason is None:
     hf = run_child(common + ["--hf_peft"])
@@ -333,7 +351,7 @@ def parse_args(argv=None):
   parser.add_argument("--peak_tflops", type=float, default=None,
                       help="peak TFLOP/s per device for MFU (default: known "
                       "device table; n/a on CPU)")
-  parser.add_argument("--suite", default=None, choices=("paligemma_3b_224",))
+  parser.add_argument("--suite", default=None, choices=sorted(SUITES))
   parser.add_argument("--hf_peft", action="store_true",
                       help=argparse.SUPPRESS)  # The suite's child process.
   return parser.parse_args(argv)

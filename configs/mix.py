@@ -39,13 +39,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.experts = [dict(kind="smola", targets=DECODER_LINEARS, pools=pools,
                     rank=args.rank, slots_per_expert=1)]
 
-  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1)
+  # Axis sizes within a slice (-1: the rest); `dcn` sizes them across slices
+  # (multi-slice), e.g. --config.mesh.dcn.data=2: see docs/training.md.
+  c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1,
+                dcn=dict(data=1, fsdp=1, tensor=1, expert=1))
   c.sharding_rules = [list(rule) for rule in partitioning.DEFAULT_RULES]
 
   c.data = dict(
       mixture="synthetic_mix",
       task_modules=(),
       feature_lengths=dict(prefix=48, suffix=32),
+      # Examples longer than feature_lengths: "truncate" (cut, counted as
+      # data/<task>/truncated), "drop" (skipped, data/<task>/dropped) or
+      # "error". See docs/data.md.
+      truncation="truncate",
       tfds_data_dir="~/tensorflow_datasets",
       # Real datasets' files: <manual_dir>/<builder>/ ('' = under
       # tfds_data_dir/downloads/manual). See docs/data.md.
@@ -79,6 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       compute_dtype="float32",
       microbatches=1,          # Gradient accumulation steps per batch.
       max_nonfinite_steps=20,  # Consecutive skipped steps before stopping.
+      # Largest share of parameter bytes that every device may hold whole
+      # (mesh > 1 device); above it the run stops, naming the parameters.
+      # 1.0 = off: the default mesh is pure data parallelism.
+      max_replicated_fraction=1.0,
       # Weights of the routers' auxiliary losses (sparse experts; SMoLA has
       # none): each averaged over a stack's layers, summed over blocks.
       aux_loss_weights=dict(balance_loss=0.01, z_loss=0.001),
@@ -91,10 +102,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       every=0,           # Steps between evaluations during training; 0 = off.
       at_end=True,       # Evaluate after the last step.
       tasks=(),          # Task names; empty = every task of the mixture.
-      batch_size=64,
+      batch_size=64,     # Global, as train.batch_size.
       max_examples=256,  # Per task; 0 = the whole split.
       max_new_tokens=32,
   )
+
+  # Traces steps first_step .. first_step + steps - 1 to <workdir>/profile
+  # for TensorBoard's profile plugin; steps=0: no trace.
+  c.profile = dict(first_step=10, steps=0)
 
   c.init = dict(
       checkpoint="",  # A workdir or converted checkpoint to start from.

@@ -4,7 +4,9 @@ Modes:
   train    trains (resuming from DIR/checkpoints when present), then evaluates;
   eval     evaluates the latest checkpoint of DIR;
   predict  answers --prompt about --image with the latest checkpoint of DIR
-           (or a converted model's directory) and prints the answer.
+           (or a converted model's directory) and prints the answer;
+  analyze  plots the expert usage of that model per task and modality into
+           DIR/analysis (usage.json and PNGs; omnismola/analyze.py).
 Any config field can be overridden, e.g. --config.train.steps=50.
 
 Multi-host: on Cloud TPU (and SLURM / Open MPI) every host runs the same
@@ -30,7 +32,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally FILE:ARG.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for checkpoints, metrics and evals.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"],
+_MODE = flags.DEFINE_enum("mode", "train",
+                          ["train", "eval", "predict", "analyze"],
                           "What to run.")
 _IMAGE = flags.DEFINE_string("image", None, "--mode=predict: an image file.")
 _PROMPT = flags.DEFINE_string("prompt", None,
@@ -113,6 +116,10 @@ def main(argv):
       sys.exit(1)
   elif _MODE.value == "eval":
     trainer.evaluate_checkpoint(config, _WORKDIR.value)
+  elif _MODE.value == "analyze":
+    from omnismola import analyze  # pylint: disable=g-import-not-at-top
+    for path in analyze.analyze(config, _WORKDIR.value):
+      print(f"Wrote {path}")
   else:
     if not (_IMAGE.value and _PROMPT.value):
       raise app.UsageError("--mode=predict needs --image and --prompt.")

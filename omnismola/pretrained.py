@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from omnismola import build
+from omnismola.models import stack
 from omnismola.train import init as init_lib
 
 
@@ -55,7 +56,8 @@ def from_pretrained(directory: str, *, experts=None, dtype=None,
   graphdef, abstract_state = nnx.split(abstract)
   pure = nnx.to_pure_dict(abstract_state)
   wanted = init_lib.flatten_by_path(pure)  # In the tree's leaf order.
-  source = init_lib.read_parameters(step_dir)
+  # Stacked layers re-split as the model's towers are (models/stack.py).
+  source = stack.restack(init_lib.read_parameters(step_dir), wanted)
 
   missing = sorted(set(wanted) - set(source))
   not_adapters = [k for k in missing if "/adapters/" not in k]

@@ -21,6 +21,7 @@ def _tiny(spec: str, data_dir, steps: int = 2):
   return c
 
 
+@pytest.mark.slow
 def test_cumo_stages_chain_and_upcycle(synthetic_data_dir, tmp_path):
   """pt trains the connector only; pft everything; vit upcycles the dense
   ViT and connector MLPs of pft into top-2-of-4 experts."""
@@ -55,3 +56,114 @@ def test_cumo_stages_chain_and_upcycle(synthetic_data_dir, tmp_path):
 def test_cumo_rejects_an_unknown_stage():
   with pytest.raises(ValueError, match="unknown stage"):
     config_lib.load_config_file("configs/cumo.py:stage=sft")
+
+
+def test_vlmoe_trains_moe_lower_layers_under_dense_top(synthetic_data_dir,
+                                                       tmp_path):
+  """Layer 0 of each tower is MoE (image and text pools in the decoder,
+  batch-priority capacity routing in the ViT), layer 1 the dense MLP."""
+  c = _tiny("configs/vlmoe.py:preset=tiny,depth=2", synthetic_data_dir)
+  trainer.train_and_evaluate(c, str(tmp_path))
+  params = ocp.StandardCheckpointer().restore(
+      f"{tmp_path}/checkpoints/2/state")["params"]
+  assert {"layers_0_1", "layers_1_2"} <= set(params["decoder"])
+  assert params["decoder"]["layers_0_1"]["mlp"]["router"].shape[-1] == 8
+  assert "gate" in params["decoder"]["layers_1_2"]["mlp"]
+  assert params["vit"]["layers_0_1"]["mlp"]["router"].shape[-1] == 4
+  assert "fc1" in params["vit"]["layers_1_2"]["mlp"]
+  with open(tmp_path / "train_metrics.jsonl") as f:
+    row = json.loads(f.readlines()[-1])
+  assert row["moe/decoder/layers_0_1/mlp/dropped_fraction"] == 0  # Dropless.
+  assert 0 <= row["moe/vit/layers_0_1/mlp/dropped_fraction"] < 1
+  assert np.isfinite(row["aux_loss"]) and row["aux_loss"] > 0
+
+
+def test_vlmoe_rejects_a_bad_moe_layers_fraction():
+  with pytest.raises(ValueError, match="moe_layers"):
+    config_lib.load_config_file("configs/vlmoe.py:moe_layers=0")
+
+
+@pytest.mark.slow
+def test_awaker_stages_chain_upcycle_the_lora_and_freeze_the_gates(
+    synthetic_data_dir, tmp_path):
+  """lora trains a LoRA where moe puts routed experts; moe starts every
+  expert (and the global one) as that LoRA; frozen_gates keeps moe's
+  routers as they were and trains the rest."""
+  runs = {}
+  previous = ""
+  for stage in ("lora", "moe", "frozen_gates"):
+    c = _tiny(f"configs/awaker.py:stage={stage},preset=tiny",
+              synthetic_data_dir)
+    c.init.checkpoint = previous
+    runs[stage] = previous = str(tmp_path / stage)
+    trainer.train_and_evaluate(c, previous)
+
+  state = lambda stage: ocp.StandardCheckpointer().restore(
+      f"{runs[stage]}/checkpoints/2/state")
+  lora, moe, frozen = state("lora"), state("moe"), state("frozen_gates")
+  adapters = lambda s, group, name: s[group]["decoder"]["layers"]["mlp"][
+      name]["adapters"]
+  # Upcycled, then trained 2 steps: every expert is still close to the LoRA.
+  for name in ("gate", "up", "down"):
+    parent = adapters(lora, "params", name)["lora_1"]
+    experts = adapters(moe, "params", name)["sparse_lora_1"]
+    for m in ("a", "b"):
+      copies = np.asarray(experts["experts"][m])  # [depth, E, ...]
+      assert copies.shape[1] == 4
+      want = np.asarray(parent[m])[:, None]
+      np.testing.assert_allclose(copies, np.broadcast_to(want, copies.shape),
+                                 atol=0.05)
+      np.testing.assert_allclose(experts["global_expert"][m], parent[m],
+                                 atol=0.05)
+  # One router for gate/up/down (stored at down), one for o; frozen in III.
+  assert [n for n in ("gate", "up", "down")
+          if "router" in adapters(moe, "params", n)["sparse_lora_1"]] == [
+              "down"]
+  for path in (("mlp", "down"), ("attn", "o")):
+    router = lambda s, group: s[group]["decoder"]["layers"][path[0]][path[1]][
+        "adapters"]["sparse_lora_1"]["router"]["kernel"]
+    np.testing.assert_array_equal(router(frozen, "frozen"),
+                                  router(moe, "params"))
+  assert "router" not in adapters(frozen, "params", "down")["sparse_lora_1"]
+  assert "experts" in adapters(frozen, "params", "down")["sparse_lora_1"]
+
+
+def test_awaker_rejects_an_unknown_stage():
+  with pytest.raises(ValueError, match="unknown stage.*frozen_gates"):
+    config_lib.load_config_file("configs/awaker.py:stage=sft")
+
+
+@pytest.mark.slow
+def test_mome_stages_chain_and_copy_the_adapter_into_every_expert(
+    synthetic_data_dir, tmp_path):
+  """single trains MoVE over two encoders and one adapter beside every
+  decoder MLP; mole starts each of its 4 experts as that adapter."""
+  runs = {}
+  previous = ""
+  for stage in ("single", "mole"):
+    c = _tiny(f"configs/mome.py:stage={stage},preset=tiny", synthetic_data_dir)
+    c.init.checkpoint = previous
+    runs[stage] = previous = str(tmp_path / stage)
+    trainer.train_and_evaluate(c, previous)
+
+  params = lambda stage: ocp.StandardCheckpointer().restore(
+      f"{runs[stage]}/checkpoints/2/state")["params"]
+  single, mole = params("single"), params("mole")
+  assert {"vit", "vit_1"} <= set(mole)
+  assert set(mole["connector"]) == {"vit", "vit_1", "router"}
+  adapter = lambda p: p["decoder"]["layers"]["mlp"]["adapters"][
+      "sparse_lora_0"]
+  assert adapter(single)["router"]["kernel"].shape[-1] == 1
+  assert adapter(mole)["router"]["kernel"].shape[-1] == 4
+  # Copied, then trained 2 steps at lr <= 5e-4: every expert's `a` (random
+  # at init, so a fresh one would be far off) is still the single one's.
+  parent = np.asarray(adapter(single)["experts"]["a"])  # [depth, 1, ...]
+  copies = np.asarray(adapter(mole)["experts"]["a"])
+  assert copies.shape[1] == 4
+  np.testing.assert_allclose(copies, np.broadcast_to(parent, copies.shape),
+                             atol=0.01)
+
+
+def test_mome_rejects_an_unknown_stage():
+  with pytest.raises(ValueError, match="unknown stage"):
+    config_lib.load_config_file("configs/mome.py:stage=sft")

@@ -111,7 +111,9 @@ def test_train_batches_shapes_masks_and_task_tags(synthetic_data_dir):
   names = pipeline.mixture_task_names(config)
   it = pipeline.make_train_iterator(config, global_batch_size=8, seed=0)
   batches = [next(it) for _ in range(8)]
-  assert it.get_state() == {"batches_consumed": 8}
+  state = it.get_state()
+  assert (state["batches_consumed"], state["shard"]) == (8, [0, 1])
+  assert len(state["over_length"]) == 6
   for b in batches:
     assert set(b) == {"image", "text", "mask_ar", "mask_loss", "mask_input",
                       "task_id"}
@@ -138,7 +140,9 @@ def test_train_batches_shapes_masks_and_task_tags(synthetic_data_dir):
 
 
 def test_train_iterator_is_seeded_and_resumes_exactly(synthetic_data_dir):
-  config = _config(synthetic_data_dir)
+  # A short suffix truncates captions: the resumed counts must continue.
+  config = _config(synthetic_data_dir, feature_lengths=dict(prefix=P,
+                                                            suffix=6))
   make = lambda **kw: pipeline.make_train_iterator(
       config, global_batch_size=8, **kw)
   straight = make(seed=1)
@@ -152,24 +156,93 @@ def test_train_iterator_is_seeded_and_resumes_exactly(synthetic_data_dir):
   state = json.loads(json.dumps(stopped.get_state()))  # As checkpointed.
   resumed = make(seed=1, state=state)
   assert [_batch_hash(next(resumed)) for _ in range(3)] == hashes[3:]
-  assert resumed.get_state() == {"batches_consumed": 6}
+  assert resumed.get_state() == straight.get_state()
+  assert resumed.get_state()["batches_consumed"] == 6
+  assert sum(resumed.get_state()["over_length"]) > sum(state["over_length"])
 
 
-def test_two_processes_read_disjoint_shards(synthetic_data_dir):
+def test_two_shards_are_disjoint_and_one_shard_reads_the_same(
+    synthetic_data_dir, caplog):
   config = _config(synthetic_data_dir, mixture="synthetic_ocr")
+  make = lambda shard, **kw: pipeline.make_train_iterator(
+      config, global_batch_size=16, seed=0, shard_index=shard, shard_count=2,
+      **kw)
   seen = []
-  for process in range(2):
-    it = pipeline.make_train_iterator(config, global_batch_size=16, seed=0,
-                                      process_index=process, process_count=2)
-    # 12 batches of 8 draw 96 times from this process's 32 examples (SeqIO
+  for shard in range(2):
+    it = make(shard)
+    # 12 batches of 8 draw 96 times from this shard's 32 examples (SeqIO
     # shuffles after repeating, so epochs blend): all 32, nothing else.
     rows = {h for _ in range(12) for h in _rows(next(it))}
     assert len(rows) == 32
     seen.append(rows)
   assert not seen[0] & seen[1]
+  # Hosts that read one shard (they hold the same batch rows) must hand
+  # make_array_from_process_local_data identical batches.
+  assert _batch_hash(next(make(1))) == _batch_hash(next(make(1)))
   with pytest.raises(ValueError, match="not divisible"):
     pipeline.make_train_iterator(config, global_batch_size=9, seed=0,
-                                 process_count=2)
+                                 shard_count=2)
+  # Resuming another shard's position works, and says the data differs.
+  state = make(0).get_state()
+  with caplog.at_level("WARNING"):
+    make(1, state=state)
+  assert "from shard (0, 2)" in caplog.text
+
+
+def _stream(config, batches: int) -> tuple[list[dict], dict]:
+  """`batches` train batches of 8 rows, and the iterator's state after."""
+  it = pipeline.make_train_iterator(config, global_batch_size=8, seed=3)
+  return [next(it) for _ in range(batches)], it.get_state()
+
+
+def test_truncation_policies_and_exact_over_length_counts(synthetic_data_dir):
+  # OCR words are 3-8 bytes: with the EOS, about half exceed a 5-id suffix.
+  config = lambda policy: _config(
+      synthetic_data_dir, mixture="synthetic_ocr", truncation=policy,
+      feature_lengths=dict(prefix=P, suffix=5))
+  cut, cut_state = _stream(config("truncate"), 10)
+  rows = [(_hash(b["image"][i]), b["text"][i][b["mask_loss"][i] == 1])
+          for b in cut for i in range(8)]
+  # Truncated rows are the ones whose 5 target ids lost their EOS.
+  truncated = [len(t) == 5 and t[-1] != tasks.EOS_ID for _, t in rows]
+  assert 0 < sum(truncated) < len(rows)
+  assert cut_state["over_length"] == [sum(truncated)]
+
+  # "drop" reads the same task stream and skips exactly the truncated rows;
+  # each dropped example is counted once, by the next kept one.
+  kept, drop_state = _stream(config("drop"), 3)
+  kept_rows = [_hash(b["image"][i]) for b in kept for i in range(8)]
+  fitting = [image for (image, _), cut in zip(rows, truncated) if not cut]
+  assert kept_rows == fitting[:24]
+  last_kept = [i for i, cut in enumerate(truncated) if not cut][23]
+  assert drop_state["over_length"] == [sum(truncated[:last_kept])]
+  for b in kept:  # Whole targets only.
+    for text, loss in zip(b["text"], b["mask_loss"]):
+      assert text[loss == 1][-1] == tasks.EOS_ID
+
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"Task synthetic_ocr: an example is longer"):
+    _stream(config("error"), 6)
+  with pytest.raises(ValueError, match=r"config.data.truncation='cut'"):
+    _stream(config("cut"), 1)
+
+
+def test_over_length_metrics_count_each_shard_once(synthetic_data_dir):
+  config = _config(synthetic_data_dir, mixture="synthetic_mix")
+  names = pipeline.mixture_task_names(config)
+  shard = lambda index, counts: {"batches_consumed": 4, "shard": [index, 2],
+                                 "over_length": counts}
+  # Processes 0 and 1 read shard 0 (replicas), process 2 reads shard 1.
+  states = [shard(0, [1, 0, 2, 0, 0, 3]), shard(0, [1, 0, 2, 0, 0, 3]),
+            shard(1, [0, 5, 0, 0, 0, 1])]
+  assert pipeline.over_length_metrics(config, states) == {
+      f"data/{name}/truncated": n for name, n in zip(names,
+                                                     [1, 5, 2, 0, 0, 4])}
+  config.truncation = "drop"
+  assert set(pipeline.over_length_metrics(config, states)) == {
+      f"data/{name}/dropped" for name in names}
+  config.truncation = "error"
+  assert pipeline.over_length_metrics(config, states) == {}
 
 
 def test_eval_batches_are_padded_and_deterministic(synthetic_data_dir):

@@ -11,6 +11,13 @@ the `small` preset's width 128, 10-11% at `tiny`'s width 32, where a softmax
 element costs as much as a 16-wide dot product. Hence the bounds below:
 7% for `small`, 12% for `tiny`.
 
+Sparse MoE is compared at `small` only: at `tiny`'s width its routing
+(softmax, top-k, one-hots, aux losses) alone is about the elementwise slack.
+Its blocked dispatch runs tiles of one row (`tile=1`), so padding rows,
+which the formula leaves out with the rest of dispatch, cost nothing; routed
+LoRA experts use top_k = num_experts, so every expert the module computes
+is one the formula counts.
+
 XLA counts the body of a loop once, whatever its trip count, and each tower's
 layers run as one scanned loop; so the comparison uses one layer per tower
 (the formula's layers add up linearly, checked separately).
@@ -27,6 +34,8 @@ from omnismola.train import flops
 from omnismola.train import optim
 
 DECODER_LINEARS = r"decoder/layers/\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))"
+DECODER_QV = r"decoder/layers/\d+/attn/(q|v)"
+MLP_BLOCKS = r"(vit|decoder)/layers/\d+/mlp"
 ADAPTERS_ONLY = r".*/adapters/.*"
 
 SETTINGS = {
@@ -35,8 +44,23 @@ SETTINGS = {
              ADAPTERS_ONLY),
     "smola": ([dict(kind="smola", targets=DECODER_LINEARS, rank=4,
                     pools=dict(text=4, image=4, all=4))], ADAPTERS_ONLY),
+    # Experts trained, the rest frozen (CuMo's second stage).
+    "sparse_moe": ([dict(kind="sparse_moe", targets=MLP_BLOCKS,
+                         num_experts=4, top_k=2, tile=1)],
+                   r".*/mlp/(router|layers/.*)"),
+    "sparse_lora_instance": ([dict(kind="sparse_lora",
+                                   targets=r"decoder/layers/\d+/mlp",
+                                   num_experts=4, top_k=4, rank=4,
+                                   global_expert=True)], ADAPTERS_ONLY),
+    "sparse_lora_token": ([dict(kind="sparse_lora", targets=DECODER_QV,
+                                routing="token", num_experts=4, top_k=4,
+                                rank=4)], ADAPTERS_ONLY),
 }
 MAX_EXCESS = {"tiny": 0.12, "small": 0.07}
+CASES = ([(preset, setting) for preset in sorted(MAX_EXCESS)
+          for setting in ("full", "lora", "smola")] +
+         [("small", "sparse_moe"), ("tiny", "sparse_lora_instance"),
+          ("tiny", "sparse_lora_token")])
 BATCH, TEXT_LEN = 8, 24
 
 
@@ -82,8 +106,7 @@ def xla_flops_per_example(preset: str, experts, trainable: str) -> float:
   return cost["flops"] / BATCH
 
 
-@pytest.mark.parametrize("preset", sorted(MAX_EXCESS))
-@pytest.mark.parametrize("setting", sorted(SETTINGS))
+@pytest.mark.parametrize("preset,setting", CASES)
 def test_formula_matches_xla(preset, setting):
   experts, trainable = SETTINGS[setting]
   config = build.vlm_config(_one_layer_per_tower(preset))
@@ -103,6 +126,69 @@ def test_frozen_backbone_has_no_backward_through_the_vit():
       assert op.grads == 0, op  # Its input, the embeddings, is frozen.
     if op.name == "decoder/layers/0/attn/o":
       assert op.grads == 1, op  # Downstream of the q/k/v adapters.
+
+
+def _ops(experts, trainable, text_len=TEXT_LEN, preset="small"):
+  """{name: Matmul} of one training example."""
+  config = build.vlm_config(build.model_config_to_dict(preset))
+  return {op.name: op for op in flops.train_matmuls(config, experts,
+                                                    trainable, text_len)}
+
+
+def test_sparse_moe_costs_router_and_top_k_dense_mlps():
+  config = build.vlm_config(build.model_config_to_dict("small"))
+  tokens = config.num_image_tokens + TEXT_LEN
+  moe = dict(kind="sparse_moe", targets=MLP_BLOCKS, num_experts=4, top_k=2)
+  dense, routed = _ops([], r".*"), _ops([moe], r".*")
+  for block, layer_names in (("vit/layers/0/mlp", ("fc1", "fc2")),
+                             ("decoder/layers/0/mlp", ("gate", "up",
+                                                       "down"))):
+    for name in layer_names:
+      op = f"{block}/{name}"
+      assert routed[op].forward == 2 * dense[op].forward, op
+    width = (config.vit if block.startswith("vit") else config.decoder).width
+    block_tokens = (config.vit.num_patches if block.startswith("vit")
+                    else tokens)
+    assert routed[f"{block}/router"].forward == 2 * block_tokens * width * 4
+  # The capacity factor changes nothing: dispatch is not counted.
+  capacity = _ops([dict(moe, targets=r"vit/layers/\d+/mlp",
+                        dispatch="capacity", capacity_factor=2.0)], r".*")
+  assert capacity["vit/layers/0/mlp/fc1"] == routed["vit/layers/0/mlp/fc1"]
+
+
+def test_sparse_moe_with_only_the_router_trained():
+  moe = dict(kind="sparse_moe", targets=r"decoder/layers/\d+/mlp",
+             num_experts=4, top_k=2)
+  ops = _ops([moe], r".*/mlp/router")
+  assert ops["decoder/layers/0/mlp/router"].grads == 1  # Its weight only.
+  for name in ("gate", "up", "down"):  # Frozen, on frozen inputs.
+    assert ops[f"decoder/layers/0/mlp/{name}"].grads == 0
+  assert ops["decoder/logits"].grads == 1  # Downstream of the gates.
+
+
+def test_sparse_lora_counts_active_experts_and_routes_once_per_example():
+  entry = dict(kind="sparse_lora", targets=r"decoder/layers/\d+/mlp",
+               num_experts=4, rank=8, global_expert=True)
+  config = build.vlm_config(build.model_config_to_dict("small"))
+  width, path = config.decoder.width, "decoder/layers/0/mlp/adapters/"
+  top1, top2 = _ops([entry], ADAPTERS_ONLY), _ops([dict(entry, top_k=2)],
+                                                  ADAPTERS_ONLY)
+  for matrix in ("a", "b"):
+    op = f"{path}sparse_lora_0/experts/{matrix}"
+    assert top2[op].forward == 2 * top1[op].forward
+    # One active expert costs what the always-on global expert costs.
+    assert top1[op].forward == top1[
+        f"{path}sparse_lora_0/global_expert/{matrix}"].forward
+  # Instance routing: one router product per example, whatever its length;
+  # its input (the prompt embedding) is frozen, so only the weight gradient.
+  for text_len in (TEXT_LEN, 2 * TEXT_LEN):
+    router = _ops([entry], ADAPTERS_ONLY, text_len)[
+        f"{path}sparse_lora_0/router"]
+    assert router.forward == 2 * width * 4 and router.grads == 1
+  token = _ops([dict(entry, routing="token")], ADAPTERS_ONLY)
+  tokens = config.num_image_tokens + TEXT_LEN
+  assert token[f"{path}sparse_lora_0/router"].forward == (
+      2 * tokens * width * 4)
 
 
 def test_full_training_costs_about_three_forwards():

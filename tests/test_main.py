@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -45,6 +47,7 @@ TINY = ["--config.model.vit.width=32", "--config.model.vit.depth=1",
         "--config.train.log_every=1", "--config.data.shuffle_buffer=64"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(synthetic_data_dir,
                                                       tmp_path):
   """Preemption: SIGTERM mid-run -> checkpoint of the current step, exit 0."""

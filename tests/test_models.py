@@ -285,10 +285,9 @@ def test_padding_changes_nothing_at_valid_positions():
 # --- KV cache --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides", [{}, GEMMA2], ids=["gemma", "gemma2"])
-def test_prefill_and_extend_match_the_full_forward(overrides):
-  """Prompts of different lengths: padding sits in the middle of the cache."""
-  model = _model(decoder_depth=3, **overrides)
+def assert_cached_decoding_matches_forward(model):
+  """Prefill then extend give the logits of the full forward, for prompts
+  of different lengths (padding sits in the middle of the cache)."""
   prompt_lens, prompt_len, steps = [5, 2, 4], 5, 4
   batch = len(prompt_lens)
   image = _image(batch, model)
@@ -315,6 +314,11 @@ def test_prefill_and_extend_match_the_full_forward(overrides):
                                 n + np.array(prompt_lens) + steps)
   # Example 1's padding slots stay invalid in the cache.
   np.testing.assert_array_equal(cache.valid[1, n + 2:n + 5], False)
+
+
+@pytest.mark.parametrize("overrides", [{}, GEMMA2], ids=["gemma", "gemma2"])
+def test_prefill_and_extend_match_the_full_forward(overrides):
+  assert_cached_decoding_matches_forward(_model(decoder_depth=3, **overrides))
 
 
 def test_gemma2_switches_change_the_model():

@@ -83,9 +83,14 @@ def test_sparse_moe_replaces_matched_mlp_blocks_in_towers_and_connector():
 
 
 def test_mlp_targets_match_all_layers_of_a_stack_or_none():
+  """Towers split where targets differ (tests/test_segments.py); the layers
+  of one stack share one structure."""
+  factory = attach.make_factory([_moe(r"decoder/layers/0/mlp")])
   with pytest.raises(ValueError,
                      match="(?s)decoder/layers/1/mlp.*all of them or none"):
-    _model([_moe(r"decoder/layers/0/mlp")])
+    factory.mlp("decoder/layers/mlp", 32, 64, activation="geglu",
+                make_linear=layers.make_dense, rngs=nnx.Rngs(0),
+                match_paths=("decoder/layers/0/mlp", "decoder/layers/1/mlp"))
 
 
 def test_unmatched_mlp_target_lists_the_mlp_blocks():

@@ -49,6 +49,7 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
+@pytest.mark.slow
 def test_train_resume_and_evaluate(synthetic_data_dir, tmp_path):
   straight = tmp_path / "straight"
   results = trainer.train_and_evaluate(_config(synthetic_data_dir, steps=6),
@@ -76,6 +77,7 @@ def test_train_resume_and_evaluate(synthetic_data_dir, tmp_path):
                              [losses[s] for s in (5, 6)], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_init_from_another_run_loads_matching_parameters(synthetic_data_dir,
                                                          tmp_path):
   first = tmp_path / "first"

@@ -8,8 +8,9 @@ Training example (L = P + S, from feature_lengths = dict(prefix=P, suffix=S)):
   mask_input  1 on real ids, 0 on padding
 
 The prefix is cut to P ids and the suffix to S (a cut suffix loses its EOS,
-as in T5X). Prompt (evaluation) examples hold the prefix only, padded to P,
-with mask_ar all 0: decoding appends the suffix.
+as in T5X); config.data.truncation decides first whether such examples get
+here at all (truncation.py). Prompt (evaluation) examples hold the prefix
+only, padded to P, with mask_ar all 0: decoding appends the suffix.
 """
 import tensorflow as tf
 

@@ -10,15 +10,19 @@
 held for shuffling, in total over the mixture's tasks). Optional fields, with
 their defaults when a config lacks them: `vocabulary` ("byte", or the path of
 a SentencePiece model such as Gemma's), `image_size` (64: images are resized
-to [image_size, image_size]) and `manual_dir` (where the real datasets' files
+to [image_size, image_size]), `manual_dir` (where the real datasets' files
 are, one directory per builder: `<manual_dir>/<builder name>`; default
-`<tfds_data_dir>/downloads/manual`).
+`<tfds_data_dir>/downloads/manual`) and `truncation` ("truncate", "drop" or
+"error": what happens to over-length examples, see truncation.py).
 
-Training reads this host's shard of every task (`seqio.ShardInfo`), converts
-examples to model features tagged with the task's index in the mixture,
-samples tasks by the mixture rates, batches and repeats forever. Everything
-is seeded, so an iterator's state is just the number of batches it handed
-out, and a resumed iterator skips exactly those.
+Training reads one shard of every task (`seqio.ShardInfo`; the trainer
+derives the shard from the mesh, train/host_shards.py, so hosts holding the
+same batch rows read the same shard), applies the truncation policy,
+converts examples to model features tagged with the task's index in the
+mixture, samples tasks by the mixture rates, batches and repeats forever.
+Everything is seeded, so an iterator's state is the number of batches it
+handed out (plus its shard and per-task over-length counts), and a resumed
+iterator skips exactly those.
 """
 import dataclasses
 import functools
@@ -37,6 +41,7 @@ from omnismola.data import converter
 from omnismola.data.benchmarks import images
 from omnismola.data import mixtures
 from omnismola.data import tasks as tasks_lib
+from omnismola.data import truncation
 from omnismola.data.synthetic import baselines
 from omnismola.data.synthetic import render
 from omnismola.data.synthetic import scenes
@@ -119,23 +124,36 @@ def _seed(*parts: int) -> int:
   return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def _options() -> tf.data.Options:
+def _truncation(data_config) -> str:
+  return truncation.check_policy(data_config.get("truncation", "truncate"))
+
+
+def _options(threads: int | None) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True  # Resume replays the exact same batches.
+  if threads:
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
   return options
 
 
 def _train_dataset(data_config, *, global_batch_size: int, seed: int,
-                   process_index: int, process_count: int) -> tf.data.Dataset:
-  """This host's infinite stream of train batches, before any skipping."""
-  if global_batch_size % process_count:
+                   shard_index: int, shard_count: int,
+                   threads: int | None) -> tf.data.Dataset:
+  """One shard's infinite stream of train batches, before any skipping.
+
+  Each example keeps its `over_length` count (truncation.py) for the
+  iterator.
+  """
+  if global_batch_size % shard_count:
     raise ValueError(f"The global batch size {global_batch_size} is not "
-                     f"divisible by the {process_count} processes.")
+                     f"divisible by the {shard_count} host shards.")
+  policy = _truncation(data_config)
   # Rates from example counts read the data: point the sources at it first.
   _use_data_dir(data_config, mixtures.task_names(data_config.mixture))
   mixture = mixtures.mixture_tasks(data_config.mixture)
   lengths = dict(data_config.feature_lengths)
-  shard = seqio.ShardInfo(index=process_index, num_shards=process_count)
+  shard = seqio.ShardInfo(index=shard_index, num_shards=shard_count)
   buffer = max(1, data_config.shuffle_buffer // len(mixture))
   vocabulary = get_vocabulary(data_config)
   datasets = []
@@ -145,28 +163,41 @@ def _train_dataset(data_config, *, global_batch_size: int, seed: int,
         shuffle_buffer_size=buffer, seed=_seed(seed, task_id),
         shard_info=shard, num_epochs=None, use_cached=False,
         try_in_mem_cache=False)
+    # Before the image work, so dropped examples cost no resizing.
+    ds = truncation.apply(ds, policy, task=name,
+                          prefix_length=lengths["prefix"],
+                          suffix_length=lengths["suffix"])
     ds = ds.map(functools.partial(converter.fit_image,
                                   size=_image_size(data_config)),
                 num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.map(functools.partial(
-        converter.train_features, task_id=task_id,
-        prefix_length=lengths["prefix"], suffix_length=lengths["suffix"]),
+    ds = ds.map(lambda x, task_id=task_id: {
+        **converter.train_features(x, task_id,
+                                   prefix_length=lengths["prefix"],
+                                   suffix_length=lengths["suffix"]),
+        "over_length": x["over_length"]},
                 num_parallel_calls=tf.data.AUTOTUNE)
-    datasets.append(ds.map(lambda x: {k: x[k] for k in _TRAIN_KEYS}))
+    datasets.append(ds.map(
+        lambda x: {k: x[k] for k in _TRAIN_KEYS + ("over_length",)}))
   rates = np.array([rate for _, rate in mixture], np.float64)
   ds = tf.data.Dataset.sample_from_datasets(
       datasets, weights=(rates / rates.sum()).tolist(),
-      # Hosts draw different task sequences, so a global batch mixes better.
-      seed=_seed(seed, process_index, len(mixture)))
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=True)
-  return ds.with_options(_options())
+      # Shards draw different task sequences, so a global batch mixes
+      # better; hosts reading one shard must draw the same one.
+      seed=_seed(seed, shard_index, len(mixture)))
+  ds = ds.batch(global_batch_size // shard_count, drop_remainder=True)
+  return ds.with_options(_options(threads))
 
 
 class TrainIterator:
-  """Per-host numpy train batches that know how many they handed out."""
+  """Per-host numpy train batches that know how many they handed out, and
+  how many over-length examples of each task those batches account for
+  (each example's `over_length` is added up here and leaves the batch)."""
 
-  def __init__(self, dataset: tf.data.Dataset, batches_consumed: int = 0):
+  def __init__(self, dataset: tf.data.Dataset, *, shard: tuple[int, int],
+               batches_consumed: int, over_length: Sequence[int]):
+    self._shard = list(shard)
     self._batches_consumed = batches_consumed
+    self._over_length = np.array(over_length, np.int64)
     self._iterator = dataset.skip(batches_consumed).prefetch(
         tf.data.AUTOTUNE).as_numpy_iterator()
 
@@ -175,33 +206,67 @@ class TrainIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._iterator)
+    np.add.at(self._over_length, batch["task_id"], batch.pop("over_length"))
     self._batches_consumed += 1
     return batch
 
   def get_state(self) -> dict:
     """JSON-serialisable; pass to make_train_iterator(state=...) to resume."""
-    return {"batches_consumed": self._batches_consumed}
+    return {"batches_consumed": self._batches_consumed, "shard": self._shard,
+            "over_length": self._over_length.tolist()}
 
 
 def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
-                        process_index: int = 0, process_count: int = 1,
-                        state: dict | None = None) -> TrainIterator:
-  """The train batches of this host, resumed after `state` if given.
+                        shard_index: int = 0, shard_count: int = 1,
+                        state: dict | None = None,
+                        threads: int | None = None) -> TrainIterator:
+  """The train batches of shard `shard_index` of `shard_count`, resumed
+  after `state` if given.
 
   Batches hold image f32[b, 64, 64, 3], text / mask_ar / mask_loss /
   mask_input i32[b, P + S] and task_id i32[b], b = global_batch_size /
-  process_count. The sequence depends only on the data, the config, `seed`
-  and the process layout.
+  shard_count. The sequence depends only on the data, the config, `seed`
+  and the shard. `threads` caps tf.data's threads (default: tf.data's own
+  choice, every core).
   """
-  mixture_task_names(data_config)  # Registers the user's tasks.
+  num_tasks = len(mixture_task_names(data_config))  # Registers user tasks.
   dataset = _train_dataset(
       data_config, global_batch_size=global_batch_size, seed=seed,
-      process_index=process_index, process_count=process_count)
-  consumed = int(state["batches_consumed"]) if state else 0
-  if consumed:
-    # Replaying is exact and costs one pass over the skipped examples.
-    logging.info("Resuming the input pipeline after %d batches.", consumed)
-  return TrainIterator(dataset, consumed)
+      shard_index=shard_index, shard_count=shard_count, threads=threads)
+  shard = (shard_index, shard_count)
+  if not state:
+    return TrainIterator(dataset, shard=shard, batches_consumed=0,
+                         over_length=[0] * num_tasks)
+  if tuple(state["shard"]) != shard:
+    logging.warning(
+        "The checkpoint's input position is from shard %s (index, count); "
+        "this run reads shard %s, so it sees other examples than the "
+        "interrupted run would have (the mesh or process count changed).",
+        tuple(state["shard"]), shard)
+  # Replaying is exact and costs one pass over the skipped examples.
+  logging.info("Resuming the input pipeline after %d batches.",
+               state["batches_consumed"])
+  return TrainIterator(dataset, shard=shard,
+                       batches_consumed=int(state["batches_consumed"]),
+                       over_length=state["over_length"])
+
+
+def over_length_metrics(data_config, process_states: Sequence[dict]
+                        ) -> dict[str, float]:
+  """Over-length examples per task so far, over the whole global batch.
+
+  `process_states` are every process's `TrainIterator.get_state()`.
+  Processes reading one shard saw the same examples, so each shard counts
+  once. Keys are `data/<task>/truncated` or `data/<task>/dropped` (by
+  config.data.truncation); none under "error".
+  """
+  counter = truncation.COUNTER_NAMES[_truncation(data_config)]
+  if counter is None:
+    return {}
+  per_shard = {tuple(s["shard"]): s["over_length"] for s in process_states}
+  totals = np.sum(list(per_shard.values()), axis=0)
+  return {f"data/{name}/{counter}": float(count) for name, count in
+          zip(mixture_task_names(data_config), totals)}
 
 
 @dataclasses.dataclass
@@ -209,8 +274,10 @@ class EvalSet:
   """One task's evaluation data; `batches()` iterates it from the start.
 
   Batches have a fixed shape: image, text (the prompt, P ids), mask_ar (0),
-  mask_input, task_id, example_mask (1 real, 0 padding) as numpy arrays, and
-  references: a list (one entry per row) of lists of reference strings.
+  mask_input, task_id, example_mask (1 real, 0 padding), example_index (the
+  row's position in the whole split; meaningless on padding) as numpy
+  arrays, and references: a list (one entry per row) of lists of reference
+  strings.
   """
   name: str
   task_id: int
@@ -228,19 +295,22 @@ def _eval_examples(name: str, data_config, split: str,
                                   size=_image_size(data_config)))
 
 
-def _stack(rows: list[dict], batch_size: int, pad_row: dict) -> dict:
-  """Stacks `rows` into a batch of `batch_size`, padded with `pad_row`.
+def _stack(rows: list[dict], batch_size: int, pad_row: dict,
+           keys: Sequence[str] = _PROMPT_KEYS) -> dict:
+  """Stacks the `keys` of `rows` into a batch of `batch_size`, padded with
+  `pad_row`, and their references if they have any.
 
-  Padding repeats a real prompt (rather than zeros) so decoding sees
+  Padding repeats a real example (rather than zeros) so the model sees
   ordinary inputs; `example_mask` = 0 and empty references mark it.
   """
   real = len(rows)
   rows = rows + [pad_row] * (batch_size - real)
-  batch = {k: np.stack([row[k] for row in rows]) for k in _PROMPT_KEYS}
+  batch = {k: np.stack([row[k] for row in rows]) for k in keys}
   batch["example_mask"] = (np.arange(batch_size) < real).astype(np.int32)
-  batch["references"] = [
-      [r.decode("utf-8") for r in row["references"]] if i < real else []
-      for i, row in enumerate(rows)]
+  if "references" in pad_row:
+    batch["references"] = [
+        [r.decode("utf-8") for r in row["references"]] if i < real else []
+        for i, row in enumerate(rows)]
   return batch
 
 
@@ -264,7 +334,13 @@ def _eval_batches(name: str, task_id: int, data_config, *, batch_size: int,
     raise ValueError(f"{name}: no {split} examples for process "
                      f"{process_index} of {process_count}.")
   for start in range(0, num_batches * batch_size, batch_size):
-    yield _stack(rows[start:start + batch_size], batch_size, rows[-1])
+    batch = _stack(rows[start:start + batch_size], batch_size, rows[-1])
+    # Each row's position in the split, so that the evaluator can put the
+    # hosts' predictions back in order.
+    batch["example_index"] = np.arange(
+        start, start + batch_size, dtype=np.int32) * process_count + (
+            process_index)
+    yield batch
 
 
 def make_eval_sets(data_config, *, batch_size: int, split: str = "validation",
@@ -292,6 +368,32 @@ def make_eval_sets(data_config, *, batch_size: int, split: str = "validation",
                   process_count=process_count))
       for name in wanted
   ]
+
+
+def make_labelled_batches(data_config, name: str, *, batch_size: int,
+                          split: str = "validation",
+                          max_examples: int | None = None) -> Iterator[dict]:
+  """One task's examples of `split` in training format, in order (one host).
+
+  Prefix and target suffix together, as training sees them, for
+  teacher-forced passes such as `omnismola.analyze`. Batches hold the train
+  keys (image, text, mask_ar, mask_loss, mask_input, task_id) and
+  `example_mask`; the last is padded (see `_stack`). `max_examples` caps
+  the examples read.
+  """
+  names = mixture_task_names(data_config)
+  if name not in names:
+    raise ValueError(f"Task {name!r} is not in the mixture "
+                     f"{data_config.mixture!r}, whose tasks are {names}.")
+  _use_data_dir(data_config, [name])
+  lengths = data_config.feature_lengths
+  rows = list(_eval_examples(name, data_config, split, max_examples).map(
+      functools.partial(converter.train_features, task_id=names.index(name),
+                        prefix_length=lengths["prefix"],
+                        suffix_length=lengths["suffix"])).as_numpy_iterator())
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    yield _stack(chunk, batch_size, chunk[-1], _TRAIN_KEYS)
 
 
 def prompt_batch(data_config, image_path: str, prompt: str) -> dict:

@@ -5,9 +5,14 @@ import jax.numpy as jnp
 _EPS = 1e-6
 
 
+def inverse_norm(x: jax.Array, axis: int = -1) -> jax.Array:
+  """1 / |x| along `axis` (kept, size 1), safe at zero."""
+  return jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + _EPS)
+
+
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
   """x / |x| along `axis`, safe at zero (Soft MoE's normalisation)."""
-  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + _EPS)
+  return x * inverse_norm(x, axis)
 
 
 def cosine_logits(x: jax.Array, phi: jax.Array, scale: jax.Array) -> jax.Array:

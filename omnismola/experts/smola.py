@@ -17,15 +17,18 @@ How tokens are mixed depends on what they may attend to (DESIGN.md section 4):
   combine weight summed over expert j's slots. It depends on x_t alone, hence
   it is causal and identical in training and in cached decoding.
 
-A token outside the pool's modality gets nothing from it. The per-token path
-never materialises [tokens, experts, d_out]: h = x A_cat is [tokens, n*r],
-each rank block is scaled by its weight, and y = h B_cat.
+A token outside the pool's modality gets nothing from it. Nothing is ever
+computed per expert in d_out: h = x A_cat is [tokens, n*r]; each causal
+token's rank blocks are scaled by its weights, and, experts being linear,
+Soft MoE's slots and combine work on h's rank blocks too; then one
+y = h B_cat serves both paths.
 """
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from omnismola.experts import routing
+from omnismola.models import layers
 from omnismola.models.layers import TokenInfo
 
 MODALITIES = ("text", "image", "all")
@@ -72,31 +75,47 @@ class SMoLAPool(nnx.Module):
         logical_axes=(in_axis, "expert", None))
     self.scale = nnx.Param(jnp.ones(()), logical_axes=())
 
-  def route(self, x: jax.Array, tokens: TokenInfo):
-    """(per-token expert weights [B, T, n], Soft MoE output [B, T, d_out]).
+  def router_columns(self) -> jax.Array:
+    """scale * l2n(phi) as [d_in, n*p]: x's logits are l2n(x) times this."""
+    phi = routing.l2_normalize(self.phi[...].astype(jnp.float32), axis=0)
+    return (self.scale[...] * phi).reshape(phi.shape[0], -1)
 
-    The weights are zero except on causal tokens this pool serves; the Soft
-    MoE output is zero except on bidirectional ones.
+  def route(self, logits: jax.Array, tokens: TokenInfo):
+    """(per-token weights [B, T, n], combine and dispatch [B, T, n, p]).
+
+    From the router logits [B, T, n, p]. The per-token weights (each
+    token's combine weight summed over an expert's slots) are zero except on
+    causal tokens this pool serves; combine (a softmax over the pool's
+    slots) and dispatch (a softmax over the sequence's tokens) are zero
+    except on bidirectional ones.
     """
     serves = pool_mask(tokens, self.modality)
     grouped = serves & tokens.bidirectional
     causal = serves & ~tokens.bidirectional
-    a, b = self.a[...], self.b[...]
 
-    logits = routing.cosine_logits(x, self.phi[...], self.scale[...])
     # Combine: each token's softmax over all slots of the pool.
     combine = jax.nn.softmax(logits, axis=(-2, -1))          # [B, T, n, p]
     expert_weight = jnp.sum(combine, axis=-1) * causal[..., None]
-
+    layers.record_usage(self, jnp.sum(combine, axis=-1) * serves[..., None])
     # Soft MoE over the sequence's bidirectional tokens of this modality.
     dispatch = routing.masked_softmax(logits, grouped[:, :, None, None],
                                       axis=1)                # over tokens
-    slots_in = jnp.einsum("btnp,btd->bnpd", dispatch.astype(x.dtype), x)
-    slots_out = jnp.einsum("bnpd,dnr,nro->bnpo", slots_in, a, b)
-    grouped_combine = combine * grouped[..., None, None]
-    y_grouped = jnp.einsum("btnp,bnpo->bto", grouped_combine.astype(x.dtype),
-                           slots_out)
-    return expert_weight, self.multiplier * y_grouped
+    return expert_weight, combine * grouped[..., None, None], dispatch
+
+  def mix(self, h: jax.Array, logits: jax.Array,
+          tokens: TokenInfo) -> jax.Array:
+    """The pool's rank-space activations [B, T, n, r] from h = x A.
+
+    The pool's output is mix(h) B, summed over experts, times the
+    multiplier. Experts are linear, so a slot's output
+    (sum_t d_t x_t) A_j B_j equals (sum_t d_t h_tj) B_j: Soft MoE's slots and
+    combine work on h's rank-r blocks, and one product with B serves the
+    per-token and the slot path alike; no [tokens, experts, d_out] work.
+    """
+    expert_weight, combine, dispatch = self.route(logits, tokens)
+    slots = jnp.einsum("btnp,btnr->bnpr", dispatch.astype(h.dtype), h)
+    from_slots = jnp.einsum("btnp,bnpr->btnr", combine.astype(h.dtype), slots)
+    return h * expert_weight[..., None].astype(h.dtype) + from_slots
 
   def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
     return mix_pools([self], x, tokens)
@@ -105,24 +124,40 @@ class SMoLAPool(nnx.Module):
 def mix_pools(pools, x: jax.Array, tokens: TokenInfo) -> jax.Array:
   """The summed output of several pools on x [B, T, d_in].
 
-  The per-token (causal) paths of all pools run as one low-rank product:
-  h = x A_cat ([B, T, sum n*r]), each rank block scaled by its expert's
-  weight (and pool multiplier), y = h B_cat. One pair of wide matmuls is much
-  faster than a pair per pool, and [tokens, experts, d_out] never exists.
+  All pools run as one low-rank product: h = x A_cat ([B, T, sum n*r]), each
+  pool mixes its rank blocks (`SMoLAPool.mix`) and scales them by its
+  multiplier, y = h B_cat. One pair of wide matmuls is much faster than a
+  pair per pool, and [tokens, experts, d_out] never exists.
+
+  The routers ride on the first product: l2n(x) scales each token by one
+  number, so the cosine logits are (x [scale * l2n(phi)]) / |x|, and
+  x [A_cat | phi_cat] gives every pool's h and logits at once (measured
+  about 10% faster than a separate router product on CPU). It accumulates
+  in float32; in bfloat16 the normalised router columns are rounded to
+  bfloat16 for it.
   """
   batch, length, d_in = x.shape
-  weights, a_blocks, b_blocks = [], [], []
-  y = 0.0
+  a_cat = jnp.concatenate(
+      [pool.a[...].reshape(d_in, -1) for pool in pools], axis=1)
+  b_cat = jnp.concatenate(
+      [pool.b[...].reshape(-1, pool.b.shape[-1]) for pool in pools], axis=0)
+  phi_cat = jnp.concatenate([pool.router_columns() for pool in pools], axis=1)
+  hz = jnp.dot(x, jnp.concatenate([a_cat, phi_cat.astype(a_cat.dtype)],
+                                  axis=1),
+               preferred_element_type=jnp.float32)
+  h_cat = hz[..., :a_cat.shape[1]].astype(x.dtype)
+  z_cat = hz[..., a_cat.shape[1]:] * routing.inverse_norm(
+      x.astype(jnp.float32))
+  mixed, h_start, z_start = [], 0, 0
   for pool in pools:
-    expert_weight, y_grouped = pool.route(x, tokens)
-    y = y + y_grouped
-    n, r = pool.num_experts, pool.rank
-    weights.append(jnp.repeat(expert_weight * pool.multiplier, r, axis=-1))
-    a_blocks.append(pool.a[...].reshape(d_in, n * r))
-    b_blocks.append(pool.b[...].reshape(n * r, -1))
-  h = x @ jnp.concatenate(a_blocks, axis=1)
-  h = h * jnp.concatenate(weights, axis=-1).astype(h.dtype)
-  return y + h @ jnp.concatenate(b_blocks, axis=0)
+    n, r, p = pool.num_experts, pool.rank, pool.phi.shape[-1]
+    h = h_cat[..., h_start:h_start + n * r].reshape(batch, length, n, r)
+    logits = z_cat[..., z_start:z_start + n * p].reshape(batch, length, n, p)
+    mixed.append(pool.multiplier *
+                 pool.mix(h, logits, tokens).reshape(batch, length, n * r))
+    h_start += n * r
+    z_start += n * p
+  return jnp.concatenate(mixed, axis=-1) @ b_cat
 
 
 class SMoLA(nnx.Module):

@@ -32,7 +32,7 @@ from flax import nnx
 
 from omnismola.experts import dispatch as dispatch_lib
 from omnismola.experts import routing
-from omnismola.models.layers import TokenInfo
+from omnismola.models.layers import TokenInfo, record_usage
 
 POOLS = ("all", "image", "text")
 DISPATCHES = ("capacity", "dropless", "ragged", "blocked")
@@ -327,6 +327,9 @@ class SparseMoE(nnx.Module):
     probs = routing.masked_softmax(logits, allowed, axis=-1)
     gates, experts = top_k_gates(probs, self.top_k, self.renormalize)
     gates = gates * routed[..., None]
+    # Each token's gate mass on each expert, before any capacity drop.
+    record_usage(self, jnp.sum(jax.nn.one_hot(experts, self.num_experts) *
+                               gates[..., None], axis=-2))
     expert_fn = functools.partial(
         expert_mlp, {name: layer.weights() for name, layer in
                      self.layers.items()}, self.activation)

@@ -6,7 +6,7 @@ renormalised to sum to 1 and no token dropped, sum_c g_c MLP(x) = MLP(x)
 whatever the fresh router says, so the MoE model computes exactly its dense
 parent at initialisation (tested) and training starts from the dense
 model's quality. Awaker2.5-VL's second stage likewise turns one trained
-LoRA into several LoRA experts.
+LoRA into several LoRA experts (`upcycle_lora`).
 
 Pure functions over parameter pytrees (nested dicts of arrays, as
 `nnx.to_pure_dict` gives); leading axes, such as a scanned stack's
@@ -78,9 +78,46 @@ def upcycle_mlp(dense, moe, *, noise_std: float = 0.0,
   """
   num_experts = moe["router"].shape[-1]
   layers = expert_copies(dense, num_experts, noise_std=noise_std, key=key)
-  shapes = lambda tree: jax.tree.map(jnp.shape, tree)
-  if shapes(layers) != shapes(moe["layers"]):
-    raise ValueError("upcycle_mlp: the dense block's copies "
-                     f"{shapes(layers)} do not fit the MoE's experts "
-                     f"{shapes(moe['layers'])}.")
+  _check_fits("upcycle_mlp", "the dense block's copies", layers,
+              "the MoE's experts", moe["layers"])
   return {**moe, "layers": layers}
+
+
+def upcycle_lora(lora, sparse_lora, *, noise_std: float = 0.0,
+                 key: jax.Array | None = None):
+  """`sparse_lora` parameters whose experts are copies of one LoRA.
+
+  Awaker2.5-VL's second stage: every routed expert, and the global expert,
+  starts as the stage-I LoRA. With top-1 routing and a global expert the
+  gates sum to 1 (g + (1 - g)), so without noise the upcycled adapter
+  computes the LoRA on every real token (tested through
+  `train.init.load_partial`).
+
+  Args:
+    lora: a LoRA's parameters {a [..., in, r], b [..., r, out]}.
+    sparse_lora: the SparseLoRA's fresh parameters {router, experts: {a,
+      b}, global_expert (optional), scale (optional)}; router and scale
+      are kept.
+    noise_std, key: see `expert_copies`; the noise goes on the routed
+      experts, the global expert is an exact copy.
+
+  Returns:
+    `sparse_lora` with `experts` (and `global_expert`) replaced.
+  """
+  num_experts = sparse_lora["experts"]["a"].shape[-3]
+  copies = {"experts": expert_copies(lora, num_experts, noise_std=noise_std,
+                                     key=key)}
+  if "global_expert" in sparse_lora:
+    copies["global_expert"] = lora
+  fresh = {name: sparse_lora[name] for name in copies}
+  _check_fits("upcycle_lora", "the LoRA's copies", copies,
+              "the sparse_lora's experts", fresh)
+  return {**sparse_lora, **copies}
+
+
+def _check_fits(caller: str, what: str, copies, into: str, fresh) -> None:
+  """Raises unless `copies` has the shapes of the `fresh` parameters."""
+  shapes = lambda tree: jax.tree.map(jnp.shape, tree)
+  if shapes(copies) != shapes(fresh):
+    raise ValueError(f"{caller}: {what} {shapes(copies)} do not fit {into} "
+                     f"{shapes(fresh)}.")

@@ -1,35 +1,90 @@
-"""Connectors: vision tokens [B, N, d_vit] -> decoder inputs [B, N, d_dec].
+"""Connectors: vision features -> decoder-width image tokens [B, L, d_dec].
 
 `make_connector(kind, ...)` is the one entry point; kinds register in
-`CONNECTORS`, so the multi-encoder connector (MoME's MoVE) slots in beside
-`linear` and `mlp` without touching the VLM. Connectors return `(y, aux)`
+`CONNECTORS` and share one signature: built from the vision encoders'
+configs ({module name: ViTConfig}, `vit` first), called as
+`y, aux = connector(features, tokens)` with one feature map [B, N_i, d_i]
+per encoder and the TokenInfo of the L output tokens. They return `(y, aux)`
 like MLP blocks (aux {module path: aux}, {} without routers).
+
+* `linear` (PaliGemma) and `mlp` (LLaVA, CuMo) map one encoder's tokens
+  one to one (L = N).
+* `move` (MoME's MoVE) mixes two or more encoders: per encoder an adaptive
+  transformation (ADT) to L tokens and a projection, then an instance-level
+  soft router weighs the encoders (`MoVEConnector`).
 
 CuMo's MoE connector is not a kind of its own: the `mlp` connector builds
 its block through the MLP factory at `connector/mlp`, so a `sparse_moe`
 entry of `config.experts` with `targets='connector/mlp'` replaces it, with
 the same options, upcycling and aux losses as the towers' MLPs.
 """
+import dataclasses
+import math
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from omnismola.models import layers
+from omnismola.models import stack
 from omnismola.models.layers import (LinearFactory, MlpFactory, TokenInfo,
-                                     keyed_aux)
+                                     child_linear, keyed_aux, record_usage)
+from omnismola.models.vit import ViTConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class MoVEConfig:
+  """Options of the `move` connector (`model.move`).
+
+  Attributes:
+    num_tokens: L, the image tokens every encoder is pooled to and the
+      decoder sees; a square number (the pooled grid is sqrt(L) x sqrt(L)).
+      0 = the primary encoder's (`vit`) patch count.
+    adt_depth: M, layers of each encoder's adaptive transformation (MoME
+      uses 6; 1 keeps the CPU default small).
+    router_dim: hidden width of the router MLP; 0 = the decoder width.
+  """
+  num_tokens: int = 0
+  adt_depth: int = 1
+  router_dim: int = 0
+
+  def __post_init__(self):
+    if self.num_tokens < 0 or math.isqrt(self.num_tokens)**2 != self.num_tokens:
+      raise ValueError(f"model.move.num_tokens={self.num_tokens} must be a "
+                       "square number (the side of the pooled grid squared) "
+                       "or 0 for the primary encoder's patch count.")
+    if self.adt_depth < 1:
+      raise ValueError(f"model.move.adt_depth={self.adt_depth} must be >= 1.")
+    if self.router_dim < 0:
+      raise ValueError(f"model.move.router_dim={self.router_dim} must be "
+                       ">= 1, or 0 for the decoder width.")
+
+
+def _single_encoder(kind: str, encoders: dict[str, ViTConfig]) -> ViTConfig:
+  if len(encoders) != 1:
+    raise ValueError(f"connector={kind!r} maps one vision encoder, got "
+                     f"{len(encoders)} ({sorted(encoders)}); mixing several "
+                     "needs connector='move'.")
+  return next(iter(encoders.values()))
 
 
 class LinearConnector(nnx.Module):
   """One projection, as in PaliGemma."""
 
-  def __init__(self, path: str, in_features: int, out_features: int, *,
+  def __init__(self, path: str, encoders: dict[str, ViTConfig],
+               out_features: int, *, move: MoVEConfig,
                make_linear: LinearFactory, make_mlp: MlpFactory,
                rngs: nnx.Rngs):
-    del make_mlp  # No MLP block here.
+    del move, make_mlp  # No options, no MLP block here.
+    in_features = _single_encoder("linear", encoders).width
     # Both sides are model widths; `embed` twice lets the sharding rules
     # shard one of them (they never shard a mesh axis twice).
     self.proj = make_linear(f"{path}/proj", in_features, out_features,
                             axes=("embed", "embed"), use_bias=True, rngs=rngs)
 
-  def __call__(self, x: jax.Array, tokens: TokenInfo):
+  def __call__(self, features: tuple[jax.Array, ...], tokens: TokenInfo):
+    (x,) = features
     return self.proj(x, tokens), {}
 
 
@@ -40,33 +95,260 @@ class MlpConnector(nnx.Module):
   `<path>/mlp`, so `sparse_moe` experts of `gelu` activation mirror it.
   """
 
-  def __init__(self, path: str, in_features: int, out_features: int, *,
+  def __init__(self, path: str, encoders: dict[str, ViTConfig],
+               out_features: int, *, move: MoVEConfig,
                make_linear: LinearFactory, make_mlp: MlpFactory,
                rngs: nnx.Rngs):
+    del move  # No options.
+    in_features = _single_encoder("mlp", encoders).width
     self.mlp_path = f"{path}/mlp"
     self.mlp = make_mlp(self.mlp_path, in_features, out_features,
                         activation="gelu", make_linear=make_linear,
                         rngs=rngs, out_features=out_features)
 
-  def __call__(self, x: jax.Array, tokens: TokenInfo):
+  def __call__(self, features: tuple[jax.Array, ...], tokens: TokenInfo):
+    (x,) = features
     y, aux = self.mlp(x, tokens)
     return y, keyed_aux(self.mlp_path, aux)
+
+
+# --- MoVE (MoME) -----------------------------------------------------------
+
+
+def adaptive_pool_matrix(size_in: int, size_out: int) -> np.ndarray:
+  """float32 [size_out, size_in]: row i averages the inputs of output bin i.
+
+  Bin i covers [floor(i n / m), ceil((i + 1) n / m)) (n = size_in,
+  m = size_out), the bins of PyTorch's adaptive average pooling, which
+  MoME's ADT uses: bins overlap when m does not divide n, and repeat inputs
+  when m > n.
+  """
+  matrix = np.zeros((size_out, size_in), np.float32)
+  for i in range(size_out):
+    start = (i * size_in) // size_out
+    end = -(-(i + 1) * size_in // size_out)
+    matrix[i, start:end] = 1.0 / (end - start)
+  return matrix
+
+
+def adaptive_avg_pool(x: jax.Array, grid: int, side: int) -> jax.Array:
+  """2D adaptive average pooling of a patch grid.
+
+  Args:
+    x: [B, grid * grid, C], patch tokens in row-major order (the ViT's).
+    grid: the patch grid's side.
+    side: the pooled grid's side.
+
+  Returns:
+    [B, side * side, C], row-major.
+  """
+  batch, _, channels = x.shape
+  pool = jnp.asarray(adaptive_pool_matrix(grid, side), x.dtype)
+  y = x.reshape(batch, grid, grid, channels)
+  # Rows, then columns: two small products (train/flops.py counts them).
+  y = jnp.einsum("ih,bhwc->biwc", pool, y)
+  y = jnp.einsum("jw,biwc->bijc", pool, y)
+  return y.reshape(batch, side * side, channels)
+
+
+class CrossAttention(nnx.Module):
+  """Multi-head attention from queries [B, L, d] to a feature map [B, N, d].
+
+  MoME's ADT uses deformable cross-attention (8 heads x 4 sampling points
+  around learned reference points); this is plain multi-head attention
+  over the whole map, a documented simplification (docs/seeds.md).
+  """
+
+  def __init__(self, path: str, width: int, *, num_heads: int,
+               make_linear: LinearFactory, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    linear = child_linear(make_linear, path, use_bias=True, rngs=rngs)
+    self.q = linear("q", width, width, ("embed", "heads"))
+    self.k = linear("k", width, width, ("embed", "kv"))
+    self.v = linear("v", width, width, ("embed", "kv"))
+    self.o = linear("o", width, width, ("heads", "embed"))
+
+  def __call__(self, x: jax.Array, tokens: TokenInfo, features: jax.Array,
+               feature_tokens: TokenInfo) -> jax.Array:
+    """[B, L, d] queries (TokenInfo `tokens`) attend to `features` [B, N, d]
+    (TokenInfo `feature_tokens`); returns [B, L, d]."""
+    split = lambda y: y.reshape(y.shape[0], y.shape[1], self.num_heads, -1)
+    q = split(self.q(x, tokens))
+    k = split(self.k(features, feature_tokens))
+    v = split(self.v(features, feature_tokens))
+    out = layers.attend(q, k, v, None, scale=q.shape[-1]**-0.5)
+    out = out.reshape(x.shape[0], x.shape[1], -1)
+    return self.o(out, tokens)
+
+
+class AdaptiveLayer(nnx.Module):
+  """One ADT layer at an encoder's width: pre-LN self-attention among the
+  pooled queries, cross-attention to the encoder's full map, MLP."""
+
+  def __init__(self, path: str, config: ViTConfig, *,
+               make_linear: LinearFactory, make_mlp: MlpFactory,
+               rngs: nnx.Rngs):
+    heads = config.num_heads
+    self.norm1 = layers.LayerNorm(config.width, eps=config.norm_eps)
+    self.self_attn = layers.Attention(
+        f"{path}/self_attn", config.width, num_heads=heads,
+        num_kv_heads=heads, head_dim=config.width // heads, use_bias=True,
+        rope_max_wavelength=None, make_linear=make_linear, rngs=rngs)
+    self.norm2 = layers.LayerNorm(config.width, eps=config.norm_eps)
+    self.cross_attn = CrossAttention(f"{path}/cross_attn", config.width,
+                                     num_heads=heads, make_linear=make_linear,
+                                     rngs=rngs)
+    self.norm3 = layers.LayerNorm(config.width, eps=config.norm_eps)
+    self.mlp_path = f"{path}/mlp"
+    self.mlp = make_mlp(self.mlp_path, config.width, config.mlp_dim,
+                        activation="gelu", make_linear=make_linear, rngs=rngs)
+
+  def __call__(self, x: jax.Array, tokens: TokenInfo, features: jax.Array,
+               feature_tokens: TokenInfo):
+    """(x [B, L, width], aux {module path: aux})."""
+    attn, _ = self.self_attn(self.norm1(x), tokens, mask=None)
+    x = x + attn
+    x = x + self.cross_attn(self.norm2(x), tokens, features, feature_tokens)
+    mlp, aux = self.mlp(self.norm3(x), tokens)
+    x = layers.constrain(x + mlp, ("batch", "length", "embed"))
+    return x, keyed_aux(self.mlp_path, aux)
+
+
+class MoVEBranch(nnx.Module):
+  """One encoder's path through MoVE: f_i = proj(ADT(pool(x), x)).
+
+  `x` [B, N_i, d_i] is pooled to L tokens, refined by `adt_depth` ADT
+  layers (a scanned stack at `<path>/layers`) that attend to the full map,
+  normalised, and projected to the decoder width.
+  """
+
+  def __init__(self, path: str, encoder: ViTConfig, num_tokens: int,
+               adt_depth: int, out_features: int, *,
+               make_linear: LinearFactory, make_mlp: MlpFactory,
+               rngs: nnx.Rngs):
+    self.grid = encoder.image_size // encoder.patch_size
+    self.side = math.isqrt(num_tokens)
+    self.segments = stack.add_tower_layers(
+        self, AdaptiveLayer, f"{path}/layers",
+        dataclasses.replace(encoder, depth=adt_depth),
+        make_linear=make_linear, make_mlp=make_mlp, rngs=rngs)
+    self.norm = layers.LayerNorm(encoder.width, eps=encoder.norm_eps)
+    self.proj = make_linear(f"{path}/proj", encoder.width, out_features,
+                            axes=("embed", "embed"), use_bias=True, rngs=rngs)
+
+  def __call__(self, features: jax.Array, tokens: TokenInfo):
+    """[B, N_i, d_i] -> ([B, L, d_dec], aux stacked [adt_depth, ...])."""
+    feature_tokens = TokenInfo.image(features.shape[0], features.shape[1],
+                                     tokens.instance)
+    x = adaptive_avg_pool(features, self.grid, self.side)
+
+    def body(layer, x, _):
+      x, aux = layer(x, tokens, features, feature_tokens)
+      return x, None, aux
+
+    x, _, aux = stack.scan_tower(self, self.segments, body, x, ())
+    return self.proj(self.norm(x), tokens), aux
+
+
+class InstanceRouter(nnx.Module):
+  """MoME's router G(I) = softmax(W2 gelu(W1 I + b1) + b2) over choices.
+
+  I is one vector per example, so every token of an example gets the same
+  weights (instance-level routing).
+  """
+
+  def __init__(self, path: str, in_features: int, hidden: int,
+               num_choices: int, *, make_linear: LinearFactory,
+               rngs: nnx.Rngs):
+    linear = child_linear(make_linear, path, use_bias=True, rngs=rngs)
+    self.hidden = linear("hidden", in_features, hidden, ("embed", "mlp"))
+    # The few choices are never sharded.
+    self.out = linear("out", hidden, num_choices, ("mlp", None))
+
+  def __call__(self, instance: jax.Array) -> jax.Array:
+    """float32 [B, num_choices] weights (summing to 1) from [B, in]."""
+    # The linears see one token per example: the prompt's mean embedding,
+    # a text summary of the bidirectional prefix.
+    ones = jnp.ones((instance.shape[0], 1), bool)
+    tokens = TokenInfo.text(valid=ones, bidirectional=ones).replace(
+        instance=instance)
+    hidden = jax.nn.gelu(self.hidden(instance[:, None], tokens))
+    logits = self.out(hidden, tokens)[:, 0]
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+class MoVEConnector(nnx.Module):
+  """MoME's mixture of vision encoders: F = sum_i G(I)_i f_i.
+
+  One `MoVEBranch` per encoder at `<path>/<encoder name>` (`connector/vit`,
+  `connector/vit_1`, ...) and an `InstanceRouter` at `<path>/router` fed
+  `tokens.instance` (the mean embedding of the prompt: our stand-in for
+  MoME's Sentence-BERT embedding of the instruction). While recording
+  (`layers.recording_usage`) it keeps the weights [B, L, encoders] as its
+  `usage` intermediate.
+  """
+
+  def __init__(self, path: str, encoders: dict[str, ViTConfig],
+               out_features: int, *, move: MoVEConfig,
+               make_linear: LinearFactory, make_mlp: MlpFactory,
+               rngs: nnx.Rngs):
+    if len(encoders) < 2:
+      raise ValueError(f"connector='move' mixes two or more vision encoders, "
+                       f"got {sorted(encoders)}: add encoders to "
+                       "model.extra_vits.")
+    primary = next(iter(encoders.values()))
+    num_tokens = move.num_tokens or primary.num_patches
+    self.names = tuple(encoders)
+    for name, encoder in encoders.items():
+      setattr(self, name, MoVEBranch(
+          f"{path}/{name}", encoder, num_tokens, move.adt_depth, out_features,
+          make_linear=make_linear, make_mlp=make_mlp, rngs=rngs))
+    self.router = InstanceRouter(f"{path}/router", out_features,
+                                 move.router_dim or out_features,
+                                 len(encoders), make_linear=make_linear,
+                                 rngs=rngs)
+
+  def __call__(self, features: tuple[jax.Array, ...], tokens: TokenInfo):
+    """One feature map per encoder -> ([B, L, d_dec], aux)."""
+    if tokens.instance is None:
+      raise ValueError("connector='move' routes by TokenInfo.instance (the "
+                       "prompt's mean embedding); embed_image needs it.")
+    weights = self.router(tokens.instance)  # [B, encoders]
+    record_usage(self, jnp.broadcast_to(
+        weights[:, None], (weights.shape[0], tokens.valid.shape[1],
+                           weights.shape[1])))
+    mixed, aux = 0.0, {}
+    for i, (name, x) in enumerate(zip(self.names, features, strict=True)):
+      y, branch_aux = getattr(self, name)(x, tokens)
+      mixed = mixed + weights[:, i, None, None].astype(y.dtype) * y
+      aux.update(branch_aux)
+    return mixed, aux
 
 
 CONNECTORS = {
     "linear": LinearConnector,
     "mlp": MlpConnector,
+    "move": MoVEConnector,
 }
 
 
-def make_connector(kind: str, path: str, in_features: int, out_features: int,
-                   *, make_linear: LinearFactory, make_mlp: MlpFactory,
+def make_connector(kind: str, path: str, encoders: dict[str, ViTConfig],
+                   out_features: int, *, move: MoVEConfig,
+                   make_linear: LinearFactory, make_mlp: MlpFactory,
                    rngs: nnx.Rngs) -> nnx.Module:
-  """The connector of the given kind, called as `y, aux = connector(x,
-  tokens)`."""
+  """The connector of the given kind, called as `y, aux = connector(features,
+  tokens)` (see module docstring).
+
+  Args:
+    kind: a key of CONNECTORS (`model.connector`).
+    path: where its parameters live (`connector`).
+    encoders: {module name: ViTConfig} of the vision encoders, `vit` first.
+    out_features: the decoder width.
+    move: options of the `move` kind (`model.move`).
+  """
   if kind not in CONNECTORS:
-    raise ValueError(f"Unknown connector {kind!r}; known connectors: "
-                     f"{sorted(CONNECTORS)}.")
-  return CONNECTORS[kind](path, in_features, out_features,
+    raise ValueError(f"Unknown connector {kind!r} (model.connector); known "
+                     f"connectors: {sorted(CONNECTORS)}.")
+  return CONNECTORS[kind](path, encoders, out_features, move=move,
                           make_linear=make_linear, make_mlp=make_mlp,
                           rngs=rngs)

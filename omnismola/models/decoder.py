@@ -7,12 +7,14 @@ field: norms after attention and after the MLP (`post_norms`), soft caps on
 attention and output logits, query scaling by `query_pre_attn_scalar`, and
 a sliding attention window on the even-numbered layers.
 
-The layers are one scanned stack (`stack.py`); every linear layer and MLP
-block is built by a factory, so experts attach by path. The MLP blocks are
-built with `causal=True`: suffix tokens must not see later tokens, not even
-through an MLP's routing. The decoder does not build
-attention masks or positions: the caller (`vlm.py`) owns the sequence layout
-and hands them in, together with the TokenInfo. The KV cache is a pytree
+The layers are one scanned stack (`stack.py`), or one per segment where
+experts attach to some layers only (`decoder/layers_0_4`, ...); per-layer
+inputs (the KV cache, which layers slide) keep their axis over all layers.
+Every linear layer and MLP block is built by a factory, so experts attach by
+path. The MLP blocks are built with `causal=True`: suffix tokens must not
+see later tokens, not even through an MLP's routing. The decoder does not
+build attention masks or positions: the caller (`vlm.py`) owns the sequence
+layout and hands them in, together with the TokenInfo. The KV cache is a pytree
 passed in and returned, never stored in the module, so decoding stays a pure
 function that jit and scan can carry.
 """
@@ -190,9 +192,9 @@ class Decoder(nnx.Module):
     self.config = config
     self.remat_policy = remat_policy
     self.embedder = Embedder(config.vocab_size, config.width, rngs=rngs)
-    self.layers = stack.create_tower_layers(
-        DecoderLayer, f"{path}/layers", config, make_linear=make_linear,
-        make_mlp=make_mlp, rngs=rngs)
+    self.segments = stack.add_tower_layers(
+        self, DecoderLayer, f"{path}/layers", config,
+        make_linear=make_linear, make_mlp=make_mlp, rngs=rngs)
     self.final_norm = layers.RMSNorm(config.width, eps=config.norm_eps)
 
   def embed(self, text: jax.Array) -> jax.Array:
@@ -223,7 +225,7 @@ class Decoder(nnx.Module):
     Returns:
       (h [B, T, width] after the final norm, (k, v) [depth, B, S, K, D]
        attended to: the updated cache, or None without one, aux {module
-       path: aux} stacked [depth, ...]).
+       path: aux} stacked over the layers of each segment).
     """
     sliding = self.config.sliding_layers()
     if sliding.any() and sliding_mask is None:
@@ -240,7 +242,7 @@ class Decoder(nnx.Module):
       return x, (layer_kv if kv is not None else None), aux
 
     x = layers.constrain(x, ("batch", "length", "embed"))
-    x, new_kv, aux = stack.scan_stack(self.layers, body, x,
+    x, new_kv, aux = stack.scan_tower(self, self.segments, body, x,
                                       (jnp.asarray(sliding), kv),
                                       remat_policy=self.remat_policy)
     return self.final_norm(x), new_kv, aux

@@ -94,6 +94,24 @@ def record_usage(module: nnx.Module, weights: jax.Array) -> None:
     module.sow(nnx.Intermediate, "usage", weights)
 
 
+def pop_usage(module: nnx.Module, prefix: str = "") -> dict[str, jax.Array]:
+  """Removes the usage recorded inside `module` and returns it keyed by path.
+
+  Returns {'<prefix>/<router path>/usage': weights [B, T, E]}, the router
+  path relative to `module`; {} when nothing was recorded (not recording).
+  """
+  recorded = nnx.pop(module, nnx.All(nnx.Intermediate,
+                                     nnx.PathContains("usage")))
+  usage = {}
+  for path, variable in nnx.to_flat_state(recorded):
+    calls = variable.get_value()
+    if len(calls) != 1:
+      raise ValueError(f"{'/'.join(map(str, path))}: recorded usage "
+                       f"{len(calls)} times in one pass; a router runs once.")
+    usage["/".join(map(str, (prefix, *path) if prefix else path))] = calls[0]
+  return usage
+
+
 @flax.struct.dataclass
 class TokenInfo:
   """What each position of a [B, T] token sequence is.
@@ -190,10 +208,16 @@ class Dense(nnx.Module):
     y = x.astype(kernel.dtype) @ kernel
     if self.bias is not None:
       y = y + self.bias[...]
-    if self.adapters is not None:
-      for adapter in self.adapters.values():
-        y = y + adapter(x, tokens).astype(y.dtype)
-    return y
+    return add_adapters(y, self.adapters, x, tokens)
+
+
+def add_adapters(y: jax.Array, adapters: nnx.Dict | None, x: jax.Array,
+                 tokens: TokenInfo) -> jax.Array:
+  """y plus every adapter's output on the module's input x (None: y)."""
+  if adapters is not None:
+    for adapter in adapters.values():
+      y = y + adapter(x, tokens).astype(y.dtype)
+  return y
 
 
 def make_dense(path: str, in_features: int, out_features: int, *, axes: Axes,
@@ -381,38 +405,47 @@ class Mlp(nnx.Module):
   """The ViT's MLP: fc2(gelu(fc1(x))), with biases (SigLIP layout).
 
   Also the `mlp` connector (LLaVA's two-layer GELU projection), which maps
-  to another width: `out_features` (default `width`).
+  to another width: `out_features` (default `width`). Adapters beside the
+  block (as `Dense`'s, at `<path>/adapters/<name>`) add their outputs on
+  the block's input to its output.
   """
 
   def __init__(self, path: str, width: int, mlp_dim: int, *,
                make_linear: LinearFactory, rngs: nnx.Rngs,
-               out_features: int | None = None):
+               out_features: int | None = None,
+               adapters: dict[str, nnx.Module] | None = None):
     linear = child_linear(make_linear, path, use_bias=True, rngs=rngs)
     self.fc1 = linear("fc1", width, mlp_dim, ("embed", "mlp"))
     self.fc2 = linear("fc2", mlp_dim, out_features or width, ("mlp", "embed"))
+    self.adapters = nnx.Dict(adapters) if adapters else None
 
   def __call__(self, x: jax.Array, tokens: TokenInfo):
     hidden = jax.nn.gelu(self.fc1(x, tokens), approximate=True)
     hidden = constrain(hidden, ("batch", "length", "mlp"))
-    return self.fc2(hidden, tokens), {}
+    y = self.fc2(hidden, tokens)
+    return add_adapters(y, self.adapters, x, tokens), {}
 
 
 class GeGLU(nnx.Module):
-  """Gemma's MLP: down(gelu(gate(x)) * up(x)), without biases."""
+  """Gemma's MLP: down(gelu(gate(x)) * up(x)), without biases; adapters as
+  `Mlp`'s."""
 
   def __init__(self, path: str, width: int, mlp_dim: int, *,
                make_linear: LinearFactory, rngs: nnx.Rngs,
-               out_features: int | None = None):
+               out_features: int | None = None,
+               adapters: dict[str, nnx.Module] | None = None):
     linear = child_linear(make_linear, path, use_bias=False, rngs=rngs)
     self.gate = linear("gate", width, mlp_dim, ("embed", "mlp"))
     self.up = linear("up", width, mlp_dim, ("embed", "mlp"))
     self.down = linear("down", mlp_dim, out_features or width,
                        ("mlp", "embed"))
+    self.adapters = nnx.Dict(adapters) if adapters else None
 
   def __call__(self, x: jax.Array, tokens: TokenInfo):
     hidden = jax.nn.gelu(self.gate(x, tokens), approximate=True)
     hidden = constrain(hidden * self.up(x, tokens), ("batch", "length", "mlp"))
-    return self.down(hidden, tokens), {}
+    y = self.down(hidden, tokens)
+    return add_adapters(y, self.adapters, x, tokens), {}
 
 
 # activation -> the dense MLP block with it; sparse MoE experts mirror these
@@ -423,7 +456,8 @@ MLPS = {"gelu": Mlp, "geglu": GeGLU}
 def make_mlp(path: str, width: int, mlp_dim: int, *, activation: str,
              make_linear: LinearFactory, rngs: nnx.Rngs,
              match_paths: tuple[str, ...] | None = None,
-             out_features: int | None = None, causal: bool = False):
+             out_features: int | None = None, causal: bool = False,
+             adapters: dict[str, nnx.Module] | None = None):
   """The default MlpFactory: the dense MLP block of the given activation.
 
   Args:
@@ -437,13 +471,15 @@ def make_mlp(path: str, width: int, mlp_dim: int, *, activation: str,
     out_features: output width (default `width`).
     causal: some of the block's tokens attend causally, so a token's output
       must not depend on other tokens. A dense block is per-token anyway.
+    adapters: {name: module} added beside the block (`experts/attach.py`).
   """
   del match_paths, causal  # Only factories that attach experts use them.
   if activation not in MLPS:
     raise ValueError(f"{path}: unknown MLP activation {activation!r}; "
                      f"expected one of {sorted(MLPS)}.")
   return MLPS[activation](path, width, mlp_dim, make_linear=make_linear,
-                          rngs=rngs, out_features=out_features)
+                          rngs=rngs, out_features=out_features,
+                          adapters=adapters)
 
 
 def keyed_aux(path: str, aux) -> dict:

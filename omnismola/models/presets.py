@@ -6,15 +6,16 @@
 
 Overrides are flat keys: `vit_<field>` for ViTConfig fields,
 `decoder_<field>` for DecoderConfig fields, and the VLMConfig fields
-(`connector`, `remat_policy`). Flat keys map one-to-one onto
-`--config.model...` style overrides and typos fail loudly: an unknown key is
-an error that lists the valid ones.
+(`connector`, `remat_policy`, `extra_vits`, `move`). Flat keys map
+one-to-one onto `--config.model...` style overrides and typos fail loudly:
+an unknown key is an error that lists the valid ones.
 
 Large presets are built with `jax.eval_shape` in tests only (their parameter
 counts are checked against the published figures) and in the AOT check.
 """
 import dataclasses
 
+from omnismola.models.connectors import MoVEConfig
 from omnismola.models.decoder import DecoderConfig
 from omnismola.models.vit import ViTConfig
 from omnismola.models.vlm import VLMConfig

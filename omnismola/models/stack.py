@@ -1,28 +1,56 @@
-"""Stacks of identical layers: one module with a leading layer axis, run by scan.
+"""Towers of layers: segments of identical layers, each one scanned stack.
 
-A tower of `depth` layers is created once under `nnx.vmap`, so every
-parameter gets a leading `layers` axis, and applied with `nnx.scan`, so the
-compiled program holds one layer body whatever the depth (compile time stays
-flat from 2 to 24 layers and beyond; tests/test_models.py measures it).
+A stack of `depth` identical layers is created once under `nnx.vmap`, so
+every parameter gets a leading `layers` axis, and applied with `lax.scan`,
+so the compiled program holds one layer body whatever the depth (compile
+time stays flat from 2 to 24 layers and beyond; tests/test_models.py
+measures it).
 
-Expert configs still address single layers: a linear layer or MLP block of
-a stack at `decoder/layers` lives at `decoder/layers/attn/q` but matches its
-`targets` regex as `decoder/layers/0/attn/q`, ...,
-`decoder/layers/{depth-1}/attn/q` (see `stacked_factory`). A stack is
-homogeneous, so a regex must match all of its layers or none.
+Expert configs address single layers: a linear layer or MLP block of the
+tower `decoder/layers` matches its `targets` regex as
+`decoder/layers/0/attn/q`, ..., `decoder/layers/{depth-1}/attn/q`, by its
+global layer index. Layers whose experts differ cannot share a stack, so a
+tower is split into segments, runs of consecutive layers that the expert
+factories treat alike (`tower_segments`):
+
+* one segment (every dense model; experts on all layers): one stack at
+  `decoder/layers`, parameters `decoder/layers/attn/q/kernel` [depth, ...],
+  the layout of converted checkpoints;
+* several (e.g. MoE MLPs in layers 0-3 of 8): stacks at
+  `decoder/layers_0_4` and `decoder/layers_4_8` (layers [start, stop)),
+  siblings of the tower's owner, run one after the other.
+
+Which experts a layer gets is asked of the factories without building
+anything: a factory that attaches experts is a method of an object with
+`experts_at(path)` (`experts/attach.py`'s ExpertFactory), which returns the
+entries whose targets match `path`; plain factories (`make_dense`,
+`make_mlp`) attach nothing, so their towers are one segment.
 
 Layers return their auxiliary outputs (routers' losses and statistics, a
-dict {module path: aux}); `scan_stack` stacks them along the layer axis, so
-`decoder/layers/mlp`'s balance loss comes back as [depth].
+dict {module path: aux}); `scan_tower` stacks them along each segment's
+layer axis, so `decoder/layers/mlp`'s balance loss comes back as [depth]
+(`decoder/layers_0_4/mlp`'s as [4]). Per-layer inputs and outputs (the KV
+cache, which layers use a sliding window) keep a leading axis over the
+whole tower: `scan_tower` slices them per segment and joins the results.
+
+A checkpoint written with another segmentation (a converted PaliGemma, a
+dense run) loads through `restack`, which slices and joins its stacked
+arrays into the segments a model has.
 
 Rematerialisation trades compute for memory per layer; the policy is a
 config field (`model.remat_policy`).
 """
-from typing import Any, Callable
+import dataclasses
+import functools
+import re
+from typing import Any, Callable, Hashable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from omnismola.models import layers
 
 # Name -> what the backward pass may keep of a layer's forward pass.
 REMAT_POLICIES: dict[str, Any] = {
@@ -41,19 +69,93 @@ def check_remat_policy(name: str) -> None:
                      f"{sorted(REMAT_POLICIES)}.")
 
 
-def stacked_factory(make: Callable[..., nnx.Module], prefix: str,
-                    depth: int) -> Callable[..., nnx.Module]:
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """Layers [start, stop) of a tower, one stack with parameters at `path`."""
+  path: str
+  start: int
+  stop: int
+
+  @property
+  def attribute(self) -> str:
+    """The attribute of the tower's owner holding the stack."""
+    return self.path.rsplit("/", 1)[-1]
+
+
+def segment_path(prefix: str, start: int, stop: int, depth: int) -> str:
+  """Where layers [start, stop) of the tower `prefix` live: `prefix` itself
+  for the whole tower, `prefix_start_stop` for a part."""
+  return prefix if (start, stop) == (0, depth) else f"{prefix}_{start}_{stop}"
+
+
+def split_segments(signatures: list[Hashable], prefix: str
+                   ) -> tuple[Segment, ...]:
+  """Runs of consecutive layers with equal signatures, as segments."""
+  depth, starts = len(signatures), [0]
+  starts += [i for i in range(1, depth) if signatures[i] != signatures[i - 1]]
+  return tuple(Segment(segment_path(prefix, start, stop, depth), start, stop)
+               for start, stop in zip(starts, starts[1:] + [depth]))
+
+
+def _expert_matchers(*factories) -> list[Callable[[str], Hashable]]:
+  """`experts_at` of the objects the factories are methods of, once each."""
+  owners = []
+  for make in factories:
+    owner = getattr(make, "__self__", None)
+    if hasattr(owner, "experts_at") and not any(o is owner for o in owners):
+      owners.append(owner)
+  return [owner.experts_at for owner in owners]
+
+
+def _module_suffixes(layer_cls, prefix: str, config) -> list[str]:
+  """Paths, relative to `prefix`, of the linear layers and MLP blocks of one
+  `layer_cls` layer built with the plain factories (traced, not allocated)."""
+  suffixes = []
+
+  def recording(make):
+    def make_recorded(path, *args, **kwargs):
+      suffixes.append(path[len(prefix):])
+      return make(path, *args, **kwargs)
+    return make_recorded
+
+  nnx.eval_shape(lambda: layer_cls(
+      prefix, config, make_linear=recording(layers.make_dense),
+      make_mlp=recording(layers.make_mlp), rngs=nnx.Rngs(0)))
+  return suffixes
+
+
+def tower_segments(layer_cls, prefix: str, config, *, make_linear,
+                   make_mlp) -> tuple[Segment, ...]:
+  """The segments of a tower of `config.depth` layers at `prefix`.
+
+  Layer i's signature is what the factories attach to each of its modules
+  at their match paths `prefix/i/...`; consecutive layers with equal
+  signatures share a segment.
+  """
+  matchers = _expert_matchers(make_linear, make_mlp)
+  if not matchers:
+    return split_segments([()] * config.depth, prefix)
+  suffixes = _module_suffixes(layer_cls, prefix, config)
+  signature = lambda i: tuple(match(f"{prefix}/{i}{suffix}")
+                              for suffix in suffixes for match in matchers)
+  return split_segments([signature(i) for i in range(config.depth)], prefix)
+
+
+def stacked_factory(make: Callable[..., nnx.Module], segment: Segment,
+                    prefix: str) -> Callable[..., nnx.Module]:
   """A module factory (LinearFactory, MlpFactory) for the layer of a stack.
 
   `make(path, ...)` is called with `match_paths`, the module's path as seen
-  in each of the stack's `depth` layers at `prefix`.
+  in each layer of `segment` of the tower `prefix`: `prefix/i/...` with the
+  global layer index i.
   """
 
   def make_stacked(path: str, *args, **kwargs):
-    if not path.startswith(prefix + "/"):
-      raise ValueError(f"{path} is not inside the stack {prefix}.")
-    suffix = path[len(prefix):]
-    match_paths = tuple(f"{prefix}/{i}{suffix}" for i in range(depth))
+    if not path.startswith(segment.path + "/"):
+      raise ValueError(f"{path} is not inside the stack {segment.path}.")
+    suffix = path[len(segment.path):]
+    match_paths = tuple(f"{prefix}/{i}{suffix}"
+                        for i in range(segment.start, segment.stop))
     return make(path, *args, match_paths=match_paths, **kwargs)
 
   return make_stacked
@@ -77,18 +179,30 @@ def create_stack(make_layer: Callable[[nnx.Rngs], nnx.Module], depth: int,
   return stack
 
 
-def create_tower_layers(layer_cls, prefix: str, config, *, make_linear,
-                        make_mlp, rngs: nnx.Rngs) -> nnx.Module:
-  """The `config.depth` layers of a tower, `layer_cls(prefix, config, ...)`,
-  stacked, with their linears and MLPs matching per layer (see above)."""
-  in_stack = lambda make: stacked_factory(make, prefix, config.depth)
-  return create_stack(
-      lambda rngs: layer_cls(prefix, config, make_linear=in_stack(make_linear),
-                             make_mlp=in_stack(make_mlp), rngs=rngs),
-      config.depth, rngs)
+def add_tower_layers(owner: nnx.Module, layer_cls, prefix: str, config, *,
+                     make_linear, make_mlp,
+                     rngs: nnx.Rngs) -> tuple[Segment, ...]:
+  """Creates the `config.depth` layers `layer_cls(path, config, ...)` of the
+  tower `prefix` as one stack per segment, each set on `owner` (the module
+  at `prefix`'s parent path) under its `Segment.attribute`.
+
+  Returns:
+    The segments, for `scan_tower`.
+  """
+  segments = tower_segments(layer_cls, prefix, config,
+                            make_linear=make_linear, make_mlp=make_mlp)
+  for segment in segments:
+    make_layer = functools.partial(
+        layer_cls, segment.path, config,
+        make_linear=stacked_factory(make_linear, segment, prefix),
+        make_mlp=stacked_factory(make_mlp, segment, prefix))
+    setattr(owner, segment.attribute,
+            create_stack(lambda rngs: make_layer(rngs=rngs),
+                         segment.stop - segment.start, rngs))
+  return segments
 
 
-def scan_stack(stack: nnx.Module, body: Callable, carry, xs, *,
+def scan_stack(stack: nnx.Module, body: Callable, carry, xs, *, path: str,
                remat_policy: str = "none"):
   """Runs `carry, y, aux = body(layer, carry, x)` over the layers of `stack`.
 
@@ -99,6 +213,9 @@ def scan_stack(stack: nnx.Module, body: Callable, carry, xs, *,
     carry: what flows from layer to layer (the residual stream).
     xs: a pytree of per-layer inputs with a leading layer axis (e.g. a KV
       cache, or which layers use a sliding window); () for none.
+    path: the stack's module path. While `layers.recording_usage()`, the
+      routers' recorded usage is popped from each layer and returned in aux
+      as {'<path>/<router path>/usage': weights}; nothing otherwise.
     remat_policy: a key of REMAT_POLICIES.
 
   Returns:
@@ -114,11 +231,114 @@ def scan_stack(stack: nnx.Module, body: Callable, carry, xs, *,
   graphdef, state = nnx.split(stack)
 
   def apply(layer_state, carry, x):
-    carry, y, aux = body(nnx.merge(graphdef, layer_state), carry, x)
-    return carry, (y, aux)
+    layer = nnx.merge(graphdef, layer_state)
+    carry, y, aux = body(layer, carry, x)
+    # Usage sown inside the scan must leave it as an output (scan's layer
+    # is rebuilt every step); {} unless recording.
+    return carry, (y, {**aux, **layers.pop_usage(layer, prefix=path)})
 
   if policy is not None:
     apply = jax.checkpoint(apply, policy=policy, prevent_cse=False)
   carry, (ys, aux) = jax.lax.scan(
       lambda carry, xs: apply(xs[0], carry, xs[1]), carry, (state, xs))
   return carry, ys, aux
+
+
+def scan_tower(owner: nnx.Module, segments: tuple[Segment, ...],
+               body: Callable, carry, xs, *, remat_policy: str = "none"):
+  """`scan_stack` over the segments of a tower, one after the other.
+
+  Args:
+    owner: the module `add_tower_layers` set the stacks on.
+    segments: what it returned.
+    body, carry, remat_policy: as for `scan_stack`.
+    xs: per-layer inputs with a leading axis over the whole tower, sliced
+      per segment.
+
+  Returns:
+    (final carry, ys joined over the whole tower, aux {module path: aux}
+    with each segment's aux under its own paths, stacked over its layers).
+  """
+  parts, aux = [], {}
+  for segment in segments:
+    carry, ys, segment_aux = scan_stack(
+        getattr(owner, segment.attribute), body, carry,
+        jax.tree.map(lambda x: x[segment.start:segment.stop], xs),
+        path=segment.path, remat_policy=remat_policy)
+    parts.append(ys)
+    aux.update(segment_aux)
+  if len(parts) == 1:
+    return carry, parts[0], aux
+  return carry, jax.tree.map(lambda *y: jnp.concatenate(y), *parts), aux
+
+
+# `<tower>/layers[_<start>_<stop>]/<rest>`: a stacked parameter's path.
+_STACKED_PATH = re.compile(
+    r"^(?P<tower>.*?/layers)(?:_(?P<start>\d+)_(?P<stop>\d+))?/(?P<rest>.+)$")
+
+
+def _stacked_key(key: str, shape) -> tuple[str, str, int, int, str] | None:
+  """(tower, segment path, start, stop, rest) of a stacked parameter path;
+  a whole tower's layers are its arrays' leading axis."""
+  match = _STACKED_PATH.match(key)
+  if match is None or not shape:
+    return None
+  tower, rest = match.group("tower"), match.group("rest")
+  if match.group("start") is None:
+    return tower, tower, 0, shape[0], rest
+  start, stop = int(match.group("start")), int(match.group("stop"))
+  return tower, f"{tower}_{start}_{stop}", start, stop, rest
+
+
+def _join_layers(pieces: list[tuple[int, int, Any]], start: int, stop: int):
+  """Layers [start, stop) from pieces (first, end, array [end - first, ...]),
+  or None if some layer is in none of them."""
+  parts, at = [], start
+  while at < stop:
+    piece = next(((first, end, array) for first, end, array in pieces
+                  if first <= at < end), None)
+    if piece is None:
+      return None
+    first, end, array = piece
+    parts.append(np.asarray(array)[at - first:min(stop, end) - first])
+    at = min(stop, end)
+  return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def restack(source: dict, target: dict) -> dict:
+  """`source`'s stacked arrays also split into the segments of `target`.
+
+  Args:
+    source: {parameter path: array} of a checkpoint.
+    target: {parameter path: array or shape} of a model; its stacked paths
+      say how its towers are segmented.
+
+  Returns:
+    `source` plus, for every segment of a `target` tower and every stacked
+    array of that tower in `source` (`decoder/layers/mlp/up/kernel`
+    [depth, ...], or pieces of it from other segments), the segment's
+    layers under the segment's path (`decoder/layers_0_4/mlp/up/kernel`
+    [4, ...]). So a dense checkpoint also gives the dense MLPs of the
+    segments where the model has MoE blocks, for upcycling.
+  """
+  segments: dict[str, set] = {}
+  for key, value in target.items():
+    parsed = _stacked_key(key, np.shape(value))
+    if parsed is not None:
+      tower, path, start, stop, _ = parsed
+      segments.setdefault(tower, set()).add((path, start, stop))
+  pieces: dict[tuple[str, str], list] = {}
+  for key, value in source.items():
+    parsed = _stacked_key(key, np.shape(value))
+    if parsed is not None and parsed[0] in segments:
+      tower, _, start, stop, rest = parsed
+      pieces.setdefault((tower, rest), []).append((start, stop, value))
+  joined = dict(source)
+  for (tower, rest), tower_pieces in pieces.items():
+    for path, start, stop in segments[tower]:
+      key = f"{path}/{rest}"
+      if key not in joined:
+        layers_array = _join_layers(tower_pieces, start, stop)
+        if layers_array is not None:
+          joined[key] = layers_array
+  return joined

@@ -5,8 +5,10 @@ and reshaping: the patch embedding is a Dense over flattened p*p*3 patches,
 which is the conv kernel [p, p, 3, width] reshaped to [p*p*3, width]; the
 position embedding is learned; attention and MLP have biases; there is no
 pooling head (PaliGemma feeds every patch token to the decoder). The layers
-are one scanned stack (`stack.py`), as in big_vision's scanned ViT. Every
-linear layer and MLP block is built by a factory, so experts attach by path.
+are one scanned stack (`stack.py`), as in big_vision's scanned ViT, or one
+per segment where experts attach to some layers only (`vit/layers_0_2`, ...).
+Every linear layer and MLP block is built by a factory, so experts attach by
+path.
 """
 import dataclasses
 
@@ -100,16 +102,17 @@ class ViT(nnx.Module):
     self.pos_embedding = nnx.Param(
         init(rngs.params(), (config.num_patches, config.width)),
         logical_axes=("vision_patches", "embed"))
-    self.layers = stack.create_tower_layers(
-        EncoderLayer, f"{path}/layers", config, make_linear=make_linear,
-        make_mlp=make_mlp, rngs=rngs)
+    self.segments = stack.add_tower_layers(
+        self, EncoderLayer, f"{path}/layers", config,
+        make_linear=make_linear, make_mlp=make_mlp, rngs=rngs)
     self.norm = layers.LayerNorm(config.width, eps=config.norm_eps)
 
   def __call__(self, image: jax.Array, tokens: TokenInfo):
     """Encodes images; `tokens` is the TokenInfo of the N patch tokens.
 
     Returns:
-      (tokens [B, N, width], aux {module path: aux}, stacked [depth, ...]).
+      (tokens [B, N, width], aux {module path: aux}, stacked over the
+      layers of each segment).
     """
     size = self.config.image_size
     if image.shape[1:] != (size, size, 3):
@@ -123,6 +126,6 @@ class ViT(nnx.Module):
       x, aux = layer(x, tokens)
       return x, None, aux
 
-    x, _, aux = stack.scan_stack(self.layers, body, x, (),
+    x, _, aux = stack.scan_tower(self, self.segments, body, x, (),
                                  remat_policy=self.remat_policy)
     return self.norm(x), aux

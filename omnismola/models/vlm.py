@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omnismola.models.connectors import make_connector
+from omnismola.models.connectors import MoVEConfig, make_connector
 from omnismola.models.decoder import (Decoder, DecoderConfig, KVCache,
                                       sliding_window_mask)
 from omnismola.models import layers
@@ -31,15 +31,46 @@ from omnismola.models.vit import ViT, ViTConfig
 
 @dataclasses.dataclass(frozen=True)
 class VLMConfig:
-  """A ViT, a connector kind (see `connectors.CONNECTORS`) and a decoder.
+  """Vision encoder(s), a connector kind (see `connectors.CONNECTORS`) and a
+  decoder.
 
-  `remat_policy` (a key of `stack.REMAT_POLICIES`) applies to the layers of
-  both towers.
+  `vit` is the primary encoder (module `vit`, so PaliGemma checkpoints load);
+  `extra_vits` are more encoders (modules `vit_1`, `vit_2`, ...) that only
+  the `move` connector mixes, with `move` its options. Every encoder sees
+  the same image, resized to its own `image_size` when that differs from
+  the primary's (the data pipeline resizes to the primary's). `remat_policy`
+  (a key of `stack.REMAT_POLICIES`) applies to the layers of every tower.
   """
   vit: ViTConfig
   decoder: DecoderConfig
   connector: str = "linear"
   remat_policy: str = "none"
+  extra_vits: tuple[ViTConfig, ...] = ()
+  move: MoVEConfig = MoVEConfig()
+
+  def __post_init__(self):
+    if self.connector == "move" and not self.extra_vits:
+      raise ValueError("model.connector='move' mixes two or more vision "
+                       "encoders, but model.extra_vits is empty: add at "
+                       "least one encoder there (configs/mome.py).")
+    if self.extra_vits and self.connector != "move":
+      raise ValueError(f"model.extra_vits holds {len(self.extra_vits)} "
+                       "extra vision encoder(s), which only "
+                       "model.connector='move' mixes; got "
+                       f"model.connector={self.connector!r}.")
+
+  @property
+  def encoders(self) -> dict[str, ViTConfig]:
+    """The vision encoders by module name: `vit`, `vit_1`, `vit_2`, ..."""
+    extra = {f"vit_{i}": vit for i, vit in enumerate(self.extra_vits, 1)}
+    return {"vit": self.vit, **extra}
+
+  @property
+  def num_image_tokens(self) -> int:
+    """Image tokens in front of the text: what the connector outputs."""
+    if self.connector == "move":
+      return self.move.num_tokens or self.vit.num_patches
+    return self.vit.num_patches
 
 
 def sequence_layout(num_image_tokens: int, mask_ar: jax.Array,
@@ -72,6 +103,15 @@ def sequence_layout(num_image_tokens: int, mask_ar: jax.Array,
   return tokens, mask, positions
 
 
+def resize_image(image: jax.Array, size: int) -> jax.Array:
+  """[B, H, W, 3] -> [B, size, size, 3], bilinear with antialiasing (as
+  the data pipeline resizes); the image itself if it has that size."""
+  if image.shape[1:3] == (size, size):
+    return image
+  return jax.image.resize(image, (image.shape[0], size, size, 3),
+                          method="bilinear", antialias=True)
+
+
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   """float32 [B, D]: the mean of x [B, T, D] over positions where mask [B, T]
   (zeros for an example without any)."""
@@ -88,12 +128,13 @@ class VLM(nnx.Module):
                make_linear: LinearFactory = make_dense,
                make_mlp: MlpFactory = layers.make_mlp, rngs: nnx.Rngs):
     self.config = config
-    self.vit = ViT(config.vit, path="vit", make_linear=make_linear,
-                   make_mlp=make_mlp, remat_policy=config.remat_policy,
-                   rngs=rngs)
+    for name, encoder in config.encoders.items():
+      setattr(self, name, ViT(encoder, path=name, make_linear=make_linear,
+                              make_mlp=make_mlp,
+                              remat_policy=config.remat_policy, rngs=rngs))
     self.connector = make_connector(
-        config.connector, "connector", config.vit.width,
-        config.decoder.width, make_linear=make_linear, make_mlp=make_mlp,
+        config.connector, "connector", config.encoders, config.decoder.width,
+        move=config.move, make_linear=make_linear, make_mlp=make_mlp,
         rngs=rngs)
     self.decoder = Decoder(config.decoder, path="decoder",
                            make_linear=make_linear, make_mlp=make_mlp,
@@ -101,19 +142,30 @@ class VLM(nnx.Module):
 
   @property
   def num_image_tokens(self) -> int:
-    return self.config.vit.num_patches
+    return self.config.num_image_tokens
 
   def embed_image(self, image: jax.Array, instance: jax.Array | None = None):
     """[B, H, W, 3] -> (decoder-width image tokens [B, N, width], aux).
 
+    Every encoder encodes the image (resized to its `image_size` if that
+    differs), and the connector maps their features to the N image tokens.
     `instance` ([B, width] or None) reaches instance-level routers of the
     image side as `TokenInfo.instance`: the mean embedding of the prompt's
     text, the only per-example signal known before the image is encoded.
     """
-    tokens = TokenInfo.image(image.shape[0], self.num_image_tokens, instance)
-    x, vit_aux = self.vit(image, tokens)
-    x, connector_aux = self.connector(x, tokens)
-    return x, {**vit_aux, **connector_aux}
+    batch = image.shape[0]
+    features, aux = [], {}
+    for name, encoder in self.config.encoders.items():
+      # The primary encoder takes the image as given (and checks its size).
+      image_in = (image if name == "vit" else
+                  resize_image(image, encoder.image_size))
+      x, encoder_aux = getattr(self, name)(
+          image_in, TokenInfo.image(batch, encoder.num_patches, instance))
+      features.append(x)
+      aux.update(encoder_aux)
+    tokens = TokenInfo.image(batch, self.num_image_tokens, instance)
+    x, connector_aux = self.connector(tuple(features), tokens)
+    return x, {**aux, **connector_aux}
 
   def _sliding_mask(self, mask, positions, key_positions,
                     query_bidirectional=None, key_bidirectional=None):
@@ -169,9 +221,16 @@ class VLM(nnx.Module):
     block, e.g. `vit/layers/mlp` -> `MoEAux` with leaves [depth, ...],
     `connector/mlp` -> `MoEAux`; {} for a dense model. The trainer weights
     the losses and logs the statistics (docs/experts.md).
+
+    While `layers.recording_usage()`, aux also holds every router's expert
+    weights as {'<router path>/usage': [depth, B, T, E] in a stack, [B, T,
+    E] outside one} (`omnismola.analyze`); otherwise nothing more.
     """
     h, _, _, _, aux = self._run_sequence(image, text, mask_ar, mask_input)
-    return self.decoder.logits(h[:, self.num_image_tokens:]), aux
+    # Stacks hand out their layers' usage; the other routers (connector)
+    # keep theirs on the module until popped here.
+    return (self.decoder.logits(h[:, self.num_image_tokens:]),
+            {**aux, **layers.pop_usage(self)})
 
   def __call__(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array,
                mask_input: jax.Array) -> jax.Array:

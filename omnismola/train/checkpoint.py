@@ -2,16 +2,47 @@
 
 One step directory holds three items saved together: `state` (parameters,
 optimizer state and step, restored onto whatever mesh the new run has),
-`data` (the input iterator state, JSON) and `config` (the resolved config,
-JSON). Saves are asynchronous; only the last `keep` steps are kept. A run
-resumes from the newest checkpoint it can read (`restore_latest`).
+`data` (the input iterator state of every process, JSON:
+{"processes": [state of process 0, state of process 1, ...]}, gathered from
+all hosts when saving) and `config` (the resolved config, JSON). Saves are
+asynchronous; only the last `keep` steps are kept. A run resumes from the
+newest checkpoint it can read (`restore_latest`); each process gets its own
+input state back.
 """
 import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
+
+
+def all_process_states(state: dict) -> list[dict]:
+  """Every process's JSON-serialisable `state`, in process order.
+
+  A collective: every process calls it at the same point. The states travel
+  as UTF-8 bytes through `process_allgather`, padded to a power of two so
+  that states growing by a digit rarely compile a new gather.
+  """
+  data = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.int32(len(data)))
+  padded = np.zeros(1 << int(np.max(lengths) - 1).bit_length(), np.uint8)
+  padded[:len(data)] = data
+  everyone = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:n])) for row, n in zip(everyone, lengths)]
+
+
+def state_of_process(saved: dict, process_index: int) -> dict:
+  """A process's input state from a checkpoint's `data` item.
+
+  A process the saving run did not have takes process 0's state: every host
+  consumed the same number of batches, and the pipeline warns that the
+  shard it now reads differs.
+  """
+  states = saved["processes"]
+  return states[process_index if process_index < len(states) else 0]
 
 
 class Checkpointer:
@@ -30,12 +61,17 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict, config_dict: dict) -> None:
-    """Starts an (asynchronous) save of everything needed to resume."""
+    """Starts an (asynchronous) save of everything needed to resume.
+
+    `data_state` is this process's input state; every process calls `save`
+    together, and the checkpoint holds all of theirs.
+    """
     self.manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
+            data=ocp.args.JsonSave(
+                {"processes": all_process_states(data_state)}),
             config=ocp.args.JsonSave(json.loads(json.dumps(config_dict)))),
         force=True)
 
@@ -52,7 +88,8 @@ class Checkpointer:
         args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore()))
-    return restored.state, restored.data
+    return restored.state, state_of_process(restored.data,
+                                            jax.process_index())
 
   def restore_latest(self, abstract_state):
     """(step, state, data state) of the newest readable checkpoint, or None.

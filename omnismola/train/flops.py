@@ -10,20 +10,34 @@ elementwise and left out (they are a few percent at the widths of interest).
 
 Forward, per example, with N image tokens and L text tokens:
 
-  * every linear layer: 2·d_in·d_out per token it sees: the ViT (patch
-    embedding included, a Dense over p·p·3 pixels) and the connector over N
-    tokens, the decoder over N + L, the tied output logits (2·width·vocab)
-    over the L text positions only;
+  * every linear layer: 2·d_in·d_out per token it sees: each vision
+    encoder over its own patches (patch embedding included, a Dense over
+    p·p·3 pixels), the connector over N tokens, the decoder over N + L, the
+    tied output logits (2·width·vocab) over the L text positions only;
   * attention, per layer: 2·S²·H·D for the scores q·kᵀ and again for the
     values p·v (S tokens, H query heads of size D). The full S × S square is
-    counted because the model computes it; masked entries are not skipped;
+    counted because the model computes it; masked entries are not skipped.
+    MoVE's cross-attention (N queries over an encoder's P patches) costs
+    2·N·P·H·D each, its adaptive pooling two products with constant
+    matrices, its router two linears on one vector per example;
   * LoRA of rank r on a linear: x·A then h·B, 2·r·(d_in + d_out) per token;
   * SMoLA, as `experts/smola.py` computes it, per pool of n experts with p
     slots each, rank r, on every token of the layer (masks multiply, they do
-    not skip): router logits 2·d_in·n·p; Soft MoE dispatch (slots from
-    tokens) 2·n·p·d_in and combine (tokens from slots) 2·n·p·d_out; the
-    fused per-token path x·A_cat, h·B_cat 2·n·r·(d_in + d_out); and once per
-    example the experts on the slots, 2·n·p·r·(d_in + d_out).
+    not skip): router logits 2·d_in·n·p; x·A_cat and h·B_cat
+    2·n·r·(d_in + d_out); Soft MoE dispatch (slots from tokens) and combine
+    (tokens from slots), both in rank space, 2·n·p·r each;
+  * a sparse MoE block (`sparse_moe`, replacing an MLP block) on every
+    token: its router 2·width·E, and k times the replaced dense MLP's
+    products (each token's k expert copies). Dispatch is left out: the
+    one-hot einsums of capacity dispatch, the padding rows of blocked
+    dropless dispatch, the gate-weighted sum; and the count is the same
+    whatever the capacity factor (as if no copy were dropped);
+  * routed LoRA experts (`sparse_lora`, beside a linear layer or an MLP
+    block): the router, 2·d_in·E per token, or 2·width·E once per example
+    with instance routing (on the prompt's mean embedding); x·A·B of the k
+    active experts, 2·k·r·(d_in + d_out) per token; and the global expert's
+    2·r·(d_in + d_out). The module computes every expert's rank block and
+    weighs the unchosen ones 0; that work is left out as not needed.
 
 Backward. A product C = X·Y needs dX = dC·Yᵀ only if X depends on a trained
 parameter, and dY = Xᵀ·dC only if Y does; each costs what the forward
@@ -44,10 +58,12 @@ dead-code elimination. Full training therefore costs about 3× the forward;
 adapter-only training about 2× the decoder's forward plus the adapters.
 """
 import dataclasses
+import math
 import re
 from typing import Callable, Sequence
 
 from omnismola.experts import attach
+from omnismola.experts import sparse
 from omnismola.models.vlm import VLMConfig
 
 # bf16 dense peak FLOP/s by `jax.Device.device_kind` substring, first match
@@ -116,9 +132,22 @@ class _Model:
   """What decides the count besides shapes: adapters and the trained set."""
   specs: Sequence[attach.ExpertSpec]
   trainable: re.Pattern
+  instance_width: int  # Of `TokenInfo.instance`: the decoder's width.
 
   def trained(self, *paths: str) -> bool:
     return any(self.trainable.fullmatch(p) for p in paths)
+
+  @property
+  def instance_dep(self) -> bool:
+    """Whether `TokenInfo.instance`, the prompt's mean embedding, depends
+    on a trained parameter."""
+    return self.trained("decoder/embedder/embedding")
+
+  def matching(self, sort: str, path: str) -> list[tuple[int, attach.ExpertSpec]]:
+    """(index, spec) of the entries attaching to the `sort` module at `path`
+    (as `attach.ExpertFactory` matches them)."""
+    return [(i, s) for i, s in enumerate(self.specs)
+            if sort in s.sorts and re.fullmatch(s.targets, path)]
 
 
 def _lora(model, path, d_in, d_out, tokens, x_dep, *, rank, alpha=None):
@@ -134,10 +163,9 @@ def _smola(model, path, d_in, d_out, tokens, x_dep, *, pools, rank,
            slots_per_expert=1, alpha=None):
   """Every product of experts/smola.py's `mix_pools`, pool by pool.
 
-  The fused A_cat/B_cat products are split by pool here: the same FLOPs, and
-  the same gradients as long as the pools are all trained or all frozen.
-  The slot experts' "bnpd,dnr,nro" einsum is counted as slots·A then ·B, the
-  order opt_einsum picks when the rank is below the widths.
+  The fused x·[A_cat | router] and h·B_cat products are split by pool here:
+  the same FLOPs, and the same gradients as long as the pools are all
+  trained or all frozen.
   """
   del alpha  # A scalar multiplier.
   ops, y_dep = [], x_dep
@@ -147,43 +175,74 @@ def _smola(model, path, d_in, d_out, tokens, x_dep, *, pools, rank,
     phi = model.trained(f"{pool}/phi", f"{pool}/scale")
     a, b = model.trained(f"{pool}/a"), model.trained(f"{pool}/b")
     route = x_dep or phi  # Router logits, dispatch and combine weights.
-    slots_a = route or a
+    h = x_dep or a
     ops += [
         _product(f"{pool}/router", tokens * d_in * slots, x_dep, phi),
-        _product(f"{pool}/dispatch", tokens * slots * d_in, route, x_dep),
-        _product(f"{pool}/slots_a", slots * d_in * rank, route, a),
-        _product(f"{pool}/slots_b", slots * rank * d_out, slots_a, b),
-        _product(f"{pool}/combine", tokens * slots * d_out, route,
-                 slots_a or b),
         _product(f"{pool}/a", tokens * d_in * n * rank, x_dep, a),
-        _product(f"{pool}/b", tokens * n * rank * d_out, slots_a, b),
+        _product(f"{pool}/dispatch", tokens * slots * rank, route, h),
+        _product(f"{pool}/combine", tokens * slots * rank, route, route or h),
+        _product(f"{pool}/b", tokens * n * rank * d_out, route or h, b),
     ]
     y_dep = y_dep or phi or a or b
+  return ops, y_dep
+
+
+def _sparse_lora(model, path, d_in, d_out, tokens, x_dep, *, num_experts,
+                 rank, top_k=1, routing="instance", global_expert=False,
+                 learned_scale=False, activation=None, share_gate=False,
+                 alpha=None):
+  """experts/sparse_lora.py: router, the k active experts, global expert.
+
+  A shared gate (`share_gate`) is one router module run by every layer that
+  shares it, so each layer still counts its router product.
+  """
+  del activation, share_gate, alpha  # Elementwise, or no product.
+  router = model.trained(f"{path}/router/kernel")
+  a, b = model.trained(f"{path}/experts/a"), model.trained(f"{path}/experts/b")
+  if routing == "instance":  # One decision per example, on its prompt.
+    router_op = _product(f"{path}/router",
+                         model.instance_width * num_experts,
+                         model.instance_dep, router)
+    route = model.instance_dep or router  # The experts' weights.
+  else:
+    router_op = _product(f"{path}/router", tokens * d_in * num_experts,
+                         x_dep, router)
+    route = x_dep or router
+  ops = [router_op,
+         _product(f"{path}/experts/a", tokens * d_in * rank * top_k, x_dep, a),
+         _product(f"{path}/experts/b", tokens * rank * d_out * top_k,
+                  x_dep or a or route, b)]
+  y_dep = x_dep or route or a or b or (
+      learned_scale and model.trained(f"{path}/scale"))
+  if global_expert:
+    ga = model.trained(f"{path}/global_expert/a")
+    gb = model.trained(f"{path}/global_expert/b")
+    ops += [_product(f"{path}/global_expert/a", tokens * d_in * rank, x_dep,
+                     ga),
+            _product(f"{path}/global_expert/b", tokens * rank * d_out,
+                     x_dep or ga or route, gb)]
+    y_dep = y_dep or ga or gb
   return ops, y_dep
 
 
 _ADAPTERS: dict[str, Callable[..., tuple[list[Matmul], bool]]] = {
     "lora": _lora,
     "smola": _smola,
+    "sparse_lora": _sparse_lora,
 }
 
 
-def _linear(model, path, d_in, d_out, tokens, x_dep, *, bias: bool):
-  """(products, output depends on a trained parameter) of one linear layer.
-
-  Mirrors `attach.LinearFactory`: a layer whose path matches an expert
-  entry's `targets` is the base Dense (`<path>/base`) plus the adapters.
-  """
-  specs = [(i, s) for i, s in enumerate(model.specs)
-           if re.fullmatch(s.targets, path)]
-  base = f"{path}/base" if specs else path
-  kernel = model.trained(f"{base}/kernel")
-  ops = [_product(path, tokens * d_in * d_out, x_dep, kernel)]
-  y_dep = x_dep or kernel or (bias and model.trained(f"{base}/bias"))
-  for i, spec in specs:
+def _adapters(model, sort, path, d_in, d_out, tokens, x_dep):
+  """(products, output depends on a trained parameter) of the adapters
+  beside the `sort` module at `path`, at `<path>/adapters/<kind>_<i>`."""
+  ops, y_dep = [], False
+  for i, spec in model.matching(sort, path):
+    if attach.KINDS[spec.kind].replaces:
+      continue  # Counted by `_mlp_block`.
     if spec.kind not in _ADAPTERS:
       raise ValueError(f"No FLOP count for expert kind {spec.kind!r}; "
-                       f"counted kinds: {sorted(_ADAPTERS)}.")
+                       f"counted kinds: {sorted(_ADAPTERS)} and "
+                       f"{sorted(_REPLACEMENTS)}.")
     more, dep = _ADAPTERS[spec.kind](
         model, f"{path}/adapters/{spec.name(i)}", d_in, d_out, tokens, x_dep,
         **spec.options)
@@ -192,16 +251,103 @@ def _linear(model, path, d_in, d_out, tokens, x_dep, *, bias: bool):
   return ops, y_dep
 
 
+def _linear(model, path, d_in, d_out, tokens, x_dep, *, bias: bool):
+  """(products, output depends on a trained parameter) of one linear layer.
+
+  Mirrors `attach.ExpertFactory.linear`: the Dense (`<path>/kernel`) plus
+  the adapters whose targets match its path.
+  """
+  kernel = model.trained(f"{path}/kernel")
+  ops = [_product(path, tokens * d_in * d_out, x_dep, kernel)]
+  more, adapters_dep = _adapters(model, attach.LINEAR, path, d_in, d_out,
+                                 tokens, x_dep)
+  return ops + more, (x_dep or kernel or adapters_dep or
+                      (bias and model.trained(f"{path}/bias")))
+
+
+def _mlp_layers(layer, activation, width, mlp_dim, d_out, x_dep):
+  """(products, output dep) of an MLP's layers (`sparse.ACTIVATIONS`): those
+  reading the block's input map width -> mlp_dim, the others mlp_dim ->
+  d_out. `layer(name, d_in, d_out, x_dep, bias)` gives one layer's
+  (products, output dep)."""
+  ops, hidden_dep, y_dep = [], False, False
+  for name, from_width, bias in sparse.ACTIVATIONS[activation]:
+    if from_width:
+      more, dep = layer(name, width, mlp_dim, x_dep, bias)
+      hidden_dep = hidden_dep or dep
+    else:
+      more, y_dep = layer(name, mlp_dim, d_out, hidden_dep, bias)
+    ops += more
+  return ops, y_dep
+
+
+def _mlp_block(model, path, width, mlp_dim, tokens, x_dep, *, activation,
+               out_features=None):
+  """(products, output dep) of an MLP block, as `attach.ExpertFactory.mlp`
+  builds it: the kind that replaces it, else the dense block's linear
+  layers (with their own adapters) and the adapters beside the block."""
+  d_out = out_features or width
+  for _, spec in model.matching(attach.BLOCK, path):
+    if attach.KINDS[spec.kind].replaces:
+      if spec.kind not in _REPLACEMENTS:
+        raise ValueError(f"No FLOP count for expert kind {spec.kind!r}; "
+                         f"counted kinds: {sorted(_ADAPTERS)} and "
+                         f"{sorted(_REPLACEMENTS)}.")
+      return _REPLACEMENTS[spec.kind](model, path, width, mlp_dim, d_out,
+                                      tokens, x_dep, activation=activation,
+                                      **spec.options)
+  dense = lambda name, d_in, d_out, x_dep, bias: _linear(
+      model, f"{path}/{name}", d_in, d_out, tokens, x_dep, bias=bias)
+  ops, y_dep = _mlp_layers(dense, activation, width, mlp_dim, d_out, x_dep)
+  beside, beside_dep = _adapters(model, attach.BLOCK, path, width, d_out,
+                                 tokens, x_dep)
+  return ops + beside, y_dep or beside_dep
+
+
+def _sparse_moe(model, path, width, mlp_dim, d_out, tokens, x_dep, *,
+                activation, top_k=2, num_experts=None, pools=None,
+                **dispatch_options):
+  """experts/sparse.py's router and each token's k expert MLPs (weights at
+  `<path>/layers/<name>/`); dispatch not counted (module docstring)."""
+  del dispatch_options  # Capacity, dispatch kind, tile...: no products.
+  experts = num_experts or sum(pools.values())
+  router = model.trained(f"{path}/router")
+
+  def expert_layer(name, d_in, d_out, x_dep, bias):
+    weights = f"{path}/layers/{name}"
+    kernel = model.trained(f"{weights}/kernel")
+    return [_product(f"{path}/{name}", top_k * tokens * d_in * d_out, x_dep,
+                     kernel)], (x_dep or kernel or
+                                (bias and model.trained(f"{weights}/bias")))
+
+  ops, y_dep = _mlp_layers(expert_layer, activation, width, mlp_dim, d_out,
+                           x_dep)
+  return [_product(f"{path}/router", tokens * width * experts, x_dep,
+                   router)] + ops, y_dep or router
+
+
+_REPLACEMENTS: dict[str, Callable[..., tuple[list[Matmul], bool]]] = {
+    "sparse_moe": _sparse_moe,
+}
+
+
 def _attention(model, path, width, tokens, x_dep, *, heads, kv_heads,
-               head_dim, bias):
-  """q/k/v projections, scores, values and the output projection."""
+               head_dim, bias, keys=None, key_dep=None):
+  """q/k/v projections, scores, values and the output projection.
+
+  Self-attention over `tokens`, or with `keys` cross-attention from the
+  `tokens` queries to `keys` other tokens whose input depends on a trained
+  parameter iff `key_dep` (MoVE's ADT).
+  """
+  if keys is None:
+    keys, key_dep = tokens, x_dep
   q, q_dep = _linear(model, f"{path}/q", width, heads * head_dim, tokens,
                      x_dep, bias=bias)
-  k, k_dep = _linear(model, f"{path}/k", width, kv_heads * head_dim, tokens,
-                     x_dep, bias=bias)
-  v, v_dep = _linear(model, f"{path}/v", width, kv_heads * head_dim, tokens,
-                     x_dep, bias=bias)
-  square = tokens * tokens * heads * head_dim
+  k, k_dep = _linear(model, f"{path}/k", width, kv_heads * head_dim, keys,
+                     key_dep, bias=bias)
+  v, v_dep = _linear(model, f"{path}/v", width, kv_heads * head_dim, keys,
+                     key_dep, bias=bias)
+  square = tokens * keys * heads * head_dim
   core = [_product(f"{path}/scores", square, q_dep, k_dep),
           _product(f"{path}/values", square, q_dep or k_dep, v_dep)]
   o, o_dep = _linear(model, f"{path}/o", heads * head_dim, width, tokens,
@@ -209,27 +355,102 @@ def _attention(model, path, width, tokens, x_dep, *, heads, kv_heads,
   return q + k + v + core + o, o_dep
 
 
-def _vit(model, config, tokens):
-  """(products, output depends on a trained parameter) of the ViT."""
-  ops, dep = _linear(model, "vit/embedding", config.patch_size**2 * 3,
+def _norm_trained(model, path):
+  return model.trained(f"{path}/scale", f"{path}/bias")
+
+
+def _gelu_mlp(model, path, config, tokens, x_dep):
+  """A ViT-layout MLP block (fc1, fc2) at `path`, or what replaces it."""
+  return _mlp_block(model, path, config.width, config.mlp_dim, tokens, x_dep,
+                    activation="gelu")
+
+
+def _vit(model, config, tokens, name="vit"):
+  """(products, output depends on a trained parameter) of the ViT `name`."""
+  ops, dep = _linear(model, f"{name}/embedding", config.patch_size**2 * 3,
                      config.width, tokens, False, bias=True)
-  dep = dep or model.trained("vit/pos_embedding")
+  dep = dep or model.trained(f"{name}/pos_embedding")
   for i in range(config.depth):
-    path = f"vit/layers/{i}"
-    x_dep = dep or model.trained(f"{path}/norm1/scale", f"{path}/norm1/bias")
+    path = f"{name}/layers/{i}"
+    x_dep = dep or _norm_trained(model, f"{path}/norm1")
     attn, attn_dep = _attention(
         model, f"{path}/attn", config.width, tokens, x_dep,
         heads=config.num_heads, kv_heads=config.num_heads,
         head_dim=config.width // config.num_heads, bias=True)
     dep = dep or attn_dep
-    x_dep = dep or model.trained(f"{path}/norm2/scale", f"{path}/norm2/bias")
-    fc1, fc1_dep = _linear(model, f"{path}/mlp/fc1", config.width,
-                           config.mlp_dim, tokens, x_dep, bias=True)
-    fc2, fc2_dep = _linear(model, f"{path}/mlp/fc2", config.mlp_dim,
-                           config.width, tokens, fc1_dep, bias=True)
-    ops += attn + fc1 + fc2
-    dep = dep or fc2_dep
-  return ops, dep or model.trained("vit/norm/scale", "vit/norm/bias")
+    x_dep = dep or _norm_trained(model, f"{path}/norm2")
+    mlp, mlp_dep = _gelu_mlp(model, f"{path}/mlp", config, tokens, x_dep)
+    ops += attn + mlp
+    dep = dep or mlp_dep
+  return ops, dep or _norm_trained(model, f"{name}/norm")
+
+
+def _move_branch(model, path, vit, num_tokens, adt_depth, out_width,
+                 feature_dep):
+  """One MoVE branch (models/connectors.py `MoVEBranch`): adaptive pooling
+  of the encoder's grid (two products with constant pooling matrices), the
+  ADT layers over the L pooled tokens, each cross-attending to the encoder's
+  N tokens, and the projection to the decoder width."""
+  grid, side = vit.image_size // vit.patch_size, math.isqrt(num_tokens)
+  ops = [_product(f"{path}/pool_rows", side * grid * grid * vit.width,
+                  False, feature_dep),
+         _product(f"{path}/pool_cols", side * side * grid * vit.width,
+                  False, feature_dep)]
+  heads = dict(heads=vit.num_heads, kv_heads=vit.num_heads,
+               head_dim=vit.width // vit.num_heads, bias=True)
+  dep = feature_dep
+  for i in range(adt_depth):
+    layer = f"{path}/layers/{i}"
+    attn, attn_dep = _attention(
+        model, f"{layer}/self_attn", vit.width, num_tokens,
+        dep or _norm_trained(model, f"{layer}/norm1"), **heads)
+    dep = dep or attn_dep
+    cross, cross_dep = _attention(
+        model, f"{layer}/cross_attn", vit.width, num_tokens,
+        dep or _norm_trained(model, f"{layer}/norm2"),
+        keys=vit.num_patches, key_dep=feature_dep, **heads)
+    dep = dep or cross_dep
+    mlp, mlp_dep = _gelu_mlp(model, f"{layer}/mlp", vit, num_tokens,
+                             dep or _norm_trained(model, f"{layer}/norm3"))
+    ops += attn + cross + mlp
+    dep = dep or mlp_dep
+  proj, proj_dep = _linear(model, f"{path}/proj", vit.width, out_width,
+                           num_tokens, dep or _norm_trained(
+                               model, f"{path}/norm"), bias=True)
+  return ops + proj, proj_dep
+
+
+def _connector(model, config, encoder_deps, instance_dep):
+  """(products, output depends on a trained parameter) of the connector.
+
+  `encoder_deps`: {encoder name: its features depend on a trained
+  parameter}; `instance_dep`: the same for the prompt's mean embedding
+  (MoVE's router input).
+  """
+  width, tokens = config.decoder.width, config.num_image_tokens
+  if config.connector == "linear":
+    return _linear(model, "connector/proj", config.vit.width, width, tokens,
+                   encoder_deps["vit"], bias=True)
+  if config.connector == "mlp":
+    return _mlp_block(model, "connector/mlp", config.vit.width, width,
+                      tokens, encoder_deps["vit"], activation="gelu",
+                      out_features=width)
+  if config.connector != "move":
+    raise ValueError(f"No FLOP count for connector {config.connector!r}.")
+  router = "connector/router"
+  hidden_width = config.move.router_dim or width
+  hidden, hidden_dep = _linear(model, f"{router}/hidden", width, hidden_width,
+                               1, instance_dep, bias=True)
+  out, dep = _linear(model, f"{router}/out", hidden_width,
+                     len(config.encoders), 1, hidden_dep, bias=True)
+  ops = hidden + out
+  for name, vit in config.encoders.items():
+    branch, branch_dep = _move_branch(
+        model, f"connector/{name}", vit, tokens, config.move.adt_depth, width,
+        encoder_deps[name])
+    ops += branch
+    dep = dep or branch_dep
+  return ops, dep
 
 
 def _decoder(model, config, image_tokens, text_tokens, image_dep):
@@ -246,15 +467,11 @@ def _decoder(model, config, image_tokens, text_tokens, image_dep):
         head_dim=config.head_dim, bias=False)
     dep = dep or attn_dep
     x_dep = dep or model.trained(f"{path}/pre_mlp_norm/scale")
-    gate, gate_dep = _linear(model, f"{path}/mlp/gate", config.width,
-                             config.mlp_dim, tokens, x_dep, bias=False)
-    up, up_dep = _linear(model, f"{path}/mlp/up", config.width,
-                         config.mlp_dim, tokens, x_dep, bias=False)
-    down, down_dep = _linear(model, f"{path}/mlp/down", config.mlp_dim,
-                             config.width, tokens, gate_dep or up_dep,
-                             bias=False)
-    ops += attn + gate + up + down
-    dep = dep or down_dep
+    mlp, mlp_dep = _mlp_block(model, f"{path}/mlp", config.width,
+                              config.mlp_dim, tokens, x_dep,
+                              activation="geglu")
+    ops += attn + mlp
+    dep = dep or mlp_dep
   dep = dep or model.trained("decoder/final_norm/scale")
   logits = _product("decoder/logits",
                     text_tokens * config.width * config.vocab_size, dep,
@@ -275,14 +492,16 @@ def train_matmuls(config: VLMConfig, experts, trainable: str,
   """
   model = _Model(
       specs=[attach.ExpertSpec.parse(i, e) for i, e in enumerate(experts)],
-      trainable=re.compile(trainable))
-  image_tokens = config.vit.num_patches
-  vit, vit_dep = _vit(model, config.vit, image_tokens)
-  connector, image_dep = _linear(model, "connector/proj", config.vit.width,
-                                 config.decoder.width, image_tokens, vit_dep,
-                                 bias=True)
-  return vit + connector + _decoder(model, config.decoder, image_tokens,
-                                    text_len, image_dep)
+      trainable=re.compile(trainable), instance_width=config.decoder.width)
+  encoders, encoder_deps = [], {}
+  for name, vit in config.encoders.items():
+    ops, encoder_deps[name] = _vit(model, vit, vit.num_patches, name)
+    encoders += ops
+  connector, image_dep = _connector(model, config, encoder_deps,
+                                    instance_dep=model.instance_dep)
+  return encoders + connector + _decoder(model, config.decoder,
+                                         config.num_image_tokens, text_len,
+                                         image_dep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,4 +526,4 @@ def train_flops(config: VLMConfig, experts, trainable: str,
   ops = train_matmuls(config, experts, trainable, text_len)
   return TrainFlops(forward=sum(op.forward for op in ops),
                     backward=sum(op.backward for op in ops),
-                    tokens=config.vit.num_patches + text_len)
+                    tokens=config.num_image_tokens + text_len)

@@ -1,14 +1,19 @@
 """Partial initialisation from another run's (or a converted) checkpoint.
 
 Parameters whose path and shape match are loaded; the rest (new experts,
-routers) keep their fresh initialisation. Optimizer state and step start anew,
+routers) keep their fresh initialisation. Stacked layers load into towers
+split into other segments (models/stack.py) by layer index. Optimizer state and step start anew,
 which is what a new stage of a multi-stage recipe wants.
 
 A sparse MoE block that replaces a dense MLP of the checkpoint (CuMo's
 co-upcycling) starts with every expert a copy of that MLP
 (`experts/upcycle.py`), optionally with noise; its router stays fresh.
+Likewise a `sparse_lora` adapter where the checkpoint has a `lora` at the
+same layer (Awaker2.5-VL's stage II) starts with every expert, and its
+global expert, a copy of that LoRA.
 """
 import os
+import re
 
 import jax
 import numpy as np
@@ -16,6 +21,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from omnismola.experts import upcycle
+from omnismola.models import stack
 from omnismola.train import logging as log_lib
 from omnismola.train import optim
 
@@ -86,23 +92,75 @@ def upcycled_experts(source: dict, model: dict, *, noise_std: float = 0.0,
   return copies
 
 
+def upcycled_lora_experts(source: dict, model: dict, *,
+                           noise_std: float = 0.0, seed: int = 0) -> dict:
+  """Flat {path: array} of sparse_lora experts copied from LoRAs in `source`.
+
+  For every `<layer>/adapters/sparse_lora_<i>` of `model` whose experts the
+  checkpoint lacks but where it has a `<layer>/adapters/lora_<j>` that
+  `model` does not (that one loads as it is); and for every one where the
+  checkpoint has a one-expert sparse_lora at the same path and `model`
+  more experts (MoME's stage 2: its single adapter becomes every expert,
+  the router, one output there, starts fresh; the learned scale loads).
+  """
+  copies = {}
+  adapters = sorted(
+      k[:-len("/experts/a")] for k in model
+      if re.fullmatch(r".*/adapters/sparse_lora_\d+/experts/a", k))
+  for i, adapter in enumerate(adapters):
+    single = f"{adapter}/experts/a" in source
+    if single:
+      if (source[f"{adapter}/experts/a"].shape[-3] != 1 or
+          model[f"{adapter}/experts/a"].shape[-3] == 1):
+        continue
+      lora = {name: source[f"{adapter}/experts/{name}"][..., 0, :, :]
+              for name in ("a", "b")}
+    else:
+      layer = adapter.rpartition("/adapters/")[0]
+      loras = sorted(
+          k[len(layer) + 1:-len("/a")] for k in source
+          if re.fullmatch(re.escape(layer) + r"/adapters/lora_\d+/a", k)
+          and k not in model)
+      if not loras:
+        continue
+      if len(loras) > 1:
+        raise ValueError(f"init.checkpoint has several LoRAs at {layer} "
+                         f"({loras}) this model lacks; which one to copy "
+                         f"into {adapter} is ambiguous.")
+      lora = _nested(source, f"{layer}/{loras[0]}")
+    key = jax.random.fold_in(jax.random.key(seed), i) if noise_std else None
+    experts = upcycle.upcycle_lora(lora, _nested(model, adapter),
+                                   noise_std=noise_std, key=key)
+    copies.update({f"{adapter}/{k}": v for k, v in
+                   flatten_by_path(experts).items()
+                   if k.startswith(("experts/", "global_expert/") +
+                                   (("router/",) if single else ()))})
+  return copies
+
+
 def load_partial(path: str, state, abstract_state, *,
                  upcycle_noise_std: float = 0.0, seed: int = 0):
   """Returns `state` with params/frozen replaced where the checkpoint has them.
 
   `abstract_state` gives the target shardings. Shapes that differ are an
   error: silently re-initialising a mismatched layer hides config mistakes.
-  Experts of MoE blocks that replace a dense MLP of the checkpoint are
-  upcycled from it (see module docstring).
+  Experts of MoE blocks that replace a dense MLP of the checkpoint, and of
+  sparse_lora adapters where it has a LoRA, are upcycled from those (see
+  module docstring).
   """
   step_dir = resolve_step_dir(path)
-  source = read_parameters(step_dir)
   model = {**flatten_by_path(state.params), **flatten_by_path(state.frozen)}
-  upcycled = upcycled_experts(source, model, noise_std=upcycle_noise_std,
-                              seed=seed)
+  # Stacked layers re-split as this model's towers are (a dense checkpoint's
+  # `decoder/layers/...` into `decoder/layers_0_4/...`, models/stack.py).
+  source = stack.restack(read_parameters(step_dir), model)
+  upcycled = {
+      **upcycled_experts(source, model, noise_std=upcycle_noise_std,
+                         seed=seed),
+      **upcycled_lora_experts(source, model, noise_std=upcycle_noise_std,
+                              seed=seed)}
   if upcycled:
     log_lib.print_line(f"Upcycled {len(upcycled)} expert arrays from dense "
-                       "MLPs of the checkpoint.")
+                       "MLPs and LoRAs of the checkpoint.")
   source.update(upcycled)
 
   loaded, fresh = [], []

@@ -8,6 +8,8 @@ import time
 import jax
 from absl import logging
 
+from omnismola.train import flops
+
 
 class MetricWriter:
   """Appends scalars to <workdir>/<name>.jsonl and to TensorBoard.
@@ -67,12 +69,24 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """Throughput and ETA over the steps run by this process."""
+  """Throughput, model FLOP rate, MFU and ETA over this process's steps.
 
-  def __init__(self, first_step: int, total_steps: int, global_batch: int):
+  `flops_per_example` (train/flops.py's count) gives `tflops_per_device`,
+  the model TFLOP/s each device achieved; with the device's `peak_flops`
+  also `mfu` (docs/performance.md). Either may be None: not logged then.
+  """
+
+  def __init__(self, first_step: int, total_steps: int, global_batch: int, *,
+               tokens_per_example: int, flops_per_example: float | None,
+               num_devices: int, peak_flops: float | None):
     self.first_step = first_step
     self.total_steps = total_steps
     self.global_batch = global_batch
+    self.tokens_per_example = tokens_per_example
+    self.flops_per_step = (None if flops_per_example is None else
+                           flops_per_example * global_batch)
+    self.num_devices = num_devices
+    self.peak_flops = peak_flops
     self._start = None
     self._start_step = first_step
     self._last_time = None
@@ -90,8 +104,17 @@ class Progress:
       return {}
     rate = (step - self._last_step) / (now - self._last_time)
     self._last_time, self._last_step = now, step
-    return {"steps_per_sec": rate,
-            "examples_per_sec": rate * self.global_batch}
+    out = {"steps_per_sec": rate,
+           "examples_per_sec": rate * self.global_batch,
+           "tokens_per_sec": rate * self.global_batch *
+                             self.tokens_per_example}
+    if self.flops_per_step is not None:
+      out["tflops_per_device"] = (self.flops_per_step * rate /
+                                  self.num_devices / 1e12)
+      if self.peak_flops is not None:
+        out["mfu"] = flops.mfu(self.flops_per_step, 1 / rate,
+                               self.num_devices, self.peak_flops)
+    return out
 
   def eta_seconds(self, step: int) -> float:
     if self._start is None or step <= self._start_step:
@@ -106,6 +129,17 @@ class Progress:
       parts.append(f"{examples_per_sec:,.1f} ex/s")
     parts.append(f"ETA {format_duration(self.eta_seconds(step))}")
     return " | ".join(parts)
+
+
+def peak_memory() -> dict[str, float]:
+  """{"peak_memory_gib": the largest allocator peak of this host's devices}.
+
+  Empty where devices keep no statistics (CPU's `memory_stats()` is None).
+  """
+  peaks = [stats["peak_bytes_in_use"] for stats in
+           (d.memory_stats() for d in jax.local_devices())
+           if stats and "peak_bytes_in_use" in stats]
+  return {"peak_memory_gib": max(peaks) / 2**30} if peaks else {}
 
 
 def print_line(text: str) -> None:

@@ -6,11 +6,13 @@ several times, and the first candidate that exists in the mesh with size > 1,
 divides the dimension and is not yet used by another dimension wins (MaxText's
 ordered fallbacks). Anything unmatched is replicated.
 """
+import dataclasses
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -33,27 +35,95 @@ DEFAULT_RULES = (
 )
 
 
-def make_mesh(axis_sizes: dict[str, int],
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh with axes (data, fsdp, tensor, expert); one size may be -1."""
+def make_mesh(axis_sizes: dict, devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh with axes (data, fsdp, tensor, expert), possibly over slices.
+
+  `axis_sizes` (`config.mesh`) sizes each axis within one slice (ICI); one
+  size may be -1, the rest of a slice's devices. Its optional `dcn` entry
+  sizes each axis across slices (multi-slice over the data-center network),
+  1 by default; a mesh axis then spans `ici * dcn` devices, e.g.
+  `dict(data=4, dcn=dict(data=2))` on 2 slices of 4 is a data axis of 8.
+  Devices with a `slice_index` (TPU multi-slice) are laid out by
+  `mesh_utils.create_hybrid_device_mesh`; others (CPU, GPU) are split into
+  `prod(dcn)` runs of consecutive devices (jax.devices() lists each host's
+  devices together) and laid out the same way (`hybrid_layout`).
+  """
   devices = list(jax.devices() if devices is None else devices)
+  axis_sizes = dict(axis_sizes)
+  dcn = _dcn_sizes(dict(axis_sizes.pop("dcn", None) or {}))
   unknown = sorted(set(axis_sizes) - set(MESH_AXES))
   if unknown:
     raise ValueError(f"Unknown mesh axes {unknown}; mesh axes are "
-                     f"{MESH_AXES}.")
+                     f"{MESH_AXES} (and `dcn`, their sizes across slices).")
+  num_slices = int(np.prod(dcn))
+  if len(devices) % num_slices:
+    raise ValueError(f"config.mesh.dcn={dict(zip(MESH_AXES, dcn))} asks "
+                     f"for {num_slices} slices; {len(devices)} devices do "
+                     "not split into that many equal slices.")
+  ici = _resolve_sizes(axis_sizes, len(devices) // num_slices, num_slices)
+  if num_slices > 1 and hasattr(devices[0], "slice_index"):
+    found = len({d.slice_index for d in devices})
+    if found != num_slices:
+      raise ValueError(f"config.mesh.dcn={dict(zip(MESH_AXES, dcn))} asks "
+                       f"for {num_slices} slices; the devices are on "
+                       f"{found}.")
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  else:
+    grid = hybrid_layout(devices, ici, dcn)
+  return Mesh(grid, MESH_AXES)
+
+
+def _dcn_sizes(dcn: dict) -> list[int]:
+  """Sizes of every mesh axis across slices from `config.mesh.dcn`."""
+  unknown = sorted(set(dcn) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"Unknown axes {unknown} in config.mesh.dcn; mesh axes "
+                     f"are {MESH_AXES}.")
+  sizes = [int(dcn.get(name, 1)) for name in MESH_AXES]
+  if min(sizes) < 1:
+    raise ValueError(f"config.mesh.dcn sizes must be >= 1 (no -1: the "
+                     f"number of slices is fixed), got {dcn}.")
+  return sizes
+
+
+def _resolve_sizes(axis_sizes: dict, devices_per_slice: int,
+                   num_slices: int) -> list[int]:
+  """Per-slice sizes of every mesh axis, -1 resolved."""
+  per = " per slice" if num_slices > 1 else ""
   sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ValueError(f"At most one mesh axis may be -1, got {axis_sizes}.")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"Mesh {axis_sizes}: {len(devices)} devices are not "
-                       f"divisible by the fixed axes' product {known}.")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
+    if devices_per_slice % known:
+      raise ValueError(f"Mesh {axis_sizes}: {devices_per_slice} devices"
+                       f"{per} are not divisible by the fixed axes' product "
+                       f"{known}.")
+    sizes[sizes.index(-1)] = devices_per_slice // known
+  if int(np.prod(sizes)) != devices_per_slice:
     raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes))} needs "
-                     f"{int(np.prod(sizes))} devices, found {len(devices)}.")
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+                     f"{int(np.prod(sizes))} devices{per}, found "
+                     f"{devices_per_slice}" +
+                     (f" ({num_slices} slices from config.mesh.dcn)."
+                      if num_slices > 1 else "."))
+  return sizes
+
+
+def hybrid_layout(devices: Sequence[Any], ici: Sequence[int],
+                  dcn: Sequence[int]) -> np.ndarray:
+  """Devices in create_hybrid_device_mesh's layout, slices = device runs.
+
+  Slice s is devices[s * n : (s + 1) * n]; slices are placed on a `dcn`
+  grid and each holds an `ici` block, so along axis i, mesh index
+  `dcn_i * ici[i] + ici_i` is position `ici_i` within slice coordinate
+  `dcn_i`: an axis's ICI neighbours share a slice and only the dcn steps
+  cross slices. With every dcn size 1 this is a plain reshape.
+  """
+  n = len(ici)
+  grid = np.asarray(devices, dtype=object).reshape(tuple(dcn) + tuple(ici))
+  # (dcn_0, ..., dcn_n-1, ici_0, ..., ici_n-1) -> (dcn_0, ici_0, dcn_1, ...).
+  order = [axis for i in range(n) for axis in (i, n + i)]
+  return grid.transpose(order).reshape([d * i for d, i in zip(dcn, ici)])
 
 
 def _as_axes(target) -> tuple[str, ...]:
@@ -120,3 +190,94 @@ def activation_sharding(mesh: Mesh, rules) -> Callable:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def process_local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded array, as numpy.
+
+  The inverse of `jax.make_array_from_process_local_data` along dim 0: the
+  process's row blocks (replicas counted once) in order of position.
+  """
+  blocks = {shard.index[0].start or 0: shard.data
+            for shard in array.addressable_shards}
+  return np.concatenate([np.asarray(blocks[start])
+                         for start in sorted(blocks)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+  """One parameter's layout, as the replication check sees it."""
+  path: str
+  shape: tuple[int, ...]
+  logical_axes: tuple[str | None, ...]
+  nbytes: int
+  spec: PartitionSpec
+
+  @property
+  def replicated(self) -> bool:
+    """Held whole by every device: no dimension is sharded."""
+    return not any(self.spec)
+
+
+def parameter_layouts(states: Sequence[nnx.State], rules,
+                      mesh: Mesh) -> list[Parameter]:
+  """Every variable of `states` (abstract or real) with its PartitionSpec."""
+  out = []
+  for state in states:
+    for path, variable in nnx.to_flat_state(state):
+      shape = tuple(variable.shape)
+      axes = variable.get_metadata().get("logical_axes") or (None,) * len(
+          shape)
+      out.append(Parameter(
+          path="/".join(str(k) for k in path), shape=shape,
+          logical_axes=tuple(axes),
+          nbytes=int(np.prod(shape)) * np.dtype(variable.dtype).itemsize,
+          spec=logical_to_spec(axes, shape, rules, mesh)))
+  return out
+
+
+def replicated_fraction(parameters: Sequence[Parameter], mesh: Mesh) -> float:
+  """Share of parameter bytes that every device holds whole.
+
+  On a one-device mesh nothing is replicated *across* devices: 0.
+  """
+  total = sum(p.nbytes for p in parameters)
+  if mesh.size == 1 or not total:
+    return 0.0
+  return sum(p.nbytes for p in parameters if p.replicated) / total
+
+
+def check_replication(parameters: Sequence[Parameter], mesh: Mesh,
+                      max_fraction: float, *, show: int = 5) -> float:
+  """The replicated fraction; an error naming the largest if above max."""
+  fraction = replicated_fraction(parameters, mesh)
+  if fraction <= max_fraction:
+    return fraction
+  largest = sorted((p for p in parameters if p.replicated),
+                   key=lambda p: -p.nbytes)[:show]
+  lines = [f"  {p.path} {list(p.shape)} {p.logical_axes} "
+           f"{p.nbytes / 2**20:,.1f} MiB; could shard: "
+           f"{_shardable(p, mesh) or 'no dimension divides a mesh axis'}"
+           for p in largest]
+  total = sum(p.nbytes for p in parameters)
+  raise ValueError(
+      f"{fraction:.1%} of the parameter bytes ({fraction * total / 2**30:.2f}"
+      f" of {total / 2**30:.2f} GiB) are replicated whole on each of the "
+      f"{mesh.size} devices of mesh {dict(mesh.shape)}, above "
+      f"config.train.max_replicated_fraction={max_fraction}. Largest:\n" +
+      "\n".join(lines) +
+      "\nShard them: add config.sharding_rules entries mapping one of their "
+      "logical axes to a mesh axis of size > 1 that divides it (e.g. "
+      "('embed', 'fsdp') with --config.mesh.fsdp > 1, the default rules' "
+      "ZeRO-3 layout), or raise config.train.max_replicated_fraction "
+      "(1.0 turns the check off).")
+
+
+def _shardable(parameter: Parameter, mesh: Mesh) -> str:
+  """'name (dim) over axis|axis, ...': mesh axes dividing each dimension."""
+  options = []
+  for name, dim in zip(parameter.logical_axes, parameter.shape):
+    axes = [a for a, n in mesh.shape.items() if n > 1 and dim % n == 0]
+    if name and axes:
+      options.append(f"{name} ({dim}) over {'|'.join(axes)}")
+  return ", ".join(options)

@@ -25,10 +25,13 @@ from omnismola.eval import evaluator
 from omnismola.experts import stats
 from omnismola.models import layers
 from omnismola.train import checkpoint as checkpoint_lib
+from omnismola.train import flops as flops_lib
+from omnismola.train import host_shards
 from omnismola.train import init as init_lib
 from omnismola.train import logging as log_lib
 from omnismola.train import optim
 from omnismola.train import partitioning
+from omnismola.train import profiler
 
 
 @flax.struct.dataclass
@@ -240,6 +243,33 @@ def make_train_step(parts: ModelParts, optimizer, schedule, num_tasks: int, *,
   return train_step
 
 
+def jit_train_step(config, parts: ModelParts, optimizer, abstract: TrainState,
+                   num_tasks: int):
+  """The jitted train step with the state's shardings, state donated.
+
+  `abstract` carries the shardings (from `create_state`); batches keep the
+  sharding they arrive with (`make_put_batch`).
+  """
+  state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  step = make_train_step(
+      parts, optimizer, optim.learning_rate_schedule(config.train), num_tasks,
+      compute_dtype=jnp.dtype(config.train.compute_dtype),
+      microbatches=int(config.train.microbatches),
+      aux_loss_weights=dict(config.train.aux_loss_weights))
+  return jax.jit(step, in_shardings=(state_shardings, None),
+                 out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def check_replication(config, parts: ModelParts, mesh) -> float:
+  """Share of parameter bytes every device holds whole; an error above
+  `config.train.max_replicated_fraction` (partitioning.check_replication)."""
+  parameters = partitioning.parameter_layouts(
+      [parts.params_template, parts.frozen_template],
+      [tuple(r) for r in config.sharding_rules], mesh)
+  return partitioning.check_replication(
+      parameters, mesh, float(config.train.max_replicated_fraction))
+
+
 def summarize(step_metrics: list[dict], task_names: list[str]) -> dict:
   """Averages the metrics of the steps since the last log line.
 
@@ -310,33 +340,65 @@ class NonFiniteGuard:
           "the last checkpoint.")
 
 
-def make_decode_fn(parts: ModelParts, put_batch: Callable[[dict], dict],
-                   max_new_tokens: int, eos_id: int):
-  """decode_fn(state, host_batch) -> generated ids [B, N], jitted once."""
+def make_decode_fn(parts: ModelParts, mesh, rules,
+                   shard: host_shards.HostShard, max_new_tokens: int,
+                   eos_id: int):
+  """decode_fn(state, host_batch) -> this host's generated ids [B, N].
+
+  Every host passes the rows of its `shard` of the global batch; the decode
+  runs once over the global batch, and each host gets back the rows of its
+  own batch, in order.
+  """
+  put_batch = make_put_batch(mesh, rules, shard)
 
   @jax.jit
   def decode(params, frozen, batch):
     model = parts.merge(params, frozen)
-    return decode_lib.greedy_decode(model, batch,
-                                    max_new_tokens=max_new_tokens,
-                                    eos_id=eos_id)
+    tokens = decode_lib.greedy_decode(model, batch,
+                                      max_new_tokens=max_new_tokens,
+                                      eos_id=eos_id)
+    # Laid out like the prompt, so each host's rows stay on its devices.
+    return jax.lax.with_sharding_constraint(
+        tokens, partitioning.batch_sharding(mesh, rules, tokens.shape))
 
   def decode_fn(state: TrainState, batch: dict):
     prompt = put_batch({k: batch[k] for k in decode_lib.PROMPT_KEYS})
-    return decode(state.params, state.frozen, prompt)
+    return partitioning.process_local_rows(
+        decode(state.params, state.frozen, prompt))
 
   return decode_fn
 
 
-def make_put_batch(mesh, rules) -> Callable[[dict], dict]:
-  """Host-local numpy batch -> global arrays sharded over the batch axes."""
+def make_put_batch(mesh, rules, shard: host_shards.HostShard | None = None
+                   ) -> Callable[[dict], dict]:
+  """Host-local numpy batch -> global arrays sharded over the batch axes.
+
+  The local batch is shard `shard` (`host_shards.host_shard`) of a global
+  batch `shard.count` times larger; by default every process is its own
+  shard. A mesh that lays the rows out otherwise is an error here rather
+  than a silently mis-assembled batch.
+  """
+  shard = shard or host_shards.HostShard(jax.process_index(),
+                                         jax.process_count())
+  checked_sizes = set()
+
+  def check(global_rows: int) -> None:
+    laid_out = host_shards.host_shard(mesh, rules, global_rows)
+    if laid_out != shard:
+      raise ValueError(
+          f"A global batch of {global_rows} rows puts shard {laid_out} on "
+          f"this process, but its input was read as shard {shard}; read it "
+          "with host_shards.host_shard(mesh, rules, batch size).")
+    checked_sizes.add(global_rows)
 
   def put(batch: dict) -> dict:
     out = {}
     for key, local in batch.items():
       if not isinstance(local, np.ndarray):
         continue  # e.g. reference strings stay on the host.
-      global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+      global_shape = (local.shape[0] * shard.count,) + local.shape[1:]
+      if global_shape[0] not in checked_sizes:
+        check(global_shape[0])
       sharding = partitioning.batch_sharding(mesh, rules, global_shape)
       out[key] = jax.make_array_from_process_local_data(sharding, local,
                                                         global_shape)
@@ -383,10 +445,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("Mesh: %s", dict(mesh.shape))
   task_names = pipeline.mixture_task_names(config.data)
 
-  schedule = optim.learning_rate_schedule(config.train)
   optimizer = optim.make_optimizer(config.train)
   init_fn, abstract, parts = create_state(config, mesh, optimizer)
-  _log_parameter_counts(abstract)
+  _log_parameter_counts(abstract, check_replication(config, parts, mesh))
 
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=config.train.keep_checkpoints)
@@ -405,26 +466,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   pipeline.prepare(config.data)
   batch_size = config.train.batch_size
+  # Hosts holding the same batch rows read the same shard (host_shards.py).
+  shard = host_shards.host_shard(mesh, rules, batch_size)
   train_iter = pipeline.make_train_iterator(
       config.data, global_batch_size=batch_size, seed=config.seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(), state=data_state)
-  put_batch = make_put_batch(mesh, rules)
-  state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  train_step = jax.jit(
-      make_train_step(parts, optimizer, schedule, len(task_names),
-                      compute_dtype=jnp.dtype(config.train.compute_dtype),
-                      microbatches=int(config.train.microbatches),
-                      aux_loss_weights=dict(config.train.aux_loss_weights)),
-      in_shardings=(state_shardings, None), out_shardings=(state_shardings,
-                                                           None),
-      donate_argnums=0)
+      shard_index=shard.index, shard_count=shard.count, state=data_state)
+  put_batch = make_put_batch(mesh, rules, shard)
+  train_step = jit_train_step(config, parts, optimizer, abstract,
+                              len(task_names))
 
-  run_eval = _make_eval_runner(config, workdir, parts, put_batch, pipeline)
+  run_eval = _make_eval_runner(config, workdir, parts, mesh, pipeline)
   guard = NonFiniteGuard(int(config.train.max_nonfinite_steps))
   total = int(config.train.steps)
   step = int(jax.device_get(state.step))
-  progress = log_lib.Progress(step, total, batch_size)
+  tokens, example_flops = example_cost(config)
+  progress = log_lib.Progress(
+      step, total, batch_size, tokens_per_example=tokens,
+      flops_per_example=example_flops, num_devices=jax.device_count(),
+      peak_flops=flops_lib.peak_flops(jax.devices()[0].device_kind))
+  trace = profiler.StepTrace(int(config.profile.first_step),
+                             int(config.profile.steps),
+                             os.path.join(workdir, "profile"))
   pending: list[dict] = []
   # Saves the loop's current step and state (read when called).
   save = lambda: ckpt.save(step, state, train_iter.get_state(),
@@ -432,12 +494,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Pending asynchronous saves complete however the loop ends. Activations
   # are pinned to their logical sharding wherever the step is traced.
   with (_StopSignal() as stop, contextlib.closing(ckpt),
-        contextlib.closing(writer),
+        contextlib.closing(writer), contextlib.closing(trace),
         layers.activation_sharding(
             partitioning.activation_sharding(mesh, rules))):
     while step < total and not stop.requested:
+      trace.before_step(step + 1)
       state, metrics = train_step(state, put_batch(next(train_iter)))
       step += 1
+      trace.after_step(step, metrics)
       guard.observe(step, metrics["nonfinite"])
       pending.append(metrics)
       if step == progress.first_step + 1:  # Exclude compilation from rates.
@@ -446,6 +510,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if step % config.train.log_every == 0 or step == total:
         scalars = summarize(pending, task_names)
         scalars.update(progress.update(step))
+        scalars.update(log_lib.peak_memory())
+        # Cumulative over-length counts of every host's input (a collective).
+        scalars.update(pipeline.over_length_metrics(
+            config.data, checkpoint_lib.all_process_states(
+                train_iter.get_state())))
         pending = []
         writer.write(step, scalars)
         log_lib.print_line(progress.line(step, scalars["loss"],
@@ -481,26 +550,31 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   state, _ = ckpt.restore(latest, abstract)
   ckpt.close()
   pipeline.prepare(config.data)
-  run_eval = _make_eval_runner(config, workdir, parts,
-                               make_put_batch(mesh, rules), pipeline)
+  run_eval = _make_eval_runner(config, workdir, parts, mesh, pipeline)
   return run_eval(latest, state)
 
 
-def _make_eval_runner(config, workdir, parts, put_batch, pipeline):
+def _make_eval_runner(config, workdir, parts, mesh, pipeline):
   """run_eval(step, state): evaluates every task, writes JSON, prints a table.
 
-  The data must already be prepared (`pipeline.prepare`).
+  Every host decodes its shard of each task; the evaluator gathers the
+  predictions. The data must already be prepared (`pipeline.prepare`).
   """
   vocabulary = pipeline.get_vocabulary(config.data)
-  decode_fn = make_decode_fn(parts, put_batch, config.eval.max_new_tokens,
-                             vocabulary.eos_id)
+  rules = [tuple(r) for r in config.sharding_rules]
+  # config.eval.batch_size is global, as train.batch_size is; hosts whose
+  # devices hold the same rows decode the same shard (host_shards.py).
+  shard = host_shards.host_shard(mesh, rules, config.eval.batch_size)
+  decode_fn = make_decode_fn(parts, mesh, rules, shard,
+                             config.eval.max_new_tokens, vocabulary.eos_id)
   detokenize = functools.partial(pipeline.detokenize, vocabulary=vocabulary)
 
   def run_eval(step: int, state: TrainState) -> dict:
     eval_sets = pipeline.make_eval_sets(
-        config.data, batch_size=config.eval.batch_size,
+        config.data, batch_size=config.eval.batch_size // shard.count,
         tasks=list(config.eval.tasks) or None,
-        max_examples=config.eval.max_examples or None)
+        max_examples=config.eval.max_examples or None,
+        process_index=shard.index, process_count=shard.count)
     results = evaluator.evaluate(functools.partial(decode_fn, state),
                                  eval_sets, detokenize=detokenize)
     path = evaluator.write_results(workdir, step, results)
@@ -512,8 +586,29 @@ def _make_eval_runner(config, workdir, parts, put_batch, pipeline):
   return run_eval
 
 
-def _log_parameter_counts(abstract: TrainState) -> None:
+def example_cost(config) -> tuple[int, float | None]:
+  """(tokens, training FLOPs) of one example, for throughput and MFU.
+
+  Tokens are the image tokens plus the text length (padding included: the
+  model computes on it). FLOPs are `flops.train_flops`'s count, or None for
+  a model it cannot count (said once here; the log then lacks TFLOP/s and
+  MFU).
+  """
+  model = build.vlm_config(config.model)
+  text_len = sum(int(n) for n in config.data.feature_lengths.values())
+  try:
+    count = flops_lib.train_flops(model, list(config.experts),
+                                  config.train.trainable, text_len)
+  except (ValueError, NotImplementedError) as e:
+    log_lib.print_line(f"No FLOP count for this model ({e}): the log has "
+                       "tokens/s but no TFLOP/s or MFU.")
+    return model.vit.num_patches + text_len, None
+  return count.tokens, float(count.total)
+
+
+def _log_parameter_counts(abstract: TrainState, replicated: float) -> None:
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
   trained, frozen = count(abstract.params), count(abstract.frozen)
   log_lib.print_line(f"Parameters: {trained + frozen:,} "
-                     f"({trained:,} trained, {frozen:,} frozen).")
+                     f"({trained:,} trained, {frozen:,} frozen; "
+                     f"{replicated:.1%} of the bytes whole on every device).")

@@ -1,0 +1,238 @@
+r"""--mode=analyze: which experts a trained model uses, per task and modality.
+
+  python -m omnismola.main --config=configs/mix.py --workdir=/tmp/mix \
+      --mode=analyze
+
+The model comes from the workdir's latest checkpoint (or a converted
+model's directory), as for --mode=predict; with neither there,
+`config.init.checkpoint` with the config's experts. It runs teacher-forced
+(prefix and target suffix, as in training) over up to `eval.max_examples`
+validation examples of every task of `eval.tasks` (empty: the mixture's),
+while every router records each token's weight on each of its experts
+(`layers.recording_usage`): SMoLA pools their combine weights, sparse MoE
+blocks their top-k gates, and any other router that calls
+`layers.record_usage`.
+
+For every router (its module path; each layer of a stack apart) the mean
+weight per expert is taken over the tokens the router serves (weights not
+all zero; padding never counts), per task and per modality: image tokens,
+text prefix (the prompt) and text suffix (the target). A router outside the
+decoder (ViT, connector) sees image tokens only. Written to
+`<workdir>/analysis/`: `usage.json` with every number, and one PNG per
+router: heatmaps tasks x experts and modalities x experts (averaged over
+the layers) and, for a stack, layers x experts.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+from flax import nnx
+# A bare Figure draws with Agg into files: no display, no pyplot state.
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from omnismola import pretrained
+from omnismola.models import layers
+from omnismola.train import logging as log_lib
+
+MODALITIES = ("image", "prefix", "suffix")
+_USAGE = "/usage"
+
+
+def load_model(config, workdir: str) -> nnx.Module:
+  """The workdir's model (see the module docstring for the fallback)."""
+  try:
+    return pretrained.from_pretrained(workdir)
+  except FileNotFoundError as e:
+    if not config.init.checkpoint:
+      raise FileNotFoundError(
+          f"No checkpoint in {workdir} to analyze: train first "
+          "(--mode=train), or set --config.init.checkpoint to a converted "
+          "model.") from e
+    return pretrained.from_pretrained(config.init.checkpoint,
+                                      experts=list(config.experts))
+
+
+def token_modalities(num_image_tokens: int, batch: dict) -> jax.Array:
+  """int [B, N + L]: each position's index in MODALITIES, -1 where it does
+  not count (text padding, padded examples)."""
+  text = jnp.where(batch["mask_ar"] == 0, 1, 2)
+  text = jnp.where(batch["mask_input"] == 1, text, -1)
+  image = jnp.zeros((text.shape[0], num_image_tokens), text.dtype)
+  modality = jnp.concatenate([image, text], axis=1)
+  return jnp.where(batch["example_mask"][:, None] == 1, modality, -1)
+
+
+def usage_sums(weights: jax.Array, modality: jax.Array):
+  """Summed weights and served-token counts per modality.
+
+  Args:
+    weights: [..., B, T, E] a router's recorded weights (leading layer axis
+      for a stack).
+    modality: int [B, T], index into MODALITIES, -1 = not counted.
+
+  Returns:
+    (sums [..., M, E], served [..., M]), M = len(MODALITIES); a token is
+    served where its weights are not all zero.
+  """
+  one_hot = jax.nn.one_hot(modality, len(MODALITIES))   # -1: all zeros.
+  served = (jnp.sum(weights, axis=-1) > 0).astype(jnp.float32)
+  return (jnp.einsum("...bte,btm->...me", weights.astype(jnp.float32),
+                     one_hot),
+          jnp.einsum("...bt,btm->...m", served, one_hot))
+
+
+def make_usage_fn(graphdef, num_image_tokens: int):
+  """usage_fn(state, batch) -> {router path: usage_sums}, jitted."""
+
+  @jax.jit
+  def usage_fn(state, batch):
+    model = nnx.merge(graphdef, state)
+    with layers.recording_usage():
+      _, aux = model.forward(batch["image"], batch["text"], batch["mask_ar"],
+                             batch["mask_input"])
+    sequence = token_modalities(num_image_tokens, batch)
+    # Routers before the decoder see the image tokens of each example only.
+    image = jnp.where(batch["example_mask"][:, None] == 1, 0, -1)
+    out = {}
+    for key, weights in aux.items():
+      if key.endswith(_USAGE):
+        length = weights.shape[-2]
+        modality = (sequence if length == sequence.shape[1] else
+                    jnp.broadcast_to(image, (image.shape[0], length)))
+        out[key[:-len(_USAGE)]] = usage_sums(weights, modality)
+    return out
+
+  return usage_fn
+
+
+def collect(model: nnx.Module, task_batches) -> dict:
+  """{router: (sums [K, L, M, E], served [K, L, M])}, summed over batches.
+
+  `task_batches` yields (task, batches) for K tasks, in order. L is the
+  layers of the router's stack, 1 for a router outside a stack.
+  """
+  graphdef, state = nnx.split(model)
+  usage_fn = make_usage_fn(graphdef, model.num_image_tokens)
+  keys = ("image", "text", "mask_ar", "mask_input", "example_mask")
+  per_task = []
+  for _, batches in task_batches:
+    totals = {}
+    for batch in batches:
+      usage = jax.device_get(usage_fn(state, {k: batch[k] for k in keys}))
+      for router, (sums, served) in usage.items():
+        if served.ndim == 1:  # Outside a stack: one layer.
+          sums, served = sums[None], served[None]
+        if router in totals:
+          sums, served = sums + totals[router][0], served + totals[router][1]
+        totals[router] = (sums, served)
+    per_task.append(totals)
+  return {router: tuple(np.stack([totals[router][i] for totals in per_task])
+                        for i in (0, 1))
+          for router in sorted(per_task[0])}
+
+
+def mean_weights(sums: np.ndarray, served: np.ndarray) -> np.ndarray:
+  """sums [..., E] / served [...]: the mean weight of each expert over the
+  served tokens; NaN where none was served."""
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(served[..., None] > 0, sums / served[..., None], np.nan)
+
+
+def router_summary(sums: np.ndarray, served: np.ndarray,
+                   tasks: list[str]) -> dict:
+  """One router's numbers for usage.json (lists [layer][expert]; null where
+  no token was served), from sums [K, L, M, E] and served [K, L, M]."""
+  as_lists = lambda a: np.where(np.isnan(a), None, a).tolist()
+  return {
+      "layers": sums.shape[1],
+      "experts": sums.shape[-1],
+      "by_task": {t: as_lists(mean_weights(sums[k].sum(1), served[k].sum(1)))
+                  for k, t in enumerate(tasks)},
+      "by_modality": {m: as_lists(mean_weights(sums[:, :, i].sum(0),
+                                               served[:, :, i].sum(0)))
+                      for i, m in enumerate(MODALITIES)},
+      "by_task_and_modality": {
+          t: {m: as_lists(mean_weights(sums[k, :, i], served[k, :, i]))
+              for i, m in enumerate(MODALITIES)}
+          for k, t in enumerate(tasks)},
+      "served_tokens": {
+          t: {m: served[k, :, i].astype(int).tolist()
+              for i, m in enumerate(MODALITIES)}
+          for k, t in enumerate(tasks)},
+  }
+
+
+def plot_router(router: str, sums: np.ndarray, served: np.ndarray,
+                tasks: list[str], path: str) -> None:
+  """Heatmaps of one router's mean expert weights into the PNG `path`.
+
+  Tasks x experts and modalities x experts (tokens of all layers pooled)
+  and, for a router in a stack, layers x experts (all tasks and
+  modalities). Grey cells: no served token.
+  """
+  panels = [
+      ("task", tasks, mean_weights(sums.sum((1, 2)), served.sum((1, 2)))),
+      ("modality", MODALITIES,
+       mean_weights(sums.sum((0, 1)), served.sum((0, 1)))),
+  ]
+  if sums.shape[1] > 1:
+    panels.append(("layer", [str(i) for i in range(sums.shape[1])],
+                   mean_weights(sums.sum((0, 2)), served.sum((0, 2)))))
+  finite = np.concatenate([m[np.isfinite(m)] for _, _, m in panels])
+  rows = max(len(labels) for _, labels, _ in panels)
+  figure = Figure(layout="constrained", figsize=(
+      2 + len(panels) * (2 + min(0.3 * sums.shape[-1], 6)),
+      max(4, 1.5 + 0.25 * rows)))
+  axes = figure.subplots(1, len(panels), squeeze=False)[0]
+  colors = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+  for ax, (name, labels, means) in zip(axes, panels):
+    # One colour scale for all panels, so they compare at a glance.
+    image = ax.imshow(means, cmap=colors, vmin=0,
+                      vmax=finite.max() if finite.size else 1,
+                      aspect="auto", interpolation="nearest")
+    ax.set_title(f"by {name}")
+    ax.set_xlabel("expert")
+    ax.set_ylabel(name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_yticks(range(len(labels)), labels)
+  figure.colorbar(image, ax=axes, label="mean weight")
+  figure.suptitle(f"{router}: mean expert weight per served token")
+  figure.savefig(path, dpi=100)
+
+
+def analyze(config, workdir: str) -> list[str]:
+  """Writes usage.json and the plots into <workdir>/analysis; their paths."""
+  from omnismola.data import pipeline  # TensorFlow only from here on.
+
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  model = load_model(config, workdir)
+  pipeline.prepare(config.data)
+  tasks = list(config.eval.tasks) or pipeline.mixture_task_names(config.data)
+
+  def task_batches():
+    for i, task in enumerate(tasks, 1):
+      log_lib.print_line(f"Analyzing {task} ({i}/{len(tasks)}).")
+      yield task, pipeline.make_labelled_batches(
+          config.data, task, batch_size=config.eval.batch_size,
+          max_examples=config.eval.max_examples or None)
+
+  usage = collect(model, task_batches())
+  if not usage:
+    raise ValueError("The model has no router that records its usage: its "
+                     "saved experts include no smola, sparse_moe or "
+                     "sparse_lora entry, and its connector is not move.")
+  out_dir = os.path.join(workdir, "analysis")
+  os.makedirs(out_dir, exist_ok=True)
+  written = [os.path.join(out_dir, "usage.json")]
+  with open(written[0], "w") as f:
+    json.dump({"tasks": tasks, "modalities": list(MODALITIES),
+               "routers": {router: router_summary(*arrays, tasks)
+                           for router, arrays in usage.items()}}, f, indent=1)
+  for router, arrays in usage.items():
+    written.append(os.path.join(out_dir, router.replace("/", ".") + ".png"))
+    plot_router(router, *arrays, tasks, written[-1])
+  return written

@@ -1,0 +1,144 @@
+r"""Ahead-of-time check: lower and compile a config's train step, no weights.
+
+Builds the train state's shapes with `jax.eval_shape` (nothing allocated),
+the batch as `ShapeDtypeStruct`s (`config.train.batch_size` examples of
+`config.data.feature_lengths` text), lowers and compiles the trainer's own
+jitted step on `config.mesh`, and reports XLA's per-device memory
+(arguments, outputs, temporaries) and the compile time. A config that does
+not fit, does not shard or does not compile is found before a pod is
+booked. PaliGemma-3B-224 with Omni-SMoLA on 8 emulated CPU devices, fsdp=8:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
+  python -m omnismola.aot \
+      --config=configs/mix.py:preset=paligemma_3b_224,frozen_backbone=True \
+      --config.mesh.data=1 --config.mesh.fsdp=8 \
+      --config.train.compute_dtype=bfloat16
+
+The memory is what XLA reserves for the compiled program of the platform it
+compiles for (CPU here), an estimate of an accelerator's. The replication
+check (`config.train.max_replicated_fraction`) runs as in training.
+"""
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from ml_collections import config_flags
+
+from omnismola.models import layers
+from omnismola.train import optim
+from omnismola.train import partitioning
+from omnismola.train import trainer
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  """What compiling one train step showed; memory per device, in bytes."""
+  mesh: dict
+  batch_size: int
+  text_len: int
+  replicated_fraction: float
+  state_bytes: int
+  state_shard_bytes: int
+  argument_bytes: int
+  output_bytes: int
+  temp_bytes: int
+  alias_bytes: int
+  lower_seconds: float
+  compile_seconds: float
+
+  @property
+  def total_bytes(self) -> int:
+    """Arguments + outputs + temporaries; donated outputs counted once."""
+    return (self.argument_bytes + self.output_bytes + self.temp_bytes -
+            self.alias_bytes)
+
+  def __str__(self) -> str:
+    gib = lambda n: f"{n / 2**30:.2f} GiB"
+    return "\n".join([
+        f"mesh {self.mesh}, batch {self.batch_size} x {self.text_len} text "
+        f"tokens; {self.replicated_fraction:.1%} of the parameter bytes "
+        "whole on every device",
+        f"train state (parameters, optimizer): {gib(self.state_bytes)}, "
+        f"{gib(self.state_shard_bytes)} per device",
+        f"per device: arguments {gib(self.argument_bytes)}, outputs "
+        f"{gib(self.output_bytes)}, temporaries {gib(self.temp_bytes)}, "
+        f"donated (aliased) {gib(self.alias_bytes)}, total "
+        f"{gib(self.total_bytes)}",
+        f"lowering {self.lower_seconds:.1f} s, compiling "
+        f"{self.compile_seconds:.1f} s"])
+
+
+def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """A training batch's shapes, dtypes and shardings (data/converter.py)."""
+  rules = [tuple(r) for r in config.sharding_rules]
+  batch = int(config.train.batch_size)
+  size = int(config.model.vit.image_size)
+  text_len = sum(int(n) for n in config.data.feature_lengths.values())
+  shapes = dict(image=((batch, size, size, 3), jnp.float32),
+                text=((batch, text_len), jnp.int32),
+                mask_ar=((batch, text_len), jnp.int32),
+                mask_loss=((batch, text_len), jnp.int32),
+                mask_input=((batch, text_len), jnp.int32),
+                task_id=((batch,), jnp.int32))
+  return {key: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=partitioning.batch_sharding(mesh, rules, shape))
+          for key, (shape, dtype) in shapes.items()}
+
+
+def _nbytes(tree, per_device: bool) -> int:
+  """Bytes of abstract arrays (with shardings), whole or on one device."""
+  shape = lambda x: x.sharding.shard_shape(x.shape) if per_device else x.shape
+  return sum(int(np.prod(shape(x))) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def compile_train_step(config):
+  """(compiled step, Report) of `config`'s train step on `config.mesh`."""
+  mesh = partitioning.make_mesh(dict(config.mesh))
+  rules = [tuple(r) for r in config.sharding_rules]
+  optimizer = optim.make_optimizer(config.train)
+  _, abstract, parts = trainer.create_state(config, mesh, optimizer)
+  replicated = trainer.check_replication(config, parts, mesh)
+  # Per-task loss sums are [num_tasks] floats: one task changes nothing
+  # measurable and keeps the mixture (TensorFlow) out of this check.
+  step = trainer.jit_train_step(config, parts, optimizer, abstract,
+                                num_tasks=1)
+  batch = abstract_batch(config, mesh)
+  with layers.activation_sharding(
+      partitioning.activation_sharding(mesh, rules)):
+    start = time.perf_counter()
+    lowered = step.lower(abstract, batch)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    compiled_at = time.perf_counter()
+  memory = compiled.memory_analysis()
+  return compiled, Report(
+      mesh=dict(mesh.shape), batch_size=int(config.train.batch_size),
+      text_len=batch["text"].shape[1], replicated_fraction=replicated,
+      state_bytes=_nbytes(abstract, per_device=False),
+      state_shard_bytes=_nbytes(abstract, per_device=True),
+      argument_bytes=memory.argument_size_in_bytes,
+      output_bytes=memory.output_size_in_bytes,
+      temp_bytes=memory.temp_size_in_bytes,
+      alias_bytes=memory.alias_size_in_bytes,
+      lower_seconds=lowered_at - start, compile_seconds=compiled_at - lowered_at)
+
+
+def report_config(config) -> None:
+  """Compiles `config`'s train step and prints what it needs."""
+  print(f"model {config.model.get('preset', '?')}, "
+        f"{len(config.experts)} expert entries, trainable "
+        f"{config.train.trainable!r}, compute {config.train.compute_dtype}, "
+        f"{jax.device_count()} {jax.devices()[0].platform} devices")
+  _, report = compile_train_step(config)
+  print(report)
+
+
+if __name__ == "__main__":
+  # Defined here, not at import: the trainer's tests import this module
+  # beside omnismola.main, which defines the same --config flag.
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None, "Config file, optionally FILE:ARG.", lock_config=True)
+  app.run(lambda argv: report_config(_CONFIG.value))

@@ -1,0 +1,197 @@
+"""Routed low-rank experts: Awaker2.5-VL's MoE of LoRAs, MoME's MoLE.
+
+Added beside a linear layer (like `lora`) or beside a whole MLP block
+(MoME: "parallel to every FFN"), with x the module's input:
+
+  p = softmax(u W_G)        u: the example's instance vector
+                            (routing="instance") or the token's x ("token")
+  g_1 >= ... >= g_k         the top-k probabilities, experts e_1 ... e_k
+  y = m * s * (sum_c g_c E_{e_c}(x) + (1 - g_1) G(x))
+  E_j(x) = act(x A_j) B_j   act: identity (LoRA) or relu (MoME's adapter)
+
+G is the optional always-on global expert (Awaker: G_global = 1 - G_max),
+m = alpha / rank, s an optional learned scalar (MoME), and every B starts at
+zero, so the wrapped module computes exactly its base at step 0. The gates
+are the chosen experts' softmax probabilities, not renormalised (Awaker), so
+the router learns through them. Padding gets no output.
+
+Instance routing reads `TokenInfo.instance`, the mean embedding of the
+example's prompt (models/vlm.py): one decision per example, fixed at
+prefill, hence the same in training and at every cached decoding step.
+Token routing decides per token from x alone, so it is causal.
+
+Both run the weighted low-rank form of smola.py: h = act(x A_cat)
+([tokens, E, r]), each expert's rank block scaled by its weight (0 for
+unchosen experts), y = h B_cat. [tokens, experts, d_out] never exists. The
+unchosen experts' blocks cost E/k times the adapter FLOPs of gathering each
+example's k experts, but no per-example copy of expert weights ([B, k, d,
+r]) is ever built, and one code path serves both routings.
+
+With `share_gate`, the linear layers an entry matches inside one block (the
+same parent path, e.g. `decoder/layers/mlp/{gate,up,down}`) use one router
+module (Awaker: up/down reuse gate_proj's routing). The factory hands the
+router made for the block's first layer to the others (`share_in_block`),
+so its parameters exist once: in `nnx.state` at the first of those layers
+in path order (`decoder/layers/mlp/down/adapters/sparse_lora_1/router`).
+"""
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from omnismola.models.layers import TokenInfo, record_usage
+
+ROUTINGS = ("instance", "token")
+ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {
+    None: lambda h: h,
+    "relu": jax.nn.relu,
+}
+
+
+class Router(nnx.Module):
+  """Router probabilities softmax(u W_G) for u [..., features] -> [..., E]."""
+
+  def __init__(self, features: int, num_experts: int, *, axis: str | None,
+               rngs: nnx.Rngs):
+    init = jax.nn.initializers.lecun_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (features, num_experts)),
+                            logical_axes=(axis, "expert"))
+
+  def __call__(self, u: jax.Array) -> jax.Array:
+    # float32: routing decisions must not flip with bfloat16 rounding.
+    logits = u.astype(jnp.float32) @ self.kernel[...].astype(jnp.float32)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+class LowRank(nnx.Module):
+  """act(x A) B with A [(E,) in, r] and B [(E,) r, out], B = 0 at init.
+
+  With `num_experts` the maps get a leading expert axis, the layout
+  `upcycle.expert_copies` makes from one LoRA's {a, b}.
+  """
+
+  def __init__(self, in_features: int, out_features: int, rank: int, *,
+               num_experts: int | None = None, axes, rngs: nnx.Rngs):
+    in_axis, out_axis = axes
+    lead = () if num_experts is None else (num_experts,)
+    lead_axes = () if num_experts is None else ("expert",)
+    init_a = jax.nn.initializers.normal(stddev=in_features**-0.5)
+    self.a = nnx.Param(init_a(rngs.params(), lead + (in_features, rank)),
+                       logical_axes=lead_axes + (in_axis, "lora_rank"))
+    self.b = nnx.Param(jnp.zeros(lead + (rank, out_features)),
+                       logical_axes=lead_axes + ("lora_rank", out_axis))
+
+
+def top_k_weights(probs: jax.Array, top_k: int):
+  """(weight of every expert [..., E], top gate [...]) from router probs.
+
+  The k chosen experts weigh their probabilities, the others 0.
+  """
+  gates, experts = jax.lax.top_k(probs, top_k)
+  chosen = jax.nn.one_hot(experts, probs.shape[-1], dtype=probs.dtype)
+  return jnp.einsum("...k,...ke->...e", gates, chosen), gates[..., 0]
+
+
+class SparseLoRA(nnx.Module):
+  """Top-k routed low-rank experts beside a module [in_features -> out].
+
+  Args:
+    in_features, out_features: the wrapped module's widths.
+    num_experts: E routed experts.
+    rank: r of every expert (MoME's bottleneck).
+    top_k: experts per example (instance) or token (token routing).
+    routing: "instance" (route on `TokenInfo.instance`) or "token".
+    global_expert: add an always-on expert weighted 1 - (the top gate).
+    share_gate: use the router of the block's first matched layer (see
+      module docstring); needs `share_in_block`, else the router is own.
+    activation: None (LoRA: x A B) or "relu" (MoME's adapter).
+    learned_scale: a learned scalar on the output, initialised to 1.
+    alpha: output multiplier alpha / rank (None: 1).
+    axes: logical axes of the wrapped module's input and output.
+    instance_features: the width of `TokenInfo.instance` (the decoder
+      width), needed by instance routing.
+    share_in_block: `share_in_block(make)` returns the module this entry
+      made earlier in the same block, or `make()` (given by the factory).
+    rngs: initialisation.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *,
+               num_experts: int, rank: int, top_k: int = 1,
+               routing: str = "instance", global_expert: bool = False,
+               share_gate: bool = False, activation: str | None = None,
+               learned_scale: bool = False, alpha: float | None = None,
+               axes=(None, None), instance_features: int | None = None,
+               share_in_block: Callable | None = None, rngs: nnx.Rngs):
+    if routing not in ROUTINGS:
+      raise ValueError(f"sparse_lora routing={routing!r}; expected one of "
+                       f"{ROUTINGS}.")
+    if activation not in ACTIVATIONS:
+      raise ValueError(f"sparse_lora activation={activation!r}; expected one "
+                       f"of {list(ACTIVATIONS)}.")
+    if rank < 1 or not 1 <= top_k <= num_experts:
+      raise ValueError(f"sparse_lora needs rank >= 1 and 1 <= top_k <= "
+                       f"num_experts, got rank={rank}, top_k={top_k}, "
+                       f"num_experts={num_experts}.")
+    if routing == "instance" and instance_features is None:
+      raise ValueError(
+          "sparse_lora routing='instance' routes on TokenInfo.instance, "
+          "whose width the expert factory must know: build the model with "
+          "omnismola.build.build_model (or attach.make_factory(..., "
+          "instance_features=<decoder width>)).")
+    self.routing = routing
+    self.top_k = top_k
+    self.activation = activation
+    self.multiplier = (rank if alpha is None else alpha) / rank
+    in_axis, out_axis = axes
+    features = instance_features if routing == "instance" else in_features
+    make_router = lambda: Router(
+        features, num_experts,
+        axis="embed" if routing == "instance" else in_axis, rngs=rngs)
+    self.router = (share_in_block(make_router)
+                   if share_gate and share_in_block else make_router())
+    if self.router.kernel.shape != (features, num_experts):
+      raise ValueError(
+          f"share_gate: this layer routes {routing} inputs of width "
+          f"{features}, but the block's shared router takes "
+          f"{self.router.kernel.shape[0]}. Layers sharing a gate with "
+          "routing='token' need one input width; use routing='instance' "
+          "(one decision per example) or share_gate=False.")
+    self.experts = LowRank(in_features, out_features, rank,
+                           num_experts=num_experts, axes=axes, rngs=rngs)
+    self.global_expert = (LowRank(in_features, out_features, rank, axes=axes,
+                                  rngs=rngs) if global_expert else None)
+    self.scale = (nnx.Param(jnp.ones(()), logical_axes=())
+                  if learned_scale else None)
+
+  def route(self, x: jax.Array, tokens: TokenInfo):
+    """(expert weights [B, T, E], global expert weight [B, T]), float32,
+    zero on padding."""
+    if self.routing == "token":
+      probs = self.router(x)
+    elif tokens.instance is None:
+      raise ValueError(
+          "sparse_lora routing='instance' needs TokenInfo.instance (the "
+          "prompt embedding), which the VLM gives its decoder, connector and "
+          "vision tower; this call has none (a tower run on its own?). Use "
+          "routing='token' here.")
+    else:
+      probs = self.router(tokens.instance)[:, None, :]   # [B, 1, E]
+    weights, top_gate = top_k_weights(probs, self.top_k)
+    valid = tokens.valid
+    return (jnp.where(valid[..., None], weights, 0.0),
+            jnp.where(valid, 1.0 - top_gate, 0.0))
+
+  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
+    act = ACTIVATIONS[self.activation]
+    weights, global_weight = self.route(x, tokens)
+    record_usage(self, weights)
+    h = act(jnp.einsum("btd,edr->bter", x, self.experts.a[...]))
+    h = h * weights[..., None].astype(h.dtype)
+    y = jnp.einsum("bter,ero->bto", h, self.experts.b[...])
+    if self.global_expert is not None:
+      h = act(x @ self.global_expert.a[...])
+      y = y + (h * global_weight[..., None].astype(h.dtype)
+               ) @ self.global_expert.b[...]
+    y = self.multiplier * y
+    return y if self.scale is None else self.scale[...] * y

@@ -1,0 +1,75 @@
+"""Which shard of the training data each process reads, from the mesh.
+
+The batch dimension of a global batch is sharded over some mesh axes
+(`partitioning.batch_sharding`) and replicated over the others. A process
+must feed exactly the batch rows its devices hold, so:
+
+  * processes whose devices hold the same rows (they share a data-parallel
+    group, e.g. a tensor-parallel group spans them) read the SAME shard and
+    hand `jax.make_array_from_process_local_data` identical data;
+  * the number of distinct shards is the number of distinct row sets, i.e.
+    of data-parallel groups spanning hosts, not the number of processes.
+
+Everything here is a pure function of the sharding's device-to-rows map and
+of a device -> process function, so layouts of many hosts can be checked on
+one machine by pretending devices belong to different processes.
+"""
+import dataclasses
+from typing import Callable
+
+import jax
+from jax.sharding import Mesh, Sharding
+
+from omnismola.train import partitioning
+
+
+@dataclasses.dataclass(frozen=True)
+class HostShard:
+  """This process reads shard `index` of `count`; its batch has B / count
+  rows, which fill its devices' rows of the global batch in increasing
+  order (how make_array_from_process_local_data maps them)."""
+  index: int
+  count: int
+
+
+def rows_by_process(sharding: Sharding, num_rows: int,
+                    process_of: Callable[[jax.Device], int]
+                    ) -> dict[int, frozenset[int]]:
+  """{process: the global batch rows its devices hold} for a batch sharding."""
+  rows: dict[int, set[int]] = {}
+  for device, index in sharding.devices_indices_map((num_rows,)).items():
+    rows.setdefault(process_of(device), set()).update(
+        range(*index[0].indices(num_rows)))
+  return {process: frozenset(r) for process, r in rows.items()}
+
+
+def shards_from_rows(rows: dict[int, frozenset[int]]) -> dict[int, HostShard]:
+  """{process: HostShard}: one shard per distinct row set, numbered by the
+  set's first row.
+
+  Raises if two processes hold overlapping but different rows, or the row
+  sets differ in size: no per-host batch of one shape could feed them.
+  """
+  distinct = sorted(set(rows.values()), key=min)
+  sizes = {len(s) for s in distinct}
+  if (len(frozenset().union(*distinct)) != sum(len(s) for s in distinct)
+      or len(sizes) != 1):
+    described = {p: f"{len(r)} rows from {min(r)}" for p, r in
+                 sorted(rows.items())}
+    raise ValueError(
+        "The mesh gives processes overlapping but different (or unequal) "
+        f"sets of batch rows ({described}), so no process-local batch can "
+        "feed them. Lay the mesh out so that every data-parallel group lies "
+        "within one process or spans whole processes (config.mesh and the "
+        "'batch' entries of config.sharding_rules).")
+  number = {row_set: i for i, row_set in enumerate(distinct)}
+  return {process: HostShard(number[r], len(distinct))
+          for process, r in rows.items()}
+
+
+def host_shard(mesh: Mesh, rules, global_batch_size: int) -> HostShard:
+  """The shard this process reads of a global batch of that size."""
+  sharding = partitioning.batch_sharding(mesh, rules, (global_batch_size,))
+  shards = shards_from_rows(rows_by_process(
+      sharding, global_batch_size, lambda device: device.process_index))
+  return shards[jax.process_index()]
