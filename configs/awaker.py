@@ -42,8 +42,6 @@ rng) and LoRA dropout 0.05.
 Arguments (comma-separated key=value after a colon): stage (lora), preset
 (small), experts (4), rank (8), frozen_backbone (False).
 """
-import os
-
 from omnismola import config_lib
 
 QKV = r"decoder/layers/\d+/attn/(q|k|v)"
@@ -64,12 +62,10 @@ STAGES = {
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg, stage="lora", preset="small", experts=4,
                               rank=8, frozen_backbone=False)
-  if args.stage not in STAGES:
-    raise ValueError(f"configs/awaker.py: unknown stage {args.stage!r}; "
-                     f"stages: {sorted(STAGES)}.")
+  config_lib.check_stage(__file__, args.stage, STAGES)
   moe, routers_train, lr = STAGES[args.stage]
-  mix = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mix.py")
-  c = config_lib.load_config_file(f"{mix}:preset={args.preset}").unlock()
+  c = config_lib.load_sibling_config(__file__, "mix.py",
+                                     f"preset={args.preset}")
   low_rank = dict(rank=args.rank, alpha=2.0 * args.rank)
   c.experts = [
       dict(kind="lora", targets=QKV, **low_rank),

@@ -31,8 +31,6 @@ rather than CLIP + Mistral.
 
 Default (no arg): stage=pt.
 """
-import os
-
 from omnismola import config_lib
 
 # Every MLP block of the vision encoder, and the MLP connector.
@@ -50,12 +48,10 @@ STAGES = {
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg, stage="pt", preset="small", experts=4,
                               top_k=2)
-  if args.stage not in STAGES:
-    raise ValueError(f"configs/cumo.py: unknown stage {args.stage!r}; "
-                     f"stages: {sorted(STAGES)}.")
+  config_lib.check_stage(__file__, args.stage, STAGES)
   trainable, lr, moe = STAGES[args.stage]
-  mix = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mix.py")
-  c = config_lib.load_config_file(f"{mix}:preset={args.preset}").unlock()
+  c = config_lib.load_sibling_config(__file__, "mix.py",
+                                     f"preset={args.preset}")
   c.model.connector = "mlp"
   moe_options = dict(kind="sparse_moe", num_experts=args.experts,
                      top_k=args.top_k, renormalize=True, dispatch="dropless")

@@ -43,7 +43,6 @@ encoder's patch count).
 Default (no arg): stage=single.
 """
 import dataclasses
-import os
 
 from omnismola import config_lib
 from omnismola.models.vit import ViTConfig
@@ -68,11 +67,9 @@ def second_encoder(primary: ViTConfig) -> ViTConfig:
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg, stage="single", preset="small", experts=4,
                               rank=64, adt_depth=1, num_tokens=0)
-  if args.stage not in STAGES:
-    raise ValueError(f"configs/mome.py: unknown stage {args.stage!r}; "
-                     f"stages: {sorted(STAGES)}.")
-  mix = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mix.py")
-  c = config_lib.load_config_file(f"{mix}:preset={args.preset}").unlock()
+  config_lib.check_stage(__file__, args.stage, STAGES)
+  c = config_lib.load_sibling_config(__file__, "mix.py",
+                                     f"preset={args.preset}")
   primary = ViTConfig(**c.model.vit)
   c.model.connector = "move"
   c.model.extra_vits = (dataclasses.asdict(second_encoder(primary)),)

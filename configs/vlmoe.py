@@ -60,7 +60,6 @@ The layer split is computed from the depth here: change depth with
 `depth=`, not `--config.model.decoder.depth`, or the targets stay put.
 """
 import math
-import os
 
 from omnismola import config_lib
 
@@ -78,8 +77,8 @@ def lower_layers(tower: str, depth: int, fraction: float) -> str:
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg, preset="small", depth=0, experts=4,
                               top_k=2, moe_layers=0.5)
-  mix = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mix.py")
-  c = config_lib.load_config_file(f"{mix}:preset={args.preset}").unlock()
+  c = config_lib.load_sibling_config(__file__, "mix.py",
+                                     f"preset={args.preset}")
   if args.depth:
     c.model.vit.depth = c.model.decoder.depth = args.depth
   moe = dict(kind="sparse_moe", top_k=args.top_k, renormalize=True)

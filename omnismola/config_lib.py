@@ -26,6 +26,20 @@ def load_config_file(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
+def load_sibling_config(config_file: str, name: str, arg: str):
+  """The unlocked config of `name:arg`, a config file beside `config_file`
+  (papers' configs start from `mix.py` and change what differs)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  return load_config_file(f"{path}:{arg}").unlock()
+
+
+def check_stage(config_file: str, stage: str, stages) -> None:
+  """Fails naming the known stages when `stage` is not one of them."""
+  if stage not in stages:
+    raise ValueError(f"configs/{os.path.basename(config_file)}: unknown "
+                     f"stage {stage!r}; stages: {sorted(stages)}.")
+
+
 _OVERRIDE = re.compile(r"^--?config\.([^=\s]+)")
 
 

@@ -1,6 +1,10 @@
-"""Assertions shared by the loop-reference tests of the expert kinds."""
+"""Helpers shared by the model and expert tests: loop-reference assertions,
+running a module with given parameters, a next-token loss."""
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 
 def assert_values_and_grads_close(fused, reference, params, x, *,
@@ -13,3 +17,21 @@ def assert_values_and_grads_close(fused, reference, params, x, *,
   want = jax.grad(reference, argnums=(0, 1))(params, x)
   for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, r, rtol=tol, atol=tol)
+
+
+def apply_with(graphdef, state, params, *args):
+  """The module (graphdef, state) with `params` (a pure dict, e.g. being
+  differentiated) in place of its parameters, called on `args`."""
+  filled = jax.tree.map(lambda v: v, state)
+  nnx.replace_by_pure_dict(filled, params)
+  return nnx.merge(graphdef, filled)(*args)
+
+
+def next_token_loss(model, batch):
+  """Mean next-token cross-entropy of a VLM over the suffix (mask_ar 1)."""
+  logits = model(batch["image"], batch["text"], batch["mask_ar"],
+                 batch["mask_input"])
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1],
+                                                        batch["text"][:, 1:])
+  weights = batch["mask_ar"][:, 1:]
+  return jnp.sum(nll * weights) / jnp.sum(weights)

@@ -21,21 +21,28 @@ def _tiny(spec: str, data_dir, steps: int = 2):
   return c
 
 
+def _train_stages(config_file: str, stages, data_dir, tmp_path) -> dict:
+  """Trains the tiny variant of each stage in turn in `tmp_path/<stage>`,
+  each initialised from the previous stage's workdir; {stage: its final
+  checkpoint's state}."""
+  states, previous = {}, ""
+  for stage in stages:
+    c = _tiny(f"{config_file}:stage={stage},preset=tiny", data_dir)
+    c.init.checkpoint = previous
+    previous = str(tmp_path / stage)
+    trainer.train_and_evaluate(c, previous)
+    states[stage] = ocp.StandardCheckpointer().restore(
+        f"{previous}/checkpoints/{c.train.steps}/state")
+  return states
+
+
 @pytest.mark.slow
 def test_cumo_stages_chain_and_upcycle(synthetic_data_dir, tmp_path):
   """pt trains the connector only; pft everything; vit upcycles the dense
   ViT and connector MLPs of pft into top-2-of-4 experts."""
-  runs = {}
-  previous = ""
-  for stage in ("pt", "pft", "vit"):
-    c = _tiny(f"configs/cumo.py:stage={stage},preset=tiny", synthetic_data_dir)
-    c.init.checkpoint = previous
-    runs[stage] = previous = str(tmp_path / stage)
-    trainer.train_and_evaluate(c, previous)
-
-  state = lambda stage: ocp.StandardCheckpointer().restore(
-      f"{runs[stage]}/checkpoints/2/state")
-  pt, pft, vit = state("pt"), state("pft"), state("vit")
+  states = _train_stages("configs/cumo.py", ("pt", "pft", "vit"),
+                         synthetic_data_dir, tmp_path)
+  pt, pft, vit = states["pt"], states["pft"], states["vit"]
   assert set(pt["params"]) == {"connector"}  # Stage 1: the connector only.
   assert {"vit", "connector", "decoder"} <= set(pft["params"])
   moe = vit["params"]["connector"]["mlp"]
@@ -47,7 +54,7 @@ def test_cumo_stages_chain_and_upcycle(synthetic_data_dir, tmp_path):
   assert experts.shape == (4,) + dense.shape
   np.testing.assert_allclose(experts, np.broadcast_to(dense, experts.shape),
                              atol=0.05)
-  with open(f"{runs['vit']}/train_metrics.jsonl") as f:
+  with open(tmp_path / "vit" / "train_metrics.jsonl") as f:
     row = json.loads(f.readlines()[-1])
   assert row["moe/vit/layers/mlp/balance_loss"] >= 1.0 - 1e-5
   assert "moe/connector/mlp/router_entropy" in row
@@ -89,18 +96,10 @@ def test_awaker_stages_chain_upcycle_the_lora_and_freeze_the_gates(
   """lora trains a LoRA where moe puts routed experts; moe starts every
   expert (and the global one) as that LoRA; frozen_gates keeps moe's
   routers as they were and trains the rest."""
-  runs = {}
-  previous = ""
-  for stage in ("lora", "moe", "frozen_gates"):
-    c = _tiny(f"configs/awaker.py:stage={stage},preset=tiny",
-              synthetic_data_dir)
-    c.init.checkpoint = previous
-    runs[stage] = previous = str(tmp_path / stage)
-    trainer.train_and_evaluate(c, previous)
-
-  state = lambda stage: ocp.StandardCheckpointer().restore(
-      f"{runs[stage]}/checkpoints/2/state")
-  lora, moe, frozen = state("lora"), state("moe"), state("frozen_gates")
+  states = _train_stages("configs/awaker.py", ("lora", "moe", "frozen_gates"),
+                         synthetic_data_dir, tmp_path)
+  lora, moe, frozen = (states["lora"], states["moe"],
+                       states["frozen_gates"])
   adapters = lambda s, group, name: s[group]["decoder"]["layers"]["mlp"][
       name]["adapters"]
   # Upcycled, then trained 2 steps: every expert is still close to the LoRA.
@@ -138,17 +137,9 @@ def test_mome_stages_chain_and_copy_the_adapter_into_every_expert(
     synthetic_data_dir, tmp_path):
   """single trains MoVE over two encoders and one adapter beside every
   decoder MLP; mole starts each of its 4 experts as that adapter."""
-  runs = {}
-  previous = ""
-  for stage in ("single", "mole"):
-    c = _tiny(f"configs/mome.py:stage={stage},preset=tiny", synthetic_data_dir)
-    c.init.checkpoint = previous
-    runs[stage] = previous = str(tmp_path / stage)
-    trainer.train_and_evaluate(c, previous)
-
-  params = lambda stage: ocp.StandardCheckpointer().restore(
-      f"{runs[stage]}/checkpoints/2/state")["params"]
-  single, mole = params("single"), params("mole")
+  states = _train_stages("configs/mome.py", ("single", "mole"),
+                         synthetic_data_dir, tmp_path)
+  single, mole = states["single"]["params"], states["mole"]["params"]
   assert {"vit", "vit_1"} <= set(mole)
   assert set(mole["connector"]) == {"vit", "vit_1", "router"}
   adapter = lambda p: p["decoder"]["layers"]["mlp"]["adapters"][

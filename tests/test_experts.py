@@ -89,9 +89,7 @@ def test_smola_pool_matches_loop_reference_outputs_and_gradients(modality,
   graphdef, state = nnx.split(pool)
 
   def fused(params, x):
-    filled = jax.tree.map(lambda v: v, state)
-    nnx.replace_by_pure_dict(filled, params)
-    return jnp.sum(nnx.merge(graphdef, filled)(x, tokens) * w)
+    return jnp.sum(checks.apply_with(graphdef, state, params, x, tokens) * w)
 
   def reference(params, x):
     return jnp.sum(_reference_pool(x, tokens, modality, params["a"],

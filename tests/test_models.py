@@ -1,4 +1,5 @@
 """Backbone models: structure, masking, KV cache, training and sharding."""
+import checks
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -396,7 +397,7 @@ def _train_step_hlo_and_compile_seconds(depth):
   graphdef, params = nnx.split(model)
   batch = dict(zip(("image", "text", "mask_ar", "mask_input"),
                    _masking_batch(model)))
-  grad = jax.jit(jax.grad(lambda p: _loss(nnx.merge(graphdef, p), batch)))
+  grad = jax.jit(jax.grad(lambda p: checks.next_token_loss(nnx.merge(graphdef, p), batch)))
   lowered = grad.lower(params)
   start = time.perf_counter()
   lowered.compile()
@@ -423,7 +424,7 @@ def test_remat_policies_keep_gradients():
     config = presets.get_preset("tiny", decoder_depth=2, remat_policy=policy)
     graphdef = nnx.graphdef(VLM(config, rngs=nnx.Rngs(0)))
     return jax.jit(jax.grad(
-        lambda p: _loss(nnx.merge(graphdef, p), batch)))(params)
+        lambda p: checks.next_token_loss(nnx.merge(graphdef, p), batch)))(params)
 
   reference = grads("none")
   for policy in sorted(set(stack.REMAT_POLICIES) - {"none"}):
@@ -436,15 +437,6 @@ def test_remat_policies_keep_gradients():
 # --- Training and sharding -------------------------------------------------
 
 
-def _loss(model, batch):
-  logits = model(batch["image"], batch["text"], batch["mask_ar"],
-                 batch["mask_input"])
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1],
-                                                        batch["text"][:, 1:])
-  weights = batch["mask_ar"][:, 1:]
-  return jnp.sum(nll * weights) / jnp.sum(weights)
-
-
 def test_a_few_adam_steps_reduce_the_loss():
   model = _model()
   graphdef, params = nnx.split(model, nnx.Param)
@@ -455,7 +447,7 @@ def test_a_few_adam_steps_reduce_the_loss():
   @jax.jit
   def step(params, opt_state):
     loss, grads = jax.value_and_grad(
-        lambda p: _loss(nnx.merge(graphdef, p), batch))(params)
+        lambda p: checks.next_token_loss(nnx.merge(graphdef, p), batch))(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -517,7 +509,7 @@ def test_train_step_sharded_over_fsdp_and_tensor_equals_one_device():
 
   def step(params, batch):
     loss, grads = jax.value_and_grad(
-        lambda p: _loss(nnx.merge(graphdef, p), batch))(params)
+        lambda p: checks.next_token_loss(nnx.merge(graphdef, p), batch))(params)
     return loss, jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
 
   want_loss, want_params = jax.jit(step)(params, batch)

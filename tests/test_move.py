@@ -54,15 +54,6 @@ def _batch(config, batch=3, prompt=4, suffix=4, seed=0):
               mask_input=jnp.ones_like(text))
 
 
-def _loss(model, batch):
-  logits = model(batch["image"], batch["text"], batch["mask_ar"],
-                 batch["mask_input"])
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1],
-                                                        batch["text"][:, 1:])
-  weights = batch["mask_ar"][:, 1:]
-  return jnp.sum(nll * weights) / jnp.sum(weights)
-
-
 # --- Loop references ---------------------------------------------------------
 
 
@@ -218,7 +209,7 @@ def test_two_encoders_train_and_gradients_reach_both_and_the_router():
   model = VLM(_two_encoder_config(), rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   batch = _batch(model.config)
-  loss_fn = lambda p: _loss(nnx.merge(graphdef, p), batch)
+  loss_fn = lambda p: checks.next_token_loss(nnx.merge(graphdef, p), batch)
   optimizer = optax.adam(1e-2)
 
   @jax.jit
@@ -314,7 +305,7 @@ def test_flop_formula_matches_xla_for_two_encoders():
   model = VLM(config, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   batch = _batch(config, batch=8, prompt=12, suffix=12)
-  grad = jax.jit(jax.grad(lambda p: _loss(nnx.merge(graphdef, p), batch)))
+  grad = jax.jit(jax.grad(lambda p: checks.next_token_loss(nnx.merge(graphdef, p), batch)))
   cost = grad.lower(params).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   measured = cost["flops"] / 8

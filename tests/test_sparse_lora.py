@@ -94,9 +94,7 @@ def test_matches_loop_reference_outputs_and_gradients(options):
   graphdef, state = nnx.split(adapter)
 
   def fused(params, x):
-    filled = jax.tree.map(lambda v: v, state)
-    nnx.replace_by_pure_dict(filled, params)
-    return jnp.sum(nnx.merge(graphdef, filled)(x, tokens) * w)
+    return jnp.sum(checks.apply_with(graphdef, state, params, x, tokens) * w)
 
   def reference(params, x):
     return jnp.sum(_reference(

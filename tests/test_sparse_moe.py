@@ -40,12 +40,6 @@ def _moe(seed=0, **options):
   return graphdef, jax.tree.unflatten(treedef, leaves)
 
 
-def _apply(graphdef, state, params, x, tokens):
-  filled = jax.tree.map(lambda v: v, state)
-  nnx.replace_by_pure_dict(filled, params)
-  return nnx.merge(graphdef, filled)(x, tokens)
-
-
 def _x(seed=2):
   return jax.random.normal(jax.random.key(seed), (B, T, WIDTH))
 
@@ -144,7 +138,7 @@ def test_dispatch_matches_loop_reference_outputs_and_gradients(kind,
   w = jax.random.normal(jax.random.key(3), (B, T, WIDTH))
 
   def fused(params, x):
-    return jnp.sum(_apply(graphdef, state, params, x, tokens)[0] * w)
+    return jnp.sum(checks.apply_with(graphdef, state, params, x, tokens)[0] * w)
 
   def reference(params, x):
     return jnp.sum(_reference(params, x, routes, kept, activation) * w)
@@ -164,7 +158,7 @@ def test_capacity_drops_exactly_what_the_reference_drops(batch_priority):
                          not batch_priority)
   assert (kept != other_kept).any(), "priority must matter for this batch"
 
-  y, aux = _apply(graphdef, state, params, x, tokens)
+  y, aux = checks.apply_with(graphdef, state, params, x, tokens)
   np.testing.assert_allclose(y, _reference(params, x, routes, kept, "geglu"),
                              rtol=1e-4, atol=1e-4)
   routed = np.asarray(tokens.valid)[..., None]
@@ -191,7 +185,7 @@ def test_dropless_equals_capacity_with_a_huge_capacity_factor():
   outputs = []
   for kind in ("capacity", "blocked", "ragged"):
     graphdef, state = _moe(dispatch=kind, capacity_factor=100.0)
-    outputs.append(_apply(graphdef, state, params, _x(), _tokens()))
+    outputs.append(checks.apply_with(graphdef, state, params, _x(), _tokens()))
   for y, aux in outputs[1:]:
     np.testing.assert_allclose(y, outputs[0][0], rtol=1e-5, atol=1e-5)
     for got, want in zip(jax.tree.leaves(aux), jax.tree.leaves(outputs[0][1])):
@@ -234,11 +228,11 @@ def test_padding_gets_no_expert_and_does_not_count(kind):
   graphdef, state = _moe(dispatch=kind, capacity_factor=1.0)
   params = nnx.to_pure_dict(state)
   tokens, x = _tokens(), _x()
-  y, aux = _apply(graphdef, state, params, x, tokens)
+  y, aux = checks.apply_with(graphdef, state, params, x, tokens)
   np.testing.assert_array_equal(y[1, 6:], 0)
   assert float(jnp.sum(aux.tokens_per_expert)) == 2 * int(tokens.valid.sum())
   # Whatever the padding holds, nothing else changes.
-  y2, aux2 = _apply(graphdef, state, params, x.at[1, 6:].set(7.0), tokens)
+  y2, aux2 = checks.apply_with(graphdef, state, params, x.at[1, 6:].set(7.0), tokens)
   np.testing.assert_allclose(y2, y, atol=1e-6)
   for got, want in zip(jax.tree.leaves(aux2), jax.tree.leaves(aux)):
     np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -249,7 +243,7 @@ def test_modality_pools_route_only_within_their_pool():
   graphdef, state = _moe(num_experts=None, pools=pools, top_k=2)
   params = nnx.to_pure_dict(state)
   tokens, x = _tokens(), _x()
-  y, aux = _apply(graphdef, state, params, x, tokens)
+  y, aux = checks.apply_with(graphdef, state, params, x, tokens)
   routes, kept = _route(params, x, tokens, pools, 2)
   np.testing.assert_allclose(y, _reference(params, x, routes, kept, "geglu"),
                              rtol=1e-4, atol=1e-4)
@@ -260,7 +254,7 @@ def test_modality_pools_route_only_within_their_pool():
   changed = jax.tree.map(lambda a: a, params)
   changed["layers"]["down"]["kernel"] = params["layers"]["down"][
       "kernel"].at[3:].add(1.0)
-  y2, _ = _apply(graphdef, state, changed, x, tokens)
+  y2, _ = checks.apply_with(graphdef, state, changed, x, tokens)
   is_image = np.asarray(tokens.is_image)
   np.testing.assert_array_equal(y2[is_image], y[is_image])
   assert not np.allclose(y2[np.asarray(tokens.is_text)],
@@ -272,7 +266,7 @@ def test_losses_and_stats_equal_hand_computation(pools):
   graphdef, state = _moe(num_experts=None, pools=pools)
   params = nnx.to_pure_dict(state)
   tokens, x = _tokens(), _x()
-  _, aux = _apply(graphdef, state, params, x, tokens)
+  _, aux = checks.apply_with(graphdef, state, params, x, tokens)
   routes, _ = _route(params, x, tokens, pools, 2)
 
   w, xs = np.asarray(params["router"], np.float64), np.asarray(x, np.float64)
@@ -302,7 +296,7 @@ def test_experts_sharded_over_the_expert_axis_give_the_same_result(kind):
   graphdef, state = _moe(num_experts=8, dispatch=kind)
   tokens, x = _tokens(), _x()
   params = nnx.to_pure_dict(state)
-  want_y, want_aux = _apply(graphdef, state, params, x, tokens)
+  want_y, want_aux = checks.apply_with(graphdef, state, params, x, tokens)
 
   mesh = partitioning.make_mesh(dict(data=2, expert=4))
   shardings = partitioning.state_shardings(
@@ -310,7 +304,7 @@ def test_experts_sharded_over_the_expert_axis_give_the_same_result(kind):
   assert shardings["layers"]["gate"]["kernel"].spec[0] == "expert"
   assert shardings["router"].spec[1] == "expert"
   sharded = jax.device_put(params, shardings)
-  y, aux = jax.jit(lambda p, x: _apply(graphdef, state, p, x, tokens))(
+  y, aux = jax.jit(lambda p, x: checks.apply_with(graphdef, state, p, x, tokens))(
       sharded, x)
   np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
   for got, want in zip(jax.tree.leaves(aux), jax.tree.leaves(want_aux)):

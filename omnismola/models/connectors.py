@@ -28,6 +28,7 @@ from flax import nnx
 
 from omnismola.models import layers
 from omnismola.models import stack
+from omnismola.models import vit
 from omnismola.models.layers import (LinearFactory, MlpFactory, TokenInfo,
                                      child_linear, keyed_aux, record_usage)
 from omnismola.models.vit import ViTConfig
@@ -151,53 +152,24 @@ def adaptive_avg_pool(x: jax.Array, grid: int, side: int) -> jax.Array:
   return y.reshape(batch, side * side, channels)
 
 
-class CrossAttention(nnx.Module):
-  """Multi-head attention from queries [B, L, d] to a feature map [B, N, d].
+class AdaptiveLayer(nnx.Module):
+  """One ADT layer at an encoder's width: pre-LN self-attention among the
+  pooled queries, cross-attention to the encoder's full map, MLP.
 
   MoME's ADT uses deformable cross-attention (8 heads x 4 sampling points
   around learned reference points); this is plain multi-head attention
   over the whole map, a documented simplification (docs/seeds.md).
   """
 
-  def __init__(self, path: str, width: int, *, num_heads: int,
-               make_linear: LinearFactory, rngs: nnx.Rngs):
-    self.num_heads = num_heads
-    linear = child_linear(make_linear, path, use_bias=True, rngs=rngs)
-    self.q = linear("q", width, width, ("embed", "heads"))
-    self.k = linear("k", width, width, ("embed", "kv"))
-    self.v = linear("v", width, width, ("embed", "kv"))
-    self.o = linear("o", width, width, ("heads", "embed"))
-
-  def __call__(self, x: jax.Array, tokens: TokenInfo, features: jax.Array,
-               feature_tokens: TokenInfo) -> jax.Array:
-    """[B, L, d] queries (TokenInfo `tokens`) attend to `features` [B, N, d]
-    (TokenInfo `feature_tokens`); returns [B, L, d]."""
-    split = lambda y: y.reshape(y.shape[0], y.shape[1], self.num_heads, -1)
-    q = split(self.q(x, tokens))
-    k = split(self.k(features, feature_tokens))
-    v = split(self.v(features, feature_tokens))
-    out = layers.attend(q, k, v, None, scale=q.shape[-1]**-0.5)
-    out = out.reshape(x.shape[0], x.shape[1], -1)
-    return self.o(out, tokens)
-
-
-class AdaptiveLayer(nnx.Module):
-  """One ADT layer at an encoder's width: pre-LN self-attention among the
-  pooled queries, cross-attention to the encoder's full map, MLP."""
-
   def __init__(self, path: str, config: ViTConfig, *,
                make_linear: LinearFactory, make_mlp: MlpFactory,
                rngs: nnx.Rngs):
-    heads = config.num_heads
+    attention = lambda name: vit.encoder_attention(
+        f"{path}/{name}", config, make_linear=make_linear, rngs=rngs)
     self.norm1 = layers.LayerNorm(config.width, eps=config.norm_eps)
-    self.self_attn = layers.Attention(
-        f"{path}/self_attn", config.width, num_heads=heads,
-        num_kv_heads=heads, head_dim=config.width // heads, use_bias=True,
-        rope_max_wavelength=None, make_linear=make_linear, rngs=rngs)
+    self.self_attn = attention("self_attn")
     self.norm2 = layers.LayerNorm(config.width, eps=config.norm_eps)
-    self.cross_attn = CrossAttention(f"{path}/cross_attn", config.width,
-                                     num_heads=heads, make_linear=make_linear,
-                                     rngs=rngs)
+    self.cross_attn = attention("cross_attn")
     self.norm3 = layers.LayerNorm(config.width, eps=config.norm_eps)
     self.mlp_path = f"{path}/mlp"
     self.mlp = make_mlp(self.mlp_path, config.width, config.mlp_dim,
@@ -208,7 +180,9 @@ class AdaptiveLayer(nnx.Module):
     """(x [B, L, width], aux {module path: aux})."""
     attn, _ = self.self_attn(self.norm1(x), tokens, mask=None)
     x = x + attn
-    x = x + self.cross_attn(self.norm2(x), tokens, features, feature_tokens)
+    cross, _ = self.cross_attn(self.norm2(x), tokens, mask=None,
+                               context=(features, feature_tokens))
+    x = x + cross
     mlp, aux = self.mlp(self.norm3(x), tokens)
     x = layers.constrain(x + mlp, ("batch", "length", "embed"))
     return x, keyed_aux(self.mlp_path, aux)

@@ -366,8 +366,10 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, tokens: TokenInfo, mask: jax.Array | None,
                *, positions: jax.Array | None = None,
                kv: tuple[jax.Array, jax.Array] | None = None,
-               index: jax.Array | int = 0):
-    """Attends x [B, T, width] to itself, or to a key/value cache.
+               index: jax.Array | int = 0,
+               context: tuple[jax.Array, TokenInfo] | None = None):
+    """Attends x [B, T, width] to itself, to a key/value cache, or to
+    another sequence.
 
     Args:
       x: [B, T, width] inputs.
@@ -377,16 +379,19 @@ class Attention(nnx.Module):
       kv: optional cache (k, v), each [B, S, K, D]; this call's keys and
         values are written into it at slot `index` before attending.
       index: the cache slot of x's first token.
+      context: optional (features [B, S, width], their TokenInfo): keys and
+        values come from them instead of x (cross-attention).
 
     Returns:
       (y [B, T, width], (k, v)): the keys and values attended to, i.e. the
       updated cache, or this call's own keys and values without one.
     """
     batch, length, _ = x.shape
-    split = lambda y, n: y.reshape(batch, length, n, self.head_dim)
+    source, source_tokens = context if context is not None else (x, tokens)
+    split = lambda y, n: y.reshape(batch, y.shape[1], n, self.head_dim)
     q = split(self.q(x, tokens), self.num_heads)
-    k = split(self.k(x, tokens), self.num_kv_heads)
-    v = split(self.v(x, tokens), self.num_kv_heads)
+    k = split(self.k(source, source_tokens), self.num_kv_heads)
+    v = split(self.v(source, source_tokens), self.num_kv_heads)
     if self.rope_max_wavelength is not None:
       rope = lambda y: apply_rope(y, positions,
                                   max_wavelength=self.rope_max_wavelength)

@@ -58,18 +58,27 @@ def patchify(image: jax.Array, patch_size: int) -> jax.Array:
   return x.reshape(batch, (height // p) * (width // p), p * p * channels)
 
 
+def encoder_attention(path: str, config: ViTConfig, *,
+                      make_linear: LinearFactory,
+                      rngs: nnx.Rngs) -> layers.Attention:
+  """The ViT's attention at `config`'s width: all heads for keys and values,
+  biases, no RoPE (positions are learned embeddings)."""
+  heads = config.num_heads
+  return layers.Attention(
+      path, config.width, num_heads=heads, num_kv_heads=heads,
+      head_dim=config.width // heads, use_bias=True,
+      rope_max_wavelength=None, make_linear=make_linear, rngs=rngs)
+
+
 class EncoderLayer(nnx.Module):
   """Pre-LN transformer block with bidirectional attention."""
 
   def __init__(self, path: str, config: ViTConfig, *,
                make_linear: LinearFactory, make_mlp: MlpFactory,
                rngs: nnx.Rngs):
-    heads = config.num_heads
     self.norm1 = layers.LayerNorm(config.width, eps=config.norm_eps)
-    self.attn = layers.Attention(
-        f"{path}/attn", config.width, num_heads=heads, num_kv_heads=heads,
-        head_dim=config.width // heads, use_bias=True,
-        rope_max_wavelength=None, make_linear=make_linear, rngs=rngs)
+    self.attn = encoder_attention(f"{path}/attn", config,
+                                  make_linear=make_linear, rngs=rngs)
     self.norm2 = layers.LayerNorm(config.width, eps=config.norm_eps)
     self.mlp_path = f"{path}/mlp"
     self.mlp = make_mlp(self.mlp_path, config.width, config.mlp_dim,
