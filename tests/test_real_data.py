@@ -104,26 +104,51 @@ def write_textvqa(root):
   return [(f"answer en brand {i}?", _answers(f"acme{i}")) for i in (2, 3)]
 
 
-def write_docvqa(root):
+def write_docvqa(root, annotations="spdocvqa_qas/{split}_v1.0_withQT.json",
+                 image_dir="spdocvqa_images/"):
+  """Writes DocVQA in the layout given ({split}: the official split name).
+
+  The defaults are the current archives, spdocvqa_qas.zip and
+  spdocvqa_images.tar.gz, unpacked. Image i is (24 + i) pixels wide, so a
+  test can tell which one was read.
+  """
   for split, ids in (("train", [1]), ("val", [2])):
-    _json(root / f"qas/{split}_v1.0_withQT.json", {"dataset_split": split,
-                                                   "data": [
-        {"questionId": i, "question": f"date {i}?", "docId": i,
-         "image": f"documents/doc{i}.png", "answers": [f"1/{i}", f"0{i}"]}
-        for i in ids]})
+    _json(root / annotations.format(split=split), {
+        "dataset_name": "docvqa", "dataset_split": split,
+        "dataset_version": "1.0", "data": [
+            {"questionId": i, "question": f"date {i}?",
+             "question_types": ["form"], "image": f"documents/doc{i}.png",
+             "docId": i, "ucsf_document_id": f"doc{i}",
+             "ucsf_document_page_no": "1", "answers": [f"1/{i}", f"0{i}"],
+             "data_split": split}
+            for i in ids]})
     for i in ids:
-      _image(root / f"documents/doc{i}.png")
+      _image(root / image_dir.format(split=split) / f"doc{i}.png",
+             size=(24 + i, 16))
   return [("answer en date 2?", ["1/2", "02"])]
 
 
-def write_infovqa(root):
+def write_infovqa(root, annotations=None, image_dir="infographicsvqa_images/"):
+  """Writes InfographicVQA in the layout given ({official split: path}).
+
+  The defaults are the official file names at the root. Image i is (24 + i)
+  pixels wide, so a test can tell which one was read.
+  """
+  annotations = annotations or {
+      "train": "infographicsVQA_train_v1.0.json",
+      "val": "infographicsVQA_val_v1.0_withQT.json"}
   for split, ids in (("train", [1]), ("val", [2])):
-    _json(root / f"infographicsVQA_{split}_v1.0_withQT.json", {"data": [
-        {"questionId": i, "question": f"percent {i}?",
-         "image_local_name": f"{i}.jpeg", "answers": [f"{i}0%"]}
-        for i in ids]})
+    _json(root / annotations[split], {
+        "dataset_name": "infographicVQA", "dataset_version": "1.0",
+        "dataset_split": split, "data": [
+            {"questionId": i, "question": f"percent {i}?",
+             "image_local_name": f"{i}.jpeg",
+             "image_url": f"https://example.com/{i}.jpeg",
+             "ocr_output_file": f"{i}.json", "answers": [f"{i}0%"],
+             "data_split": split}
+            for i in ids]})
     for i in ids:
-      _image(root / f"infographicsvqa_images/{i}.jpeg")
+      _image(root / image_dir / f"{i}.jpeg", size=(24 + i, 16))
   return [("answer en percent 2?", ["20%"])]
 
 
@@ -338,12 +363,108 @@ def test_missing_files_are_each_named(tmp_path):
 
 def test_undecodable_image_names_the_example(tmp_path):
   write_docvqa(tmp_path / "doc")
-  (tmp_path / "doc/documents/doc2.png").write_bytes(b"not a png")
-  builder = tfds.builder("omnismola_docvqa", data_dir=str(tmp_path / "tfds"))
+  (tmp_path / "doc/spdocvqa_images/doc2.png").write_bytes(b"not a png")
   with pytest.raises(ValueError, match=r"Example omnismola_docvqa/validation/"
-                     r"2: cannot decode image .*documents/doc2.png"):
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=str(tmp_path / "doc")))
+                     r"2: cannot decode image .*/spdocvqa_images/doc2.png"):
+    _build("omnismola_docvqa", tmp_path / "doc", tmp_path / "tfds")
+
+
+def _build(name, manual_dir, data_dir):
+  """Builds `name` from manual_dir and reads every split back.
+
+  Returns:
+    {split: sorted (id, question, answers, image shape) of its examples}.
+  """
+  builder = tfds.builder(name, data_dir=str(data_dir))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=str(manual_dir)))
+  return {split: sorted((x["id"].decode(), x["question"].decode(),
+                         [a.decode() for a in x["answers"]], x["image"].shape)
+                        for x in builder.as_dataset(split=split)
+                        .as_numpy_iterator())
+          for split in builder.info.splits}
+
+
+# (annotations, image folder) as the known copies of DocVQA lay them out.
+DOCVQA_LAYOUTS = {
+    "current archives": ("spdocvqa_qas/{split}_v1.0_withQT.json",
+                         "spdocvqa_images/"),
+    "images archive unpacked nested": ("spdocvqa_qas/{split}_v1.0_withQT.json",
+                                       "spdocvqa_images/images/"),
+    "images archive unpacked into images/": (
+        "spdocvqa_qas/{split}_v1.0_withQT.json", "images/"),
+    "images archive unpacked into documents/": (
+        "spdocvqa_qas/{split}_v1.0_withQT.json", "documents/"),
+    "big_vision": ("{split}_v1.0_withQT.json", "{split}/documents/"),
+    "per-split tarballs": ("{split}/{split}_v1.0.json", "{split}/documents/"),
+}
+
+
+@pytest.mark.parametrize("layout", DOCVQA_LAYOUTS)
+def test_docvqa_builds_from_each_known_layout(tmp_path, layout):
+  write_docvqa(tmp_path / "doc", *DOCVQA_LAYOUTS[layout])
+  assert _build("omnismola_docvqa", tmp_path / "doc", tmp_path / "tfds") == {
+      "train": [("1", "date 1?", ["1/1", "01"], (16, 25, 3))],
+      "validation": [("2", "date 2?", ["1/2", "02"], (16, 26, 3))]}
+
+
+# ({split: annotations}, image folder) as the known copies of InfographicVQA
+# lay them out.
+INFOVQA_LAYOUTS = {
+    "official names at the root": (
+        {"train": "infographicsVQA_train_v1.0.json",
+         "val": "infographicsVQA_val_v1.0_withQT.json"},
+        "infographicsvqa_images/"),
+    "qas archive unpacked, images renamed (big_vision)": (
+        {"train": "infographicsvqa_qas/infographicsVQA_train_v1.0.json",
+         "val": "infographicsvqa_qas/infographicsVQA_val_v1.0_withQT.json"},
+        "images/"),
+    "infographicVQA spelling": (
+        {"train": "infographicVQA_train_v1.0.json",
+         "val": "infographicVQA_val_v1.0.json"},
+        "infographicsvqa_images/"),
+    "validation without _withQT": (
+        {"train": "infographicsvqa_qas/infographicVQA_train_v1.0.json",
+         "val": "infographicsvqa_qas/infographicsVQA_val_v1.0.json"},
+        "infographicsvqa_images/"),
+}
+
+
+@pytest.mark.parametrize("layout", INFOVQA_LAYOUTS)
+def test_infovqa_builds_from_each_known_layout(tmp_path, layout):
+  write_infovqa(tmp_path / "info", *INFOVQA_LAYOUTS[layout])
+  assert _build("omnismola_infovqa", tmp_path / "info", tmp_path / "tfds") == {
+      "train": [("1", "percent 1?", ["10%"], (16, 25, 3))],
+      "validation": [("2", "percent 2?", ["20%"], (16, 26, 3))]}
+
+
+def test_missing_files_error_lists_the_accepted_alternatives(tmp_path):
+  write_docvqa(tmp_path / "doc")
+  for path in (tmp_path / "doc/spdocvqa_images").iterdir():
+    path.unlink()
+  (tmp_path / "doc/spdocvqa_images").rmdir()
+  with pytest.raises(FileNotFoundError) as e:
+    _build("omnismola_docvqa", tmp_path / "doc", tmp_path / "tfds")
+  message = str(e.value)
+  # Each split's image folder, named with every folder that would do.
+  assert re.search(
+      r"missing in .*: spdocvqa_images/images/ \(or spdocvqa_images/, "
+      r"images/, documents/, train/documents/\), spdocvqa_images/images/ "
+      r"\(or spdocvqa_images/, images/, documents/, val/documents/\)\. "
+      "Expected layout", message)
+  assert ("\n  <manual_dir>/spdocvqa_qas/train_v1.0_withQT.json"
+          "\n    (or <manual_dir>/train_v1.0_withQT.json)"
+          "\n    (or <manual_dir>/train/train_v1.0.json)\n") in message
+
+
+def test_missing_image_names_the_example_and_the_folder_searched(tmp_path):
+  write_docvqa(tmp_path / "doc", *DOCVQA_LAYOUTS[
+      "images archive unpacked nested"])
+  (tmp_path / "doc/spdocvqa_images/images/doc2.png").unlink()
+  with pytest.raises(FileNotFoundError, match=r"Example omnismola_docvqa/"
+                     r"validation/2: image .*/spdocvqa_images/images/doc2.png "
+                     "does not exist"):
+    _build("omnismola_docvqa", tmp_path / "doc", tmp_path / "tfds")
 
 
 def test_load_image_orients_converts_and_caps_size(tmp_path):

@@ -166,20 +166,51 @@ class TextVqa(manual.ManualBuilder):
         lambda x: root / image_dir / f"{x['image_id']}.jpg")
 
 
+def _docvqa_files(official: str) -> tuple[manual.OneOf, manual.OneOf]:
+  """DocVQA's (annotations, image folder) of a split, in any known layout.
+
+  The current archives are spdocvqa_qas.zip (spdocvqa_qas/*_withQT.json)
+  and spdocvqa_images.tar.gz, which public loaders unpack to
+  spdocvqa_images/, spdocvqa_images/images/ or a folder of their own
+  (images/, documents/); big_vision reads *_withQT.json at the root with
+  <split>/documents/; the older per-split tarballs hold
+  <split>/<split>_v1.0.json and <split>/documents/.
+  """
+  return (
+      manual.OneOf(f"spdocvqa_qas/{official}_v1.0_withQT.json",
+                   f"{official}_v1.0_withQT.json",
+                   f"{official}/{official}_v1.0.json"),
+      # The nested folder first: spdocvqa_images/ exists in its layout too.
+      manual.OneOf("spdocvqa_images/images/", "spdocvqa_images/", "images/",
+                   "documents/", f"{official}/documents/"))
+
+
 class DocVqa(manual.ManualBuilder):
   """DocVQA (single page, "spdocvqa"): questions about scanned documents."""
   name = "omnismola_docvqa"
   VERSION = _V1
   HOMEPAGE = "https://rrc.cvc.uab.es/?ch=17&com=downloads"
-  MANUAL_FILES = {
-      "train": ("qas/train_v1.0_withQT.json", "documents/"),
-      "validation": ("qas/val_v1.0_withQT.json", "documents/"),
-  }
+  MANUAL_FILES = {split: _docvqa_files(_OFFICIAL[split])
+                  for split in ("train", "validation")}
 
   def _records(self, root, split):
-    # "image" is the path from the root: "documents/<name>.png".
-    return data_list_records(root / self.MANUAL_FILES[split][0],
-                             "questionId", lambda x: root / x["image"])
+    annotations, image_dir = (manual.resolve(root, entry)
+                              for entry in self.MANUAL_FILES[split])
+    # "image" is "documents/<name>.png", but which folder holds <name>.png
+    # depends on how the images archive was unpacked: only the name is sure.
+    return data_list_records(
+        annotations, "questionId",
+        lambda x: image_dir / os.path.basename(x["image"]))
+
+
+def _infovqa_annotations(*names: str) -> manual.OneOf:
+  """An InfographicVQA annotation file, under any of the names copies use.
+
+  It is at the root or in infographicsvqa_qas/, as infographicsvqa_qas.zip
+  unpacks.
+  """
+  return manual.OneOf(*(folder + name for name in names
+                        for folder in ("", "infographicsvqa_qas/")))
 
 
 class InfoVqa(manual.ManualBuilder):
@@ -187,18 +218,26 @@ class InfoVqa(manual.ManualBuilder):
   name = "omnismola_infovqa"
   VERSION = _V1
   HOMEPAGE = "https://rrc.cvc.uab.es/?ch=17&com=downloads"
+  # images/ is big_vision's name for the images archive's folder.
+  _IMAGES = manual.OneOf("infographicsvqa_images/", "images/")
+  # The official train file's name has no "_withQT"; the validation one's
+  # has. "infographicVQA_" is a spelling some copies use.
   MANUAL_FILES = {
-      "train": ("infographicsVQA_train_v1.0_withQT.json",
-                "infographicsvqa_images/"),
-      "validation": ("infographicsVQA_val_v1.0_withQT.json",
-                     "infographicsvqa_images/"),
+      "train": (_infovqa_annotations("infographicsVQA_train_v1.0.json",
+                                     "infographicVQA_train_v1.0.json"),
+                _IMAGES),
+      "validation": (_infovqa_annotations(
+          "infographicsVQA_val_v1.0_withQT.json",
+          "infographicsVQA_val_v1.0.json", "infographicVQA_val_v1.0.json"),
+                     _IMAGES),
   }
 
   def _records(self, root, split):
-    annotations, image_dir = self.MANUAL_FILES[split]
+    annotations, image_dir = (manual.resolve(root, entry)
+                              for entry in self.MANUAL_FILES[split])
     return data_list_records(
-        root / annotations, "questionId",
-        lambda x: root / image_dir / x["image_local_name"])
+        annotations, "questionId",
+        lambda x: image_dir / x["image_local_name"])
 
 
 # ---------------------------------------------------------- one-of-a-kind

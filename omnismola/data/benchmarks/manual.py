@@ -3,8 +3,9 @@
 Real benchmarks cannot be downloaded by a script (accounts, licences, or
 just size), so each builder reads the official annotation files and images
 from a local manual_dir, laid out exactly as the dataset ships them. A
-subclass names the files it needs (MANUAL_FILES) and turns them into
-`Record`s (`_records`); everything else is shared here:
+subclass names the files it needs (MANUAL_FILES; a `OneOf` where copies of
+the dataset put a file in different places) and turns them into `Record`s
+(`_records`); everything else is shared here:
 
   - one stored schema for every dataset (FEATURES), so one task preprocessor
     turns any of them into the raw example format (see prompts.py);
@@ -50,21 +51,73 @@ def read_json(path: epath.Path) -> Any:
     return json.load(f)
 
 
-def _paths(files: Mapping[str, Sequence[str]]) -> list[str]:
-  """Every path of {split: paths}, once, sorted."""
-  return sorted({path for split_files in files.values()
-                 for path in split_files})
+@dataclasses.dataclass(frozen=True, init=False)
+class OneOf:
+  """A file or directory that copies of a dataset keep in different places.
+
+  Archives get re-released and loaders rename folders, so a builder may
+  accept several paths. The first of `paths` that exists is read: when one
+  path lies inside another, list the inner one first ("a/b/" before "a/"),
+  since "a/" exists whichever layout holds.
+  """
+  paths: tuple[str, ...]
+
+  def __init__(self, *paths: str):
+    object.__setattr__(self, "paths", paths)
 
 
-def layout(files: Mapping[str, Sequence[str]]) -> str:
-  """The manual_dir layout a builder expects, one path per line."""
-  return "\n".join(f"  <manual_dir>/{path}" for path in _paths(files))
+# One entry of MANUAL_FILES: a path relative to manual_dir, or a choice.
+Entry = str | OneOf
+
+
+def _choices(entry: Entry) -> tuple[str, ...]:
+  return entry.paths if isinstance(entry, OneOf) else (entry,)
+
+
+def _entries(files: Mapping[str, Sequence[Entry]]) -> list[Entry]:
+  """Every entry of {split: entries}, once, sorted by its paths."""
+  return sorted({entry for split_files in files.values()
+                 for entry in split_files}, key=_choices)
+
+
+def _name(entry: Entry) -> str:
+  """How a missing-file error names the entry: "a", or "a (or b, c)"."""
+  first, *others = _choices(entry)
+  return f"{first} (or {', '.join(others)})" if others else first
+
+
+def layout(files: Mapping[str, Sequence[Entry]]) -> str:
+  """The manual_dir layout a builder expects, one path per line.
+
+  A OneOf's other accepted paths follow its first, one per line, indented.
+  """
+  lines = []
+  for entry in _entries(files):
+    first, *others = _choices(entry)
+    lines.append(f"  <manual_dir>/{first}")
+    lines.extend(f"    (or <manual_dir>/{path})" for path in others)
+  return "\n".join(lines)
+
+
+def _existing(root: epath.Path, entry: Entry) -> str | None:
+  """The first of the entry's paths that is under root, None if none is."""
+  return next((path for path in _choices(entry)
+               if _exists(root / path, path)), None)
 
 
 def missing_files(root: epath.Path,
-                  files: Mapping[str, Sequence[str]]) -> list[str]:
-  """The paths of `files` (a trailing / marks a directory) not under root."""
-  return [path for path in _paths(files) if not _exists(root / path, path)]
+                  files: Mapping[str, Sequence[Entry]]) -> list[str]:
+  """The entries of `files` (a trailing / marks a directory) not under root."""
+  return [_name(entry) for entry in _entries(files)
+          if _existing(root, entry) is None]
+
+
+def resolve(root: epath.Path, entry: Entry) -> epath.Path:
+  """The path of `entry` under root that exists (the one `_records` reads)."""
+  path = _existing(root, entry)
+  if path is None:
+    raise FileNotFoundError(f"Not in {root}: {_name(entry)}.")
+  return root / path
 
 
 def _exists(path: epath.Path, name: str) -> bool:
@@ -75,12 +128,13 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A builder of FEATURES examples from the official files in manual_dir.
 
   Subclasses set VERSION, HOMEPAGE, MANUAL_FILES ({TFDS split: paths
-  relative to manual_dir, directories ending in /}) and implement
-  `_records(root, split)`.
+  relative to manual_dir, directories ending in /, or OneOf those}) and
+  implement `_records(root, split)`, which finds a OneOf's path with
+  `resolve`.
   """
 
   HOMEPAGE = ""
-  MANUAL_FILES: Mapping[str, Sequence[str]] = {}
+  MANUAL_FILES: Mapping[str, Sequence[Entry]] = {}
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
