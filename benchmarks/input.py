@@ -9,9 +9,11 @@ machine and date, then one `key=value` line: examples/s, wall and CPU
 seconds (CPU seconds above wall seconds would mean more than one core was
 used), and how much of
 each row is real rather than padding (text positions, and the decoder's
-whole image + text sequence), the number packing would try to raise.
+whole image + text sequence), the number packing raises. `--packing=M`
+packs up to M examples per row (config.data.packing, docs/data.md).
 
   python -m benchmarks.input --config=configs/mix.py --batches=200
+  python -m benchmarks.input --config=configs/mix.py --batches=200 --packing=2
 
 Compare `examples_per_s` with the train step's examples/s
 (`benchmarks/step.py`): the input keeps up when it is higher.
@@ -26,6 +28,7 @@ import numpy as np
 
 from benchmarks.step import cpu_name
 from omnismola import config_lib
+from omnismola import row_layout
 
 
 def pin_to_one_core() -> int:
@@ -39,32 +42,46 @@ def pin_to_one_core() -> int:
 
 
 def measure(config, *, batches: int, warmup: int, threads: int) -> dict:
-  """Examples/s and padding of the train iterator after `warmup` batches."""
+  """Examples/s and padding of the train iterator after `warmup` batches.
+
+  With packing (config.data.packing), rows hold several examples: the
+  fills are over each row's image slots and text, examples are counted.
+  """
   from omnismola.data import pipeline  # pylint: disable=g-import-not-at-top
   pipeline.prepare(config.data)
   batch_size = int(config.train.batch_size)
+  layout = row_layout.row_layout(config.data)
   iterator = pipeline.make_train_iterator(
       config.data, global_batch_size=batch_size, seed=config.seed,
       threads=threads)
   for _ in range(warmup):
     next(iterator)
-  real_text = []
+  real_text, examples = [], []
   start, start_cpu = time.perf_counter(), time.process_time()
   for _ in range(batches):
-    real_text.append(next(iterator)["mask_input"].sum(axis=1))
+    batch = next(iterator)
+    real_text.append(batch["mask_input"].sum(axis=1))
+    examples.append(examples_per_row(batch))
   seconds = time.perf_counter() - start
   # All threads' CPU time: at most `seconds` when pinned to one core.
   cpu_seconds = time.process_time() - start_cpu
-  text_length = sum(config.data.feature_lengths.values())
   vit = config.model.vit
   image_tokens = (vit.image_size // vit.patch_size) ** 2
-  real_text = np.concatenate(real_text)
+  real_text, examples = np.concatenate(real_text), np.concatenate(examples)
   return dict(
-      examples_per_s=batches * batch_size / seconds, seconds=seconds,
-      cpu_seconds=cpu_seconds, examples=batches * batch_size,
-      text_fill=real_text.mean() / text_length,
-      sequence_fill=(image_tokens + real_text.mean()) /
-      (image_tokens + text_length))
+      examples_per_s=examples.sum() / seconds, seconds=seconds,
+      cpu_seconds=cpu_seconds, examples=int(examples.sum()),
+      examples_per_row=examples.mean(),
+      text_fill=real_text.mean() / layout.text_length,
+      sequence_fill=(image_tokens * examples.mean() + real_text.mean()) /
+      (image_tokens * layout.images + layout.text_length))
+
+
+def examples_per_row(batch: dict) -> np.ndarray:
+  """int [rows]: 1 per row, or the filled slots of packed rows."""
+  if "segment_ids" not in batch:
+    return np.ones(len(batch["text"]), np.int64)
+  return np.array([len(np.unique(s[s > 0])) for s in batch["segment_ids"]])
 
 
 def parse_args(argv=None):
@@ -77,6 +94,10 @@ def parse_args(argv=None):
                       help="tf.data threads (the process is on one core)")
   parser.add_argument("--tfds_data_dir", default=None,
                       help="overrides config.data.tfds_data_dir")
+  parser.add_argument("--packing", type=int, default=None,
+                      help="overrides config.data.packing.examples")
+  parser.add_argument("--packing_text_length", type=int, default=None,
+                      help="overrides config.data.packing.text_length")
   return parser.parse_args(argv)
 
 
@@ -86,6 +107,10 @@ def main(argv=None):
   config = config_lib.load_config_file(args.config)
   if args.tfds_data_dir:
     config.data.tfds_data_dir = args.tfds_data_dir
+  if args.packing is not None:
+    config.data.packing.examples = args.packing
+  if args.packing_text_length is not None:
+    config.data.packing.text_length = args.packing_text_length
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   print(f"# machine: host={cpu_name()!r} pinned to core {core}, tf.data "
         f"threads={args.threads} tf={tf.__version__} "
@@ -95,7 +120,8 @@ def main(argv=None):
   result = measure(config, batches=args.batches, warmup=args.warmup,
                    threads=args.threads)
   print(f"config={args.config} mixture={config.data.mixture} "
-        f"batch={config.train.batch_size} " +
+        f"batch={config.train.batch_size} "
+        f"packing={dict(config.data.packing)} " +
         " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                  for k, v in result.items()), flush=True)
 

@@ -53,6 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # data/<task>/truncated), "drop" (skipped, data/<task>/dropped) or
       # "error". See docs/data.md.
       truncation="truncate",
+      # Several examples per row, each with its own image: examples=M > 1
+      # turns it on; text_length=0 means prefix + suffix. See docs/data.md.
+      packing=dict(examples=0, text_length=0, window=64),
       tfds_data_dir="~/tensorflow_datasets",
       # Real datasets' files: <manual_dir>/<builder>/ ('' = under
       # tfds_data_dir/downloads/manual). See docs/data.md.

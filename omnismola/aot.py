@@ -1,8 +1,8 @@
 r"""Ahead-of-time check: lower and compile a config's train step, no weights.
 
 Builds the train state's shapes with `jax.eval_shape` (nothing allocated),
-the batch as `ShapeDtypeStruct`s (`config.train.batch_size` examples of
-`config.data.feature_lengths` text), lowers and compiles the trainer's own
+the batch as `ShapeDtypeStruct`s (`config.train.batch_size` rows as
+`config.data` lays them out, packed or not: row_layout.py), lowers and compiles the trainer's own
 jitted step on `config.mesh`, and reports XLA's per-device memory
 (arguments, outputs, temporaries) and the compile time. A config that does
 not fit, does not shard or does not compile is found before a pod is
@@ -27,6 +27,7 @@ import numpy as np
 from absl import app
 from ml_collections import config_flags
 
+from omnismola import row_layout
 from omnismola.models import layers
 from omnismola.train import optim
 from omnismola.train import partitioning
@@ -71,19 +72,14 @@ class Report:
 
 
 def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """A training batch's shapes, dtypes and shardings (data/converter.py)."""
+  """A training batch's shapes, dtypes and shardings (row_layout.py)."""
   rules = [tuple(r) for r in config.sharding_rules]
-  batch = int(config.train.batch_size)
-  size = int(config.model.vit.image_size)
-  text_len = sum(int(n) for n in config.data.feature_lengths.values())
-  shapes = dict(image=((batch, size, size, 3), jnp.float32),
-                text=((batch, text_len), jnp.int32),
-                mask_ar=((batch, text_len), jnp.int32),
-                mask_loss=((batch, text_len), jnp.int32),
-                mask_input=((batch, text_len), jnp.int32),
-                task_id=((batch,), jnp.int32))
+  shapes = row_layout.batch_shapes(row_layout.row_layout(config.data),
+                                   int(config.train.batch_size),
+                                   int(config.model.vit.image_size))
   return {key: jax.ShapeDtypeStruct(
-      shape, dtype, sharding=partitioning.batch_sharding(mesh, rules, shape))
+      shape, jnp.dtype(dtype),
+      sharding=partitioning.batch_sharding(mesh, rules, shape))
           for key, (shape, dtype) in shapes.items()}
 
 

@@ -1,5 +1,6 @@
-"""Helpers shared by the model and expert tests: loop-reference assertions,
-running a module with given parameters, a next-token loss."""
+"""Helpers shared by the model, expert and trainer tests: loop-reference
+assertions, running a module with given parameters, a next-token loss,
+comparing two train steps."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,3 +36,17 @@ def next_token_loss(model, batch):
                                                         batch["text"][:, 1:])
   weights = batch["mask_ar"][:, 1:]
   return jnp.sum(nll * weights) / jnp.sum(weights)
+
+
+def assert_steps_match(first, second, *, rtol: float, atol: float) -> None:
+  """Two train steps' (new state, metrics) from one state agree: loss,
+  per-task sums and updated parameters (to rtol / atol), target counts
+  exactly."""
+  (state_a, metrics_a), (state_b, metrics_b) = first, second
+  np.testing.assert_allclose(metrics_a["loss"], metrics_b["loss"], rtol=rtol)
+  np.testing.assert_allclose(metrics_a["task_nll"], metrics_b["task_nll"],
+                             rtol=10 * rtol)
+  np.testing.assert_array_equal(metrics_a["task_tokens"],
+                                metrics_b["task_tokens"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol),
+               state_a.params, state_b.params)

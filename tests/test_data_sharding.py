@@ -159,6 +159,13 @@ def test_input_benchmark_measures_the_train_iterator(synthetic_data_dir):
   assert result["examples"] == 24 and result["examples_per_s"] > 0
   # Image tokens are never padding, so the whole sequence is fuller.
   assert 0 < result["text_fill"] < result["sequence_fill"] < 1
+  assert result["examples_per_row"] == 1
+
+  config.data.packing.examples = 3
+  packed = bench.measure(config, batches=3, warmup=1, threads=1)
+  assert 1 < packed["examples_per_row"] <= 3
+  assert packed["examples"] == round(24 * packed["examples_per_row"])
+  assert result["text_fill"] < packed["text_fill"] <= 1
 
 
 def _free_port() -> int:

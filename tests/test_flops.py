@@ -70,8 +70,10 @@ def _one_layer_per_tower(preset: str) -> dict:
   return fields
 
 
-def xla_flops_per_example(preset: str, experts, trainable: str) -> float:
-  """XLA's FLOPs of one jitted AdamW step on the trained parameters only.
+def xla_flops_per_example(preset: str, experts, trainable: str,
+                          images: int = 1) -> float:
+  """XLA's FLOPs of one jitted AdamW step on the trained parameters only,
+  per row (packed rows of `images` examples when above 1).
 
   Frozen parameters are closed over, not differentiated, as in the trainer:
   they get neither gradients nor optimizer state.
@@ -85,9 +87,9 @@ def xla_flops_per_example(preset: str, experts, trainable: str) -> float:
 
   def step(params, opt_state, frozen, batch):
     def loss(params):
-      logits = nnx.merge(graphdef, params, frozen)(
+      logits, _ = nnx.merge(graphdef, params, frozen).forward(
           batch["image"], batch["text"], batch["mask_ar"],
-          batch["mask_input"])
+          batch["mask_input"], batch.get("segment_ids"))
       return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
           logits[:, :-1], batch["text"][:, 1:]))
 
@@ -99,6 +101,11 @@ def xla_flops_per_example(preset: str, experts, trainable: str) -> float:
   text = jnp.ones((BATCH, TEXT_LEN), jnp.int32)
   batch = dict(image=jnp.zeros((BATCH, size, size, 3)), text=text,
                mask_ar=text, mask_input=text)
+  if images > 1:  # Every slot filled: segments of TEXT_LEN / images tokens.
+    batch.update(image=jnp.zeros((BATCH, images, size, size, 3)),
+                 segment_ids=jnp.broadcast_to(
+                     1 + jnp.arange(TEXT_LEN) * images // TEXT_LEN,
+                     text.shape))
   compiled = jax.jit(step).lower(params, optimizer.init(params), frozen,
                                  batch).compile()
   cost = compiled.cost_analysis()
@@ -114,6 +121,22 @@ def test_formula_matches_xla(preset, setting):
   measured = xla_flops_per_example(preset, experts, trainable)
   assert formula <= measured <= formula * (1 + MAX_EXCESS[preset]), (
       f"{preset}/{setting}: XLA {measured:.4g}, formula {formula:.4g}")
+
+
+@pytest.mark.parametrize("preset,setting", [("small", "smola"),
+                                            ("tiny", "full")])
+def test_formula_matches_xla_on_packed_rows(preset, setting):
+  experts, trainable = SETTINGS[setting]
+  config = build.vlm_config(_one_layer_per_tower(preset))
+  formula = flops.train_flops(config, experts, trainable, TEXT_LEN,
+                              images=3).total
+  measured = xla_flops_per_example(preset, experts, trainable, images=3)
+  assert formula <= measured <= formula * (1 + MAX_EXCESS[preset]), (
+      f"{preset}/{setting} packed: XLA {measured:.4g}, formula "
+      f"{formula:.4g}")
+  # Three images' work on the same text: more than one image's.
+  assert formula > flops.train_flops(config, experts, trainable,
+                                     TEXT_LEN).total
 
 
 def test_frozen_backbone_has_no_backward_through_the_vit():

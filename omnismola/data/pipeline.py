@@ -13,13 +13,16 @@ a SentencePiece model such as Gemma's), `image_size` (64: images are resized
 to [image_size, image_size]), `manual_dir` (where the real datasets' files
 are, one directory per builder: `<manual_dir>/<builder name>`; default
 `<tfds_data_dir>/downloads/manual`) and `truncation` ("truncate", "drop" or
-"error": what happens to over-length examples, see truncation.py).
+"error": what happens to over-length examples, see truncation.py) and
+`packing` (several examples per row, see row_layout.py and packing.py;
+off by default).
 
 Training reads one shard of every task (`seqio.ShardInfo`; the trainer
 derives the shard from the mesh, train/host_shards.py, so hosts holding the
 same batch rows read the same shard), applies the truncation policy,
 converts examples to model features tagged with the task's index in the
-mixture, samples tasks by the mixture rates, batches and repeats forever.
+mixture, samples tasks by the mixture rates, packs them if asked, batches
+and repeats forever.
 Everything is seeded, so an iterator's state is the number of batches it
 handed out (plus its shard and per-task over-length counts), and a resumed
 iterator skips exactly those.
@@ -37,9 +40,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from omnismola import row_layout
 from omnismola.data import converter
 from omnismola.data.benchmarks import images
 from omnismola.data import mixtures
+from omnismola.data import packing
 from omnismola.data import tasks as tasks_lib
 from omnismola.data import truncation
 from omnismola.data.synthetic import baselines
@@ -149,6 +154,7 @@ def _train_dataset(data_config, *, global_batch_size: int, seed: int,
     raise ValueError(f"The global batch size {global_batch_size} is not "
                      f"divisible by the {shard_count} host shards.")
   policy = _truncation(data_config)
+  layout = row_layout.row_layout(data_config)
   # Rates from example counts read the data: point the sources at it first.
   _use_data_dir(data_config, mixtures.task_names(data_config.mixture))
   mixture = mixtures.mixture_tasks(data_config.mixture)
@@ -184,6 +190,9 @@ def _train_dataset(data_config, *, global_batch_size: int, seed: int,
       # Shards draw different task sequences, so a global batch mixes
       # better; hosts reading one shard must draw the same one.
       seed=_seed(seed, shard_index, len(mixture)))
+  if layout.packed:
+    ds = packing.pack(ds, max_examples=layout.images,
+                      text_length=layout.text_length, window=layout.window)
   ds = ds.batch(global_batch_size // shard_count, drop_remainder=True)
   return ds.with_options(_options(threads))
 
@@ -225,7 +234,9 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
 
   Batches hold image f32[b, 64, 64, 3], text / mask_ar / mask_loss /
   mask_input i32[b, P + S] and task_id i32[b], b = global_batch_size /
-  shard_count. The sequence depends only on the data, the config, `seed`
+  shard_count; packed rows (config.data.packing) hold image
+  f32[b, M, 64, 64, 3], text, masks and segment_ids i32[b, T] and task_id
+  i32[b, M] instead (packing.py). The sequence depends only on the data, the config, `seed`
   and the shard. `threads` caps tf.data's threads (default: tf.data's own
   choice, every core).
   """

@@ -27,6 +27,31 @@ def cosine_logits(x: jax.Array, phi: jax.Array, scale: jax.Array) -> jax.Array:
   return jnp.einsum("...d,dnp->...np", x, phi)
 
 
+def grouped_softmax(logits: jax.Array, groups: jax.Array) -> jax.Array:
+  """Softmax over the tokens (axis 1) of each token's own group.
+
+  Args:
+    logits: [B, T, ...].
+    groups: bool [B, T, G], each token in at most one group.
+
+  Returns:
+    [B, T, ...]: per group, along T, weights summing to 1 over its tokens;
+    zeros for tokens in no group.
+  """
+  member = groups.reshape(groups.shape + (1,) * (logits.ndim - 2))
+  # Each group's own peak: one group's tokens never underflow another's.
+  peak = jnp.max(jnp.where(member, logits[:, :, None], -jnp.inf), axis=1)
+  peak = jnp.where(jnp.isfinite(peak), peak, 0.0)        # [B, G, ...]
+  own = lambda per_group: jnp.sum(
+      jnp.where(member, per_group[:, None], 0.0), axis=2)  # -> [B, T, ...]
+  grouped = jnp.any(groups, axis=-1).reshape(
+      logits.shape[:2] + (1,) * (logits.ndim - 2))
+  weights = jnp.where(grouped, jnp.exp(logits - own(peak)), 0.0)
+  total = jnp.sum(jnp.where(member, weights[:, :, None], 0.0), axis=1)
+  return weights / jnp.where(grouped, own(jnp.where(total > 0, total, 1.0)),
+                             1.0)
+
+
 def masked_softmax(logits: jax.Array, mask: jax.Array, axis) -> jax.Array:
   """Softmax over `axis` restricted to `mask`; all-masked slices give zeros.
 

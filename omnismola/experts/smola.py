@@ -8,10 +8,11 @@ For a wrapped linear map W and token states x, each pool adds
 How tokens are mixed depends on what they may attend to (DESIGN.md section 4):
 
 * bidirectional tokens (the vision encoder; the decoder's image + prefix) form
-  one group per sequence and go through Soft MoE proper: each slot takes a
+  one group per example (`TokenInfo.groups`: per sequence, or per packed
+  example) and go through Soft MoE proper: each slot takes a
   softmax-over-tokens average of the group (dispatch), experts run on slots,
-  and each token takes a softmax-over-slots average of the slot outputs
-  (combine);
+  and each token takes a softmax-over-slots average of its group's slot
+  outputs (combine);
 * causal tokens (the decoder's suffix) are each their own group: dispatch is
   the identity, so the output is sum_j w_j E_j(x_t) with w_j the token's
   combine weight summed over expert j's slots. It depends on x_t alone, hence
@@ -81,26 +82,28 @@ class SMoLAPool(nnx.Module):
     return (self.scale[...] * phi).reshape(phi.shape[0], -1)
 
   def route(self, logits: jax.Array, tokens: TokenInfo):
-    """(per-token weights [B, T, n], combine and dispatch [B, T, n, p]).
+    """(per-token weights [B, T, n], combine and dispatch [B, T, n, p],
+    groups [B, T, G]).
 
     From the router logits [B, T, n, p]. The per-token weights (each
     token's combine weight summed over an expert's slots) are zero except on
     causal tokens this pool serves; combine (a softmax over the pool's
-    slots) and dispatch (a softmax over the sequence's tokens) are zero
-    except on bidirectional ones.
+    slots) and dispatch (a softmax over the tokens of the token's group)
+    are zero except on bidirectional ones, the groups' members (G groups,
+    see `TokenInfo.groups`).
     """
     serves = pool_mask(tokens, self.modality)
-    grouped = serves & tokens.bidirectional
+    groups = tokens.groups & serves[..., None]
+    grouped = jnp.any(groups, axis=-1)
     causal = serves & ~tokens.bidirectional
 
     # Combine: each token's softmax over all slots of the pool.
     combine = jax.nn.softmax(logits, axis=(-2, -1))          # [B, T, n, p]
     expert_weight = jnp.sum(combine, axis=-1) * causal[..., None]
     layers.record_usage(self, jnp.sum(combine, axis=-1) * serves[..., None])
-    # Soft MoE over the sequence's bidirectional tokens of this modality.
-    dispatch = routing.masked_softmax(logits, grouped[:, :, None, None],
-                                      axis=1)                # over tokens
-    return expert_weight, combine * grouped[..., None, None], dispatch
+    # Soft MoE over each group's tokens of this modality.
+    dispatch = routing.grouped_softmax(logits, groups)       # over tokens
+    return expert_weight, combine * grouped[..., None, None], dispatch, groups
 
   def mix(self, h: jax.Array, logits: jax.Array,
           tokens: TokenInfo) -> jax.Array:
@@ -111,10 +114,15 @@ class SMoLAPool(nnx.Module):
     (sum_t d_t x_t) A_j B_j equals (sum_t d_t h_tj) B_j: Soft MoE's slots and
     combine work on h's rank-r blocks, and one product with B serves the
     per-token and the slot path alike; no [tokens, experts, d_out] work.
+    Each group has its own slots [B, G, n, p, r]; a token combines its
+    group's.
     """
-    expert_weight, combine, dispatch = self.route(logits, tokens)
-    slots = jnp.einsum("btnp,btnr->bnpr", dispatch.astype(h.dtype), h)
-    from_slots = jnp.einsum("btnp,bnpr->btnr", combine.astype(h.dtype), slots)
+    expert_weight, combine, dispatch, groups = self.route(logits, tokens)
+    member = groups.astype(h.dtype)
+    slots = jnp.einsum("btg,btnp,btnr->bgnpr", member,
+                       dispatch.astype(h.dtype), h)
+    from_slots = jnp.einsum("btg,btnp,bgnpr->btnr", member,
+                            combine.astype(h.dtype), slots)
     return h * expert_weight[..., None].astype(h.dtype) + from_slots
 
   def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:

@@ -213,7 +213,7 @@ class MoVEBranch(nnx.Module):
   def __call__(self, features: jax.Array, tokens: TokenInfo):
     """[B, N_i, d_i] -> ([B, L, d_dec], aux stacked [adt_depth, ...])."""
     feature_tokens = TokenInfo.image(features.shape[0], features.shape[1],
-                                     tokens.instance)
+                                     tokens.instance, rows=tokens.valid[:, 0])
     x = adaptive_avg_pool(features, self.grid, self.side)
 
     def body(layer, x, _):

@@ -126,24 +126,53 @@ class TokenInfo:
       instance-level routers: the mean embedding of the example's prompt
       (see `VLM`). It is fixed before the first generated token, so
       instance routing decides once per example and never changes while
-      decoding.
+      decoding. In packed rows (several examples per row) it is [B, T, D]
+      instead: each token carries its own example's vector.
+    segment: int [B, T] or None: the example (1 to `num_segments`; 0 on
+      padding) each token belongs to; a row holds one example unless
+      packed. None: one example per row (e.g. a decoding step).
+    num_segments: the examples a row holds at most (static; > 1: packed).
   """
   is_image: jax.Array
   valid: jax.Array
   bidirectional: jax.Array
   instance: jax.Array | None = None
+  segment: jax.Array | None = None
+  num_segments: int = flax.struct.field(pytree_node=False, default=1)
+
+  @property
+  def groups(self) -> jax.Array:
+    """bool [B, T, G]: the bidirectional groups (Soft MoE mixes within
+    one): a row's bidirectional tokens (G = 1), or in packed rows each
+    example's (G = num_segments)."""
+    if self.segment is None:
+      return self.bidirectional[..., None]
+    return self.bidirectional[..., None] & (
+        self.segment[..., None] == jnp.arange(1, self.num_segments + 1))
 
   @property
   def is_text(self) -> jax.Array:
     return self.valid & ~self.is_image
 
+  @property
+  def instance_by_token(self) -> jax.Array | None:
+    """`instance` as [B, 1, D] (one vector per row) or [B, T, D] (packed
+    rows): broadcastable against the tokens either way."""
+    if self.instance is None or self.instance.ndim == 3:
+      return self.instance
+    return self.instance[:, None]
+
   @classmethod
-  def image(cls, batch: int, length: int,
-            instance: jax.Array | None = None) -> "TokenInfo":
-    """Image tokens: all valid, all in one bidirectional group."""
-    ones = jnp.ones((batch, length), bool)
-    return cls(is_image=ones, valid=ones, bidirectional=ones,
-               instance=instance)
+  def image(cls, batch: int, length: int, instance: jax.Array | None = None,
+            rows: jax.Array | None = None) -> "TokenInfo":
+    """Image tokens, all in one bidirectional group; valid in the rows
+    where `rows` (bool [B]) holds, all rows by default (an empty image slot
+    of a packed row is a row without a valid token)."""
+    valid = jnp.ones((batch, length), bool)
+    if rows is not None:
+      valid = valid & rows[:, None]
+    return cls(is_image=jnp.ones((batch, length), bool), valid=valid,
+               bidirectional=valid, instance=instance)
 
   @classmethod
   def text(cls, valid: jax.Array, bidirectional: jax.Array) -> "TokenInfo":

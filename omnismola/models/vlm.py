@@ -73,34 +73,99 @@ class VLMConfig:
     return self.vit.num_patches
 
 
-def sequence_layout(num_image_tokens: int, mask_ar: jax.Array,
-                    mask_input: jax.Array):
-  """TokenInfo, attention mask and positions of [image tokens, text].
-
-  Args:
-    num_image_tokens: N, the image tokens in front of the text.
-    mask_ar: int [B, L], 0 for prefix text, 1 for suffix text.
-    mask_input: int [B, L], 1 for real text tokens, 0 for padding.
+def _token_segments(num_image_tokens: int, mask_input: jax.Array,
+                   segment_ids: jax.Array | None = None, num_images: int = 1):
+  """The segment (packed example, from 1; 0: none) of each token of
+  [image tokens, text] (see `sequence_layout`).
 
   Returns:
-    (tokens: TokenInfo [B, N+L], mask: bool [B, N+L, N+L],
-     positions: int32 [B, N+L]).
+    (image int32 [B, M N]: 0 in an empty slot, text int32 [B, L]: 0 on
+     padding), M = 1 without `segment_ids`.
+  """
+  text_valid = mask_input.astype(bool)
+  if segment_ids is None:
+    text = text_valid.astype(jnp.int32)
+    slots = jnp.ones((text.shape[0], 1), jnp.int32)
+  else:
+    text = jnp.where(text_valid, segment_ids, 0).astype(jnp.int32)
+    ids = jnp.arange(1, num_images + 1)
+    slots = jnp.where(jnp.any(text[:, :, None] == ids, axis=1), ids, 0)
+  return jnp.repeat(slots, num_image_tokens, axis=1), text
+
+
+def sequence_layout(num_image_tokens: int, mask_ar: jax.Array,
+                    mask_input: jax.Array, segment_ids: jax.Array | None = None,
+                    num_images: int = 1):
+  """TokenInfo, attention mask and positions of [image tokens, text].
+
+  A row holds one example, or with `segment_ids` up to `num_images` packed
+  examples: all their images' tokens first (image m's N tokens at
+  [m N, (m + 1) N)), then their texts one after another. Example m is
+  segment m + 1; tokens attend within their own segment only, by the
+  prefix-LM rule applied per segment, and positions restart at 0 for each
+  image, so every example computes as it would alone in a row.
+
+  Args:
+    num_image_tokens: N, the tokens of one image.
+    mask_ar: int [B, L], 0 for prefix text, 1 for suffix text.
+    mask_input: int [B, L], 1 for real text tokens, 0 for padding.
+    segment_ids: int [B, L] or None: the text token's segment (1 to
+      `num_images`, 0 on padding). None: one example per row.
+    num_images: M, the image slots per row (1 unless packed). A slot whose
+      segment has no text is empty: its image tokens are invalid.
+
+  Returns:
+    (tokens: TokenInfo [B, M N + L] with each token's `segment`, mask: bool
+     [B, M N + L, M N + L], positions: int32 [B, M N + L]).
   """
   batch = mask_ar.shape[0]
-  image = TokenInfo.image(batch, num_image_tokens)
-  ar = jnp.concatenate(
-      [jnp.zeros((batch, num_image_tokens), jnp.int32),
-       mask_ar.astype(jnp.int32)], axis=1)
-  cum = jnp.cumsum(ar, axis=1)
   text_valid = mask_input.astype(bool)
+  image_segment, text_segment = _token_segments(num_image_tokens, mask_input,
+                                                segment_ids, num_images)
+  num_slots = image_segment.shape[1] // num_image_tokens
+  # Per-segment totals [B, M + 1] (segment 0 is padding), to restart the
+  # causal count and the positions at each segment's first text token.
+  in_segment = (text_segment[:, :, None] ==
+                jnp.arange(num_slots + 1)).astype(jnp.int32)
+
+  def count_before_segment(per_token):
+    """int [B, L]: `per_token` summed over the segments before each text
+    token's own (segments follow each other in id order)."""
+    per_segment = jnp.sum(in_segment * per_token[:, :, None], axis=1)
+    exclusive = jnp.cumsum(per_segment, axis=1) - per_segment
+    return jnp.take_along_axis(exclusive, text_segment, axis=1)
+
+  text_ar = mask_ar.astype(jnp.int32) * text_valid
+  text_cum = jnp.cumsum(text_ar, axis=1) - count_before_segment(text_ar)
+  text_count = text_valid.astype(jnp.int32)
+  text_positions = (num_image_tokens + jnp.cumsum(text_count, axis=1) - 1 -
+                    count_before_segment(text_count))
+
+  image = TokenInfo.image(batch, image_segment.shape[1]).replace(
+      valid=image_segment > 0, bidirectional=image_segment > 0)
+  segment = jnp.concatenate([image_segment, text_segment], axis=1)
   tokens = TokenInfo.concat([
-      image, TokenInfo.text(valid=text_valid,
-                            bidirectional=cum[:, num_image_tokens:] == 0)])
-  valid = tokens.valid
-  mask = ((cum[:, None, :] <= cum[:, :, None]) & valid[:, None, :] &
-          valid[:, :, None])
-  positions = jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1
+      image, TokenInfo.text(valid=text_valid, bidirectional=text_cum == 0)
+  ]).replace(segment=segment, num_segments=num_slots)
+  cum = jnp.concatenate([jnp.zeros_like(image_segment), text_cum], axis=1)
+  mask = ((segment[:, None, :] == segment[:, :, None]) & (segment > 0)[:, None] &
+          (cum[:, None, :] <= cum[:, :, None]))
+  positions = jnp.concatenate([
+      jnp.broadcast_to(jnp.tile(jnp.arange(num_image_tokens), num_slots),
+                       image_segment.shape),
+      text_positions], axis=1).astype(jnp.int32)
   return tokens, mask, positions
+
+
+def segment_means(x: jax.Array, segment: jax.Array,
+                  num_segments: int) -> jax.Array:
+  """float32 [B, S, D]: the mean of x [B, T, D] over each segment's
+  positions, `segment` int [B, T] in 1..S (0: in none); zeros for a segment
+  without positions."""
+  member = (segment[:, :, None] ==
+            jnp.arange(1, num_segments + 1)).astype(jnp.float32)
+  total = jnp.einsum("bts,btd->bsd", member, x.astype(jnp.float32))
+  return total / jnp.maximum(jnp.sum(member, axis=1), 1.0)[..., None]
 
 
 def resize_image(image: jax.Array, size: int) -> jax.Array:
@@ -110,14 +175,6 @@ def resize_image(image: jax.Array, size: int) -> jax.Array:
     return image
   return jax.image.resize(image, (image.shape[0], size, size, 3),
                           method="bilinear", antialias=True)
-
-
-def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-  """float32 [B, D]: the mean of x [B, T, D] over positions where mask [B, T]
-  (zeros for an example without any)."""
-  weights = mask.astype(jnp.float32)[..., None]
-  total = jnp.sum(x.astype(jnp.float32) * weights, axis=1)
-  return total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 
 
 class VLM(nnx.Module):
@@ -144,7 +201,8 @@ class VLM(nnx.Module):
   def num_image_tokens(self) -> int:
     return self.config.num_image_tokens
 
-  def embed_image(self, image: jax.Array, instance: jax.Array | None = None):
+  def embed_image(self, image: jax.Array, instance: jax.Array | None = None,
+                  rows: jax.Array | None = None):
     """[B, H, W, 3] -> (decoder-width image tokens [B, N, width], aux).
 
     Every encoder encodes the image (resized to its `image_size` if that
@@ -152,6 +210,8 @@ class VLM(nnx.Module):
     `instance` ([B, width] or None) reaches instance-level routers of the
     image side as `TokenInfo.instance`: the mean embedding of the prompt's
     text, the only per-example signal known before the image is encoded.
+    `rows` (bool [B] or None: all) marks the real images; routers skip the
+    others' tokens (empty slots of packed rows).
     """
     batch = image.shape[0]
     features, aux = [], {}
@@ -160,10 +220,11 @@ class VLM(nnx.Module):
       image_in = (image if name == "vit" else
                   resize_image(image, encoder.image_size))
       x, encoder_aux = getattr(self, name)(
-          image_in, TokenInfo.image(batch, encoder.num_patches, instance))
+          image_in, TokenInfo.image(batch, encoder.num_patches, instance,
+                                    rows))
       features.append(x)
       aux.update(encoder_aux)
-    tokens = TokenInfo.image(batch, self.num_image_tokens, instance)
+    tokens = TokenInfo.image(batch, self.num_image_tokens, instance, rows)
     x, connector_aux = self.connector(tuple(features), tokens)
     return x, {**aux, **connector_aux}
 
@@ -183,26 +244,49 @@ class VLM(nnx.Module):
                key_bidirectional[:, None, :])
     return sliding_window_mask(mask, positions, key_positions, window, pairs)
 
-  def _run_sequence(self, image, text, mask_ar, mask_input, free_slots=0,
-                    kv=None):
+  def _run_sequence(self, image, text, mask_ar, mask_input, segment_ids=None,
+                    free_slots=0, kv=None):
     """Runs the decoder over [image tokens, text].
 
-    With `kv`, the sequence is written into the cache from slot 0 and
-    queries also "see" `free_slots` empty slots after it (masked out).
+    Packed rows (`segment_ids` given) hold images [B, M, H, W, 3], all
+    encoded as one batch of B M. With `kv`, the sequence is written into
+    the cache from slot 0 and queries also "see" `free_slots` empty slots
+    after it (masked out).
 
     Returns:
-      (h [B, N+L, width], tokens, positions, (k, v) or None, aux).
+      (h [B, M N + L, width], tokens, positions, (k, v) or None, aux).
     """
-    tokens, mask, positions = sequence_layout(self.num_image_tokens, mask_ar,
-                                              mask_input)
+    packed = segment_ids is not None
+    if image.ndim != (5 if packed else 4):
+      raise ValueError(
+          "Images are [B, H, W, 3], or [B, M, H, W, 3] for packed rows, which "
+          f"come with segment_ids; got {image.shape} and segment_ids "
+          f"{'given' if packed else 'None'}.")
+    images = image.reshape((-1,) + image.shape[-3:])
+    slots = images.shape[0] // image.shape[0]
+    tokens, mask, positions = sequence_layout(
+        self.num_image_tokens, mask_ar, mask_input, segment_ids, slots)
+    image_length = slots * self.num_image_tokens
     text_x = self.decoder.embed(text)
-    text_prompt = tokens.bidirectional[:, self.num_image_tokens:]
+    # Each example's prompt: its text tokens that attend bidirectionally.
+    prompt = jnp.where(tokens.bidirectional, tokens.segment, 0)
     image_x, image_aux = self.embed_image(
-        image, instance=masked_mean(text_x, text_prompt))
-    x = jnp.concatenate([image_x, text_x], axis=1)
+        images,
+        instance=segment_means(text_x, prompt[:, image_length:],
+                               slots).reshape(images.shape[0], -1),
+        rows=tokens.valid[:, :image_length:self.num_image_tokens].reshape(-1))
+    x = jnp.concatenate([image_x.reshape(text_x.shape[0], -1, text_x.shape[2]),
+                         text_x], axis=1)
     # The decoder's instance routers see the embedded prompt: image tokens
     # and prefix text, never the suffix (Awaker2.5-VL's routing input).
-    tokens = tokens.replace(instance=masked_mean(x, tokens.bidirectional))
+    means = segment_means(x, prompt, slots)
+    if packed:  # Each token gets its own example's vector.
+      instance = jnp.take_along_axis(
+          jnp.pad(means, ((0, 0), (1, 0), (0, 0))), tokens.segment[..., None],
+          axis=1)
+    else:
+      instance = means[:, 0]
+    tokens = tokens.replace(instance=instance)
     pad = lambda y: jnp.pad(y, ((0, 0),) * (y.ndim - 1) + ((0, free_slots),))
     mask = pad(mask)
     sliding_mask = self._sliding_mask(mask, positions, pad(positions),
@@ -214,8 +298,14 @@ class VLM(nnx.Module):
     return h, tokens, positions, kv, {**image_aux, **decoder_aux}
 
   def forward(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array,
-              mask_input: jax.Array):
+              mask_input: jax.Array, segment_ids: jax.Array | None = None):
     """(logits float32 [B, L, vocab] at the text positions, aux).
+
+    One example per row, image [B, H, W, 3]; or packed rows: images
+    [B, M, H, W, 3] and `segment_ids` int [B, L] (the text tokens of image
+    m's example are segment m + 1, contiguous and in slot order; 0 on
+    padding; see `sequence_layout`). Each packed example's logits equal
+    those it would have alone in a row.
 
     aux: {module path: the module's auxiliary outputs} for every routed
     block, e.g. `vit/layers/mlp` -> `MoEAux` with leaves [depth, ...],
@@ -226,10 +316,11 @@ class VLM(nnx.Module):
     weights as {'<router path>/usage': [depth, B, T, E] in a stack, [B, T,
     E] outside one} (`omnismola.analyze`); otherwise nothing more.
     """
-    h, _, _, _, aux = self._run_sequence(image, text, mask_ar, mask_input)
+    h, _, _, _, aux = self._run_sequence(image, text, mask_ar, mask_input,
+                                         segment_ids)
     # Stacks hand out their layers' usage; the other routers (connector)
     # keep theirs on the module until popped here.
-    return (self.decoder.logits(h[:, self.num_image_tokens:]),
+    return (self.decoder.logits(h[:, -text.shape[1]:]),
             {**aux, **layers.pop_usage(self)})
 
   def __call__(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array,

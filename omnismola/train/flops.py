@@ -480,15 +480,20 @@ def _decoder(model, config, image_tokens, text_tokens, image_dep):
 
 
 def train_matmuls(config: VLMConfig, experts, trainable: str,
-                  text_len: int) -> list[Matmul]:
-  """Every matrix product of one training example, in forward order.
+                  text_len: int, images: int = 1) -> list[Matmul]:
+  """Every matrix product of one training row, in forward order.
 
   Args:
     config: the backbone (e.g. `build.vlm_config(config.model)`).
     experts: `config.experts` entries.
     trainable: `config.train.trainable`, regex over parameter paths.
-    text_len: L, text tokens per example (prefix + suffix, padding included:
+    text_len: L, text tokens per row (prefix + suffix, padding included:
       the model computes on padding too).
+    images: image slots per row: 1, or M for packed rows (row_layout.py),
+      whose M images are all encoded (empty slots too) and whose decoder
+      runs over M N image tokens. Instance routers, which packed rows apply
+      per token, stay counted once per image (2·width·E per token more:
+      negligible beside the layers).
   """
   model = _Model(
       specs=[attach.ExpertSpec.parse(i, e) for i, e in enumerate(experts)],
@@ -499,14 +504,15 @@ def train_matmuls(config: VLMConfig, experts, trainable: str,
     encoders += ops
   connector, image_dep = _connector(model, config, encoder_deps,
                                     instance_dep=model.instance_dep)
-  return encoders + connector + _decoder(model, config.decoder,
-                                         config.num_image_tokens, text_len,
-                                         image_dep)
+  return (encoders + connector) * images + _decoder(
+      model, config.decoder, images * config.num_image_tokens, text_len,
+      image_dep)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainFlops:
-  """FLOPs of one training example; `tokens` = image + text tokens."""
+  """FLOPs of one training row (one example unless packed); `tokens` =
+  image + text tokens."""
   forward: int
   backward: int
   tokens: int
@@ -521,9 +527,10 @@ class TrainFlops:
 
 
 def train_flops(config: VLMConfig, experts, trainable: str,
-                text_len: int) -> TrainFlops:
-  """Forward and backward FLOPs per example (see the module docstring)."""
-  ops = train_matmuls(config, experts, trainable, text_len)
+                text_len: int, images: int = 1) -> TrainFlops:
+  """Forward and backward FLOPs per row (see the module docstring and
+  `train_matmuls`)."""
+  ops = train_matmuls(config, experts, trainable, text_len, images)
   return TrainFlops(forward=sum(op.forward for op in ops),
                     backward=sum(op.backward for op in ops),
-                    tokens=config.num_image_tokens + text_len)
+                    tokens=images * config.num_image_tokens + text_len)

@@ -71,20 +71,23 @@ def format_duration(seconds: float) -> str:
 class Progress:
   """Throughput, model FLOP rate, MFU and ETA over this process's steps.
 
-  `flops_per_example` (train/flops.py's count) gives `tflops_per_device`,
-  the model TFLOP/s each device achieved; with the device's `peak_flops`
-  also `mfu` (docs/performance.md). Either may be None: not logged then.
+  A step trains `global_batch` rows of `tokens_per_row` tokens (image and
+  text, padding included) each; a row is one example, or several packed
+  ones (row_layout.py). `flops_per_row` (train/flops.py's count) gives
+  `tflops_per_device`, the model TFLOP/s each device achieved; with the
+  device's `peak_flops` also `mfu` (docs/performance.md). Either may be
+  None: not logged then.
   """
 
   def __init__(self, first_step: int, total_steps: int, global_batch: int, *,
-               tokens_per_example: int, flops_per_example: float | None,
+               tokens_per_row: int, flops_per_row: float | None,
                num_devices: int, peak_flops: float | None):
     self.first_step = first_step
     self.total_steps = total_steps
     self.global_batch = global_batch
-    self.tokens_per_example = tokens_per_example
-    self.flops_per_step = (None if flops_per_example is None else
-                           flops_per_example * global_batch)
+    self.tokens_per_row = tokens_per_row
+    self.flops_per_step = (None if flops_per_row is None else
+                           flops_per_row * global_batch)
     self.num_devices = num_devices
     self.peak_flops = peak_flops
     self._start = None
@@ -97,17 +100,19 @@ class Progress:
     self._start = self._last_time = time.perf_counter()
     self._start_step = self._last_step = step
 
-  def update(self, step: int) -> dict[str, float]:
-    """Throughput since the last update."""
+  def update(self, step: int,
+             examples_per_step: float | None = None) -> dict[str, float]:
+    """Throughput since the last update; `examples_per_step` (default: one
+    per row) counts packed rows' examples."""
     now = time.perf_counter()
     if self._last_time is None or step <= self._last_step:
       return {}
     rate = (step - self._last_step) / (now - self._last_time)
     self._last_time, self._last_step = now, step
     out = {"steps_per_sec": rate,
-           "examples_per_sec": rate * self.global_batch,
-           "tokens_per_sec": rate * self.global_batch *
-                             self.tokens_per_example}
+           "examples_per_sec": rate * (examples_per_step or
+                                       self.global_batch),
+           "tokens_per_sec": rate * self.global_batch * self.tokens_per_row}
     if self.flops_per_step is not None:
       out["tflops_per_device"] = (self.flops_per_step * rate /
                                   self.num_devices / 1e12)

@@ -20,6 +20,7 @@ from absl import logging
 from flax import nnx
 
 from omnismola import build
+from omnismola import row_layout
 from omnismola.eval import decode as decode_lib
 from omnismola.eval import evaluator
 from omnismola.experts import stats
@@ -128,15 +129,47 @@ def target_weights(mask_loss):
   return mask_loss[:, 1:].astype(jnp.float32)
 
 
-def next_token_loss(logits, text, mask_loss):
-  """Per-example sums of next-token cross-entropy over target tokens.
+def target_nll(logits, text, mask_loss):
+  """(nll [B, L-1] of each target token, 0 elsewhere; its weights).
 
-  Position i predicts token i + 1; `mask_loss` marks the targets.
+  Position i predicts token i + 1; `mask_loss` marks the targets. Packed
+  rows need nothing more: an example's last token is never followed by a
+  target of the next example (a prefix comes first).
   """
   logits = logits[:, :-1].astype(jnp.float32)
   targets, weights = text[:, 1:], target_weights(mask_loss)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  return jnp.sum(nll * weights, axis=1), jnp.sum(weights, axis=1)
+  return nll * weights, weights
+
+
+def next_token_loss(logits, text, mask_loss):
+  """Per-row sums of next-token cross-entropy over target tokens, and of
+  target tokens (see `target_nll`)."""
+  nll, weights = target_nll(logits, text, mask_loss)
+  return jnp.sum(nll, axis=1), jnp.sum(weights, axis=1)
+
+
+def target_tasks(batch) -> jax.Array:
+  """int [B, L-1]: the task of the target token each position predicts.
+
+  Rows of one example carry task_id [B]; packed rows carry it per slot,
+  task_id [B, M], and segment_ids (slot + 1) per token.
+  """
+  if "segment_ids" not in batch:
+    return jnp.broadcast_to(batch["task_id"][:, None],
+                            batch["text"][:, 1:].shape)
+  slot = jnp.maximum(batch["segment_ids"][:, 1:] - 1, 0)
+  return jnp.take_along_axis(batch["task_id"], slot, axis=1)
+
+
+def count_examples(batch) -> jax.Array:
+  """The examples in a batch: one per row, or the filled slots of packed
+  rows."""
+  if "segment_ids" not in batch:
+    return jnp.asarray(batch["task_id"].shape[0], jnp.int32)
+  slots = jnp.arange(1, batch["task_id"].shape[1] + 1)
+  filled = jnp.any(batch["segment_ids"][:, :, None] == slots, axis=1)
+  return jnp.sum(filled, dtype=jnp.int32)
 
 
 def cast_floats(tree, dtype):
@@ -191,8 +224,8 @@ def make_train_step(parts: ModelParts, optimizer, schedule, num_tasks: int, *,
                         cast_floats(frozen, compute_dtype))
     logits, aux = model.forward(batch["image"].astype(compute_dtype),
                                 batch["text"], batch["mask_ar"],
-                                batch["mask_input"])
-    nll, count = next_token_loss(logits, batch["text"], batch["mask_loss"])
+                                batch["mask_input"], batch.get("segment_ids"))
+    nll, count = target_nll(logits, batch["text"], batch["mask_loss"])
     aux_loss = stats.weighted_aux_loss(aux, aux_loss_weights)
     return (jnp.sum(nll) + aux_scale * aux_loss,
             (nll, count, aux_loss, stats.routing_metrics(aux)))
@@ -221,12 +254,13 @@ def make_train_step(parts: ModelParts, optimizer, schedule, num_tasks: int, *,
     finite = all_finite((loss, grads, params))
     keep_if_finite = lambda new, old: jax.tree.map(
         lambda n, o: jnp.where(finite, n, o), new, old)
-    task = micro["task_id"].reshape(-1)
+    task = jax.vmap(target_tasks)(micro).reshape(-1)
     metrics = {
         "loss": loss,
         "grad_norm": optax.global_norm(grads),
         "learning_rate": schedule(state.step),
         "target_tokens": jnp.sum(count),
+        "examples": count_examples(batch),
         "aux_loss": jnp.mean(aux_loss),
         **{k: jnp.mean(v) for k, v in routing.items()},
         "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
@@ -284,6 +318,8 @@ def summarize(step_metrics: list[dict], task_names: list[str]) -> dict:
   out["skipped_steps"] = float(sum(m["nonfinite"] for m in host))
   out["target_tokens_per_step"] = float(
       np.mean([m["target_tokens"] for m in applied]))
+  # Every step consumed its examples, applied or not.
+  out["examples_per_step"] = float(np.mean([m["examples"] for m in host]))
   nll = np.sum([m["task_nll"] for m in applied], axis=0)
   tokens = np.sum([m["task_tokens"] for m in applied], axis=0)
   for name, n, t in zip(task_names, nll, tokens):
@@ -479,10 +515,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   guard = NonFiniteGuard(int(config.train.max_nonfinite_steps))
   total = int(config.train.steps)
   step = int(jax.device_get(state.step))
-  tokens, example_flops = example_cost(config)
+  tokens, row_flops = row_cost(config)
   progress = log_lib.Progress(
-      step, total, batch_size, tokens_per_example=tokens,
-      flops_per_example=example_flops, num_devices=jax.device_count(),
+      step, total, batch_size, tokens_per_row=tokens,
+      flops_per_row=row_flops, num_devices=jax.device_count(),
       peak_flops=flops_lib.peak_flops(jax.devices()[0].device_kind))
   trace = profiler.StepTrace(int(config.profile.first_step),
                              int(config.profile.steps),
@@ -509,7 +545,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         progress.start(step)
       if step % config.train.log_every == 0 or step == total:
         scalars = summarize(pending, task_names)
-        scalars.update(progress.update(step))
+        scalars.update(progress.update(step, scalars["examples_per_step"]))
         scalars.update(log_lib.peak_memory())
         # Cumulative over-length counts of every host's input (a collective).
         scalars.update(pipeline.over_length_metrics(
@@ -586,23 +622,25 @@ def _make_eval_runner(config, workdir, parts, mesh, pipeline):
   return run_eval
 
 
-def example_cost(config) -> tuple[int, float | None]:
-  """(tokens, training FLOPs) of one example, for throughput and MFU.
+def row_cost(config) -> tuple[int, float | None]:
+  """(tokens, training FLOPs) of one train row, for throughput and MFU.
 
   Tokens are the image tokens plus the text length (padding included: the
-  model computes on it). FLOPs are `flops.train_flops`'s count, or None for
-  a model it cannot count (said once here; the log then lacks TFLOP/s and
-  MFU).
+  model computes on it), for every image slot of a packed row. FLOPs are
+  `flops.train_flops`'s count, or None for a model it cannot count (said
+  once here; the log then lacks TFLOP/s and MFU).
   """
   model = build.vlm_config(config.model)
-  text_len = sum(int(n) for n in config.data.feature_lengths.values())
+  layout = row_layout.row_layout(config.data)
   try:
     count = flops_lib.train_flops(model, list(config.experts),
-                                  config.train.trainable, text_len)
+                                  config.train.trainable, layout.text_length,
+                                  images=layout.images)
   except (ValueError, NotImplementedError) as e:
     log_lib.print_line(f"No FLOP count for this model ({e}): the log has "
                        "tokens/s but no TFLOP/s or MFU.")
-    return model.vit.num_patches + text_len, None
+    return (layout.images * model.num_image_tokens + layout.text_length,
+            None)
   return count.tokens, float(count.total)
 
 

@@ -1,0 +1,74 @@
+"""What one train row holds: one example, or several packed examples.
+
+`config.data.packing` decides (docs/data.md, "Packing"):
+
+  examples     M, the most examples in one row; 0 (the default) or 1: one
+               example per row, no packing.
+  text_length  the text tokens of a packed row (0: prefix + suffix lengths,
+               so that any single example fits).
+  window       how many consecutive examples of the mixed stream are packed
+               together (first fit, in stream order): a larger window fills
+               rows better and holds more images in host memory.
+
+The data pipeline builds rows this way, the trainer counts their tokens and
+FLOPs, and `omnismola.aot` compiles for their shapes; this module is the
+one place all of them read it from, and imports neither TensorFlow nor JAX.
+"""
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+  """A train row: `images` image slots and `text_length` text tokens;
+  `packed` rows carry `segment_ids` and images [M, H, W, 3]."""
+  images: int
+  text_length: int
+  window: int
+  packed: bool
+
+
+def row_layout(data_config) -> RowLayout:
+  """The row layout of `config.data`, checked."""
+  lengths = dict(data_config.feature_lengths)
+  example_length = int(lengths["prefix"]) + int(lengths["suffix"])
+  packing = dict(data_config.get("packing", None) or {})
+  unknown = sorted(set(packing) - {"examples", "text_length", "window"})
+  if unknown:
+    raise ValueError(f"config.data.packing has unknown fields {unknown}; "
+                     "its fields are examples, text_length and window.")
+  examples = int(packing.get("examples", 0))
+  if examples < 0:
+    raise ValueError(f"config.data.packing.examples={examples} must be >= 0 "
+                     "(0 or 1: no packing).")
+  if examples <= 1:
+    return RowLayout(images=1, text_length=example_length, window=1,
+                     packed=False)
+  text_length = int(packing.get("text_length", 0)) or example_length
+  if text_length < example_length:
+    raise ValueError(
+        f"config.data.packing.text_length={text_length} is shorter than one "
+        f"example's text (feature_lengths prefix + suffix = "
+        f"{example_length}): such an example could fit no row.")
+  window = int(packing.get("window", 64))
+  if window < examples:
+    raise ValueError(f"config.data.packing.window={window} must be at least "
+                     f"packing.examples={examples}.")
+  return RowLayout(images=examples, text_length=text_length, window=window,
+                   packed=True)
+
+
+def batch_shapes(layout: RowLayout, batch: int,
+                 image_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{key: (shape, dtype name)} of a train batch of `batch` rows."""
+  length = layout.text_length
+  text = ((batch, length), "int32")
+  shapes = dict(text=text, mask_ar=text, mask_loss=text, mask_input=text)
+  image = (image_size, image_size, 3)
+  if layout.packed:
+    shapes.update(image=((batch, layout.images) + image, "float32"),
+                  segment_ids=text,
+                  task_id=((batch, layout.images), "int32"))
+  else:
+    shapes.update(image=((batch,) + image, "float32"),
+                  task_id=((batch,), "int32"))
+  return shapes
