@@ -319,6 +319,17 @@ def test_benchmarks_mix_trains_and_evaluates(real_data):
   assert batch["image"].shape == (8, 32, 32, 3)
   assert batch["text"].shape == (8, 80)
   assert np.abs(batch["image"]).max() <= 1.0
+  # Images of every size and aspect, resized, pack into rows too.
+  packed = next(pipeline.make_train_iterator(
+      ml_collections.ConfigDict({**config.to_dict(), "packing": dict(
+          examples=3, window=12)}), global_batch_size=4, seed=0))
+  assert packed["image"].shape == (4, 3, 32, 32, 3)
+  assert packed["segment_ids"].shape == (4, 80)
+  filled = packed["segment_ids"].max(axis=1)  # Slots are filled in order.
+  assert filled.min() >= 1 and filled.sum() > 4
+  for row, count in enumerate(filled):
+    assert np.abs(packed["image"][row, :count]).max(axis=(1, 2, 3)).min() > 0
+    assert not packed["image"][row, count:].any()
   (docvqa,) = pipeline.make_eval_sets(config, batch_size=4, tasks=["docvqa"])
   (b,) = list(docvqa.batches())
   assert docvqa.metric == "anls" and b["references"][0] == ["1/2", "02"]
