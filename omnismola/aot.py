@@ -39,6 +39,7 @@ class Report:
   mesh: dict
   batch_size: int
   text_len: int
+  images_per_row: int  # Above 1: packed rows (config.data.packing).
   replicated_fraction: float
   state_bytes: int
   state_shard_bytes: int
@@ -58,7 +59,8 @@ class Report:
   def __str__(self) -> str:
     gib = lambda n: f"{n / 2**30:.2f} GiB"
     return "\n".join([
-        f"mesh {self.mesh}, batch {self.batch_size} x {self.text_len} text "
+        f"mesh {self.mesh}, batch {self.batch_size} rows x "
+        f"{self.images_per_row} image(s) + {self.text_len} text "
         f"tokens; {self.replicated_fraction:.1%} of the parameter bytes "
         "whole on every device",
         f"train state (parameters, optimizer): {gib(self.state_bytes)}, "
@@ -112,7 +114,10 @@ def compile_train_step(config):
   memory = compiled.memory_analysis()
   return compiled, Report(
       mesh=dict(mesh.shape), batch_size=int(config.train.batch_size),
-      text_len=batch["text"].shape[1], replicated_fraction=replicated,
+      text_len=batch["text"].shape[1],
+      images_per_row=(batch["image"].shape[1] if "segment_ids" in batch
+                      else 1),
+      replicated_fraction=replicated,
       state_bytes=_nbytes(abstract, per_device=False),
       state_shard_bytes=_nbytes(abstract, per_device=True),
       argument_bytes=memory.argument_size_in_bytes,

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 from flax import nnx
 
+from omnismola import aot
 from omnismola import row_layout
 from omnismola.data import packing
 from omnismola.data import pipeline
@@ -155,6 +156,17 @@ def test_row_layout_defaults_and_checks():
   assert shapes["image"] == ((8, 3, 16, 16, 3), "float32")
   assert shapes["segment_ids"] == shapes["text"] == ((8, 24), "int32")
   assert shapes["task_id"] == ((8, 3), "int32")
+
+
+def test_aot_check_takes_packed_rows():
+  config = tiny_config()
+  config.data.packing.examples = 3
+  batch = aot.abstract_batch(
+      config, trainer.partitioning.make_mesh(dict(config.mesh)))
+  assert batch["image"].shape == (8, 3, 64, 64, 3)
+  assert batch["segment_ids"].shape == batch["text"].shape == (8, 80)
+  assert batch["task_id"].shape == (8, 3)
+  assert batch["segment_ids"].dtype == jnp.int32
 
 
 # --- The model ---------------------------------------------------------------
