@@ -12,6 +12,7 @@ import tensorflow as tf
 from flax import nnx
 
 from omnismola import aot
+from omnismola import config_lib
 from omnismola import row_layout
 from omnismola.data import packing
 from omnismola.data import pipeline
@@ -266,9 +267,16 @@ def test_packed_rows_need_a_list_of_images():
 # --- The train step ----------------------------------------------------------
 
 
-def test_a_packed_step_equals_the_unpacked_step_on_the_same_examples():
+# SMoLA's compile takes a minute on 2 cores: in the slow suite.
+@pytest.mark.parametrize("experts", [
+    "none", pytest.param("smola", marks=pytest.mark.slow)])
+def test_a_packed_step_equals_the_unpacked_step_on_the_same_examples(experts):
+  config = tiny_config()
+  if experts == "smola":  # configs/mix.py's own SMoLA entry.
+    config.experts = config_lib.load_config_file(
+        "configs/mix.py:preset=tiny").experts
   # Plain SGD with lr 1: the parameter change is minus the gradient.
-  state, step, _ = _setup(tiny_config(), optax.sgd(1.0), num_tasks=3)
+  state, step, _ = _setup(config, optax.sgd(1.0), num_tasks=3)
   lengths = [30, 12, 50, 9, 44, 20, 71, 16]
   prefixes = [10, 5, 40, 4, 20, 8, 48, 6]
   examples = _examples(lengths, prefixes, width=80, image_size=64)
