@@ -142,13 +142,6 @@ def target_nll(logits, text, mask_loss):
   return nll * weights, weights
 
 
-def next_token_loss(logits, text, mask_loss):
-  """Per-row sums of next-token cross-entropy over target tokens, and of
-  target tokens (see `target_nll`)."""
-  nll, weights = target_nll(logits, text, mask_loss)
-  return jnp.sum(nll, axis=1), jnp.sum(weights, axis=1)
-
-
 def target_tasks(batch) -> jax.Array:
   """int [B, L-1]: the task of the target token each position predicts.
 
