@@ -20,6 +20,37 @@ def assert_values_and_grads_close(fused, reference, params, x, *,
     np.testing.assert_allclose(g, r, rtol=tol, atol=tol)
 
 
+def randomized(module, *, seed: int = 1, scale: float = 0.5,
+               where=lambda path: True):
+  """The module with its floating-point parameters at `where`(path) drawn
+  at random (normal times `scale`): B matrices included, so adapters
+  contribute."""
+  graphdef, state = nnx.split(module)
+  flat = nnx.to_flat_state(state)
+  keys = jax.random.split(jax.random.key(seed), len(flat))
+  for key, (path, variable) in zip(keys, flat):
+    if (jnp.issubdtype(variable.get_value().dtype, jnp.floating) and
+        where("/".join(map(str, path)))):
+      variable.set_value(scale * jax.random.normal(key, variable.shape))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def assert_matches_reference(module, reference, tokens, *, in_features: int,
+                             out_features: int) -> jax.Array:
+  """module(x, tokens) == reference(params, x) on random x, values and
+  gradients (through a random projection of the output). Returns x."""
+  batch, length = tokens.valid.shape
+  x = jax.random.normal(jax.random.key(2), (batch, length, in_features))
+  w = jax.random.normal(jax.random.key(3), (batch, length, out_features))
+  graphdef, state = nnx.split(module)
+  assert_values_and_grads_close(
+      lambda params, x: jnp.sum(
+          apply_with(graphdef, state, params, x, tokens) * w),
+      lambda params, x: jnp.sum(reference(params, x) * w),
+      nnx.to_pure_dict(state), x)
+  return x
+
+
 def apply_with(graphdef, state, params, *args):
   """The module (graphdef, state) with `params` (a pure dict, e.g. being
   differentiated) in place of its parameters, called on `args`."""

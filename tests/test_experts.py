@@ -29,15 +29,6 @@ def _tokens():
                    bidirectional=jnp.asarray(bidirectional & valid))
 
 
-def _randomize(module, seed=1):
-  """Non-zero B matrices so adapters actually contribute."""
-  graphdef, state = nnx.split(module)
-  leaves, treedef = jax.tree.flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  leaves = [jax.random.normal(k, l.shape) * 0.5 for k, l in zip(keys, leaves)]
-  return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-
-
 def _reference_pool(x, tokens, modality, a, b, phi, scale, multiplier):
   """Soft MoE / per-token mixing written as loops over tokens and experts."""
   n, p = phi.shape[1], phi.shape[2]
@@ -79,30 +70,20 @@ def _reference_pool(x, tokens, modality, a, b, phi, scale, multiplier):
 @pytest.mark.parametrize("slots", [1, 2])
 def test_smola_pool_matches_loop_reference_outputs_and_gradients(modality,
                                                                    slots):
-  pool = _randomize(SMoLAPool(D_IN, D_OUT, modality=modality, num_experts=3,
-                              rank=2, slots_per_expert=slots, alpha=4.0,
-                              rngs=nnx.Rngs(0)))
+  pool = checks.randomized(SMoLAPool(
+      D_IN, D_OUT, modality=modality, num_experts=3, rank=2,
+      slots_per_expert=slots, alpha=4.0, rngs=nnx.Rngs(0)))
   tokens = _tokens()
-  x = jax.random.normal(jax.random.key(2), (B, T, D_IN))
-  w = jax.random.normal(jax.random.key(3), (B, T, D_OUT))
-
-  graphdef, state = nnx.split(pool)
-
-  def fused(params, x):
-    return jnp.sum(checks.apply_with(graphdef, state, params, x, tokens) * w)
-
-  def reference(params, x):
-    return jnp.sum(_reference_pool(x, tokens, modality, params["a"],
-                                   params["b"], params["phi"], params["scale"],
-                                   pool.multiplier) * w)
-
-  params = nnx.to_pure_dict(state)
-  checks.assert_values_and_grads_close(fused, reference, params, x)
+  checks.assert_matches_reference(
+      pool, lambda params, x: _reference_pool(
+          x, tokens, modality, params["a"], params["b"], params["phi"],
+          params["scale"], pool.multiplier),
+      tokens, in_features=D_IN, out_features=D_OUT)
 
 
 def test_smola_tokens_outside_the_pool_get_nothing():
-  pool = _randomize(SMoLAPool(D_IN, D_OUT, modality="text", num_experts=2,
-                              rank=2, rngs=nnx.Rngs(0)))
+  pool = checks.randomized(SMoLAPool(D_IN, D_OUT, modality="text",
+                                     num_experts=2, rank=2, rngs=nnx.Rngs(0)))
   tokens = _tokens()
   y = pool(jax.random.normal(jax.random.key(0), (B, T, D_IN)), tokens)
   np.testing.assert_array_equal(np.asarray(y)[~np.asarray(tokens.is_text)], 0)
@@ -110,8 +91,9 @@ def test_smola_tokens_outside_the_pool_get_nothing():
 
 def test_smola_causal_tokens_depend_only_on_themselves():
   """Changing a later token never changes an earlier token's output."""
-  pool = _randomize(SMoLA(D_IN, D_OUT, pools=dict(text=2, image=2, all=2),
-                          rank=2, rngs=nnx.Rngs(0)))
+  pool = checks.randomized(SMoLA(D_IN, D_OUT,
+                                 pools=dict(text=2, image=2, all=2), rank=2,
+                                 rngs=nnx.Rngs(0)))
   tokens = _tokens()
   x = jax.random.normal(jax.random.key(0), (B, T, D_IN))
   y = pool(x, tokens)
@@ -123,8 +105,8 @@ def test_smola_causal_tokens_depend_only_on_themselves():
 
 def test_smola_per_token_path_equals_one_token_at_a_time():
   """Cached decoding sees one suffix token at a time: same outputs."""
-  pool = _randomize(SMoLA(D_IN, D_OUT, pools=dict(text=3, all=2), rank=2,
-                          rngs=nnx.Rngs(0)))
+  pool = checks.randomized(SMoLA(D_IN, D_OUT, pools=dict(text=3, all=2),
+                                 rank=2, rngs=nnx.Rngs(0)))
   tokens = _tokens()
   x = jax.random.normal(jax.random.key(0), (B, T, D_IN))
   full = pool(x, tokens)
@@ -137,8 +119,8 @@ def test_smola_per_token_path_equals_one_token_at_a_time():
 
 
 def test_smola_sequence_without_pool_tokens_is_finite():
-  pool = _randomize(SMoLAPool(D_IN, D_OUT, modality="image", num_experts=2,
-                              rank=2, rngs=nnx.Rngs(0)))
+  pool = checks.randomized(SMoLAPool(D_IN, D_OUT, modality="image",
+                                     num_experts=2, rank=2, rngs=nnx.Rngs(0)))
   tokens = TokenInfo(is_image=jnp.zeros((1, 4), bool),
                      valid=jnp.ones((1, 4), bool),
                      bidirectional=jnp.ones((1, 4), bool))
@@ -162,7 +144,8 @@ def test_zero_initialised_adapters_compute_the_base_layer():
 
 
 def test_lora_matches_reference():
-  lora = _randomize(LoRA(D_IN, D_OUT, rank=3, alpha=6.0, rngs=nnx.Rngs(0)))
+  lora = checks.randomized(LoRA(D_IN, D_OUT, rank=3, alpha=6.0,
+                                rngs=nnx.Rngs(0)))
   x = jax.random.normal(jax.random.key(0), (B, T, D_IN))
   want = 2.0 * np.einsum("btd,dr,ro->bto", x, lora.a[...], lora.b[...])
   np.testing.assert_allclose(lora(x, _tokens()), want, rtol=1e-5, atol=1e-5)

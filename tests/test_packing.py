@@ -223,16 +223,9 @@ def _random_model(overrides, experts) -> VLM:
   config = presets.get_preset("tiny", **overrides)
   factory = attach.make_factory(experts,
                                 instance_features=config.decoder.width)
-  model = VLM(config,
-              make_linear=factory.linear, make_mlp=factory.mlp,
-              rngs=nnx.Rngs(0))
-  graphdef, state = nnx.split(model)
-  flat = nnx.to_flat_state(state)
-  keys = jax.random.split(jax.random.key(1), len(flat))
-  for key, (_, variable) in zip(keys, flat):
-    if jnp.issubdtype(variable.get_value().dtype, jnp.floating):
-      variable.set_value(0.3 * jax.random.normal(key, variable.shape))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+  return checks.randomized(VLM(config, make_linear=factory.linear,
+                               make_mlp=factory.mlp, rngs=nnx.Rngs(0)),
+                           scale=0.3)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -37,18 +37,6 @@ def _tokens(instance=True) -> TokenInfo:
                 if instance else None))
 
 
-def _randomized(module, seed=1, where=lambda path: True):
-  """The module with its parameters at `where`(path) drawn at random (B
-  matrices included, so adapters contribute)."""
-  graphdef, state = nnx.split(module)
-  flat = nnx.to_flat_state(state)
-  keys = jax.random.split(jax.random.key(seed), len(flat))
-  for key, (path, variable) in zip(keys, flat):
-    if where("/".join(map(str, path))):
-      variable.set_value(0.5 * jax.random.normal(key, variable.shape))
-  return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
 def _reference(params, x, tokens, *, routing, top_k=1, activation=None,
                multiplier=1.0):
   """The routed adapter as loops over examples, tokens and experts.
@@ -85,25 +73,16 @@ def _reference(params, x, tokens, *, routing, top_k=1, activation=None,
     dict(routing="instance", top_k=2, activation="relu"),
 ], ids=["token_top2", "instance_global", "token_adapter", "instance_top2"])
 def test_matches_loop_reference_outputs_and_gradients(options):
-  adapter = _randomized(SparseLoRA(
+  adapter = checks.randomized(SparseLoRA(
       D_IN, D_OUT, num_experts=E, rank=4, instance_features=D_INSTANCE,
       rngs=nnx.Rngs(0), **options))
   tokens = _tokens()
-  x = jax.random.normal(jax.random.key(2), (B, T, D_IN))
-  w = jax.random.normal(jax.random.key(3), (B, T, D_OUT))
-  graphdef, state = nnx.split(adapter)
-
-  def fused(params, x):
-    return jnp.sum(checks.apply_with(graphdef, state, params, x, tokens) * w)
-
-  def reference(params, x):
-    return jnp.sum(_reference(
-        params, x, tokens, routing=options["routing"],
-        top_k=options["top_k"], activation=options.get("activation"),
-        multiplier=options.get("alpha", 4.0) / 4) * w)
-
-  checks.assert_values_and_grads_close(fused, reference,
-                                       nnx.to_pure_dict(state), x)
+  x = checks.assert_matches_reference(
+      adapter, lambda params, x: _reference(
+          params, x, tokens, routing=options["routing"],
+          top_k=options["top_k"], activation=options.get("activation"),
+          multiplier=options.get("alpha", 4.0) / 4),
+      tokens, in_features=D_IN, out_features=D_OUT)
   np.testing.assert_array_equal(adapter(x, tokens)[1, 4:], 0)  # Padding.
 
 
@@ -128,7 +107,7 @@ def test_top_k_weights_keep_the_chosen_probabilities():
 def test_global_expert_takes_one_minus_the_top_gate(top_k):
   """Every expert a copy of the global one: the output is that LoRA times
   (chosen gates + 1 - top gate), exactly the LoRA for top-1 (Awaker)."""
-  adapter = _randomized(SparseLoRA(
+  adapter = checks.randomized(SparseLoRA(
       D_IN, D_OUT, num_experts=E, rank=4, top_k=top_k, global_expert=True,
       instance_features=D_INSTANCE, rngs=nnx.Rngs(0)))
   a, b = adapter.global_expert.a[...], adapter.global_expert.b[...]
@@ -244,14 +223,14 @@ def test_zero_init_computes_the_base_model_and_keeps_its_paths():
   np.testing.assert_allclose(_forward(adapted, *batch),
                              _forward(plain, *batch), rtol=0, atol=1e-5)
   # The adapters are live: random B matrices change the logits.
-  moved = _randomized(adapted, where=_adapters_only)
+  moved = checks.randomized(adapted, where=_adapters_only)
   assert np.abs(_forward(moved, *batch) - _forward(plain, *batch)).max() > 1e-3
 
 
 def test_instance_routing_is_fixed_while_decoding():
   """prefill + extend equal the full forward at every step: the routers see
   the prompt's embedding, never the generated tokens."""
-  model = _randomized(_model(EVERYWHERE[:2]), where=_adapters_only)
+  model = checks.randomized(_model(EVERYWHERE[:2]), where=_adapters_only)
   prompt_lens, steps = [4, 2], 3
   full_batch, prompt = _batch(model, prompt_lens, steps)
   full = _forward(model, *full_batch)
@@ -267,7 +246,7 @@ def test_instance_routing_is_fixed_while_decoding():
 
 
 def test_token_routing_in_the_decoder_is_causal():
-  model = _randomized(_model([
+  model = checks.randomized(_model([
       _entry(r"decoder/layers/\d+/mlp", routing="token", global_expert=True),
       _entry(r"decoder/layers/\d+/mlp/(gate|up)", routing="token",
              share_gate=True)]), where=_adapters_only)
@@ -324,7 +303,7 @@ def test_load_partial_upcycles_a_lora_into_every_expert(tmp_path):
   as the LoRA at their layer, the router stays fresh, and with top-1 the
   model computes stage I's logits."""
   lora = lambda targets: dict(kind="lora", targets=targets, rank=4)
-  stage1 = _randomized(
+  stage1 = checks.randomized(
       _model([lora(r"decoder/layers/\d+/attn/(q|k|v)"), lora(AWAKER_TARGETS)]),
       where=_adapters_only)
   stage2 = _model([lora(r"decoder/layers/\d+/attn/(q|k|v)"),
