@@ -29,6 +29,7 @@ import numpy as np
 from benchmarks.step import cpu_name
 from omnismola import config_lib
 from omnismola import row_layout
+from omnismola.train import trainer
 
 
 def pin_to_one_core() -> int:
@@ -39,6 +40,9 @@ def pin_to_one_core() -> int:
   core = min(os.sched_getaffinity(0))
   os.sched_setaffinity(0, {core})
   return core
+
+
+_LAYOUT_KEYS = ("mask_input", "segment_ids", "task_id")
 
 
 def measure(config, *, batches: int, warmup: int, threads: int) -> dict:
@@ -56,32 +60,27 @@ def measure(config, *, batches: int, warmup: int, threads: int) -> dict:
       threads=threads)
   for _ in range(warmup):
     next(iterator)
-  real_text, examples = [], []
+  read = []  # Each batch's text layout (not its images), counted after.
   start, start_cpu = time.perf_counter(), time.process_time()
   for _ in range(batches):
     batch = next(iterator)
-    real_text.append(batch["mask_input"].sum(axis=1))
-    examples.append(examples_per_row(batch))
+    read.append({k: batch[k] for k in _LAYOUT_KEYS if k in batch})
   seconds = time.perf_counter() - start
   # All threads' CPU time: at most `seconds` when pinned to one core.
   cpu_seconds = time.process_time() - start_cpu
   vit = config.model.vit
   image_tokens = (vit.image_size // vit.patch_size) ** 2
-  real_text, examples = np.concatenate(real_text), np.concatenate(examples)
+  real_text = np.mean([b["mask_input"].sum(axis=1) for b in read])
+  # Counted as the training log counts them.
+  examples = sum(int(trainer.count_examples(b)) for b in read)
+  examples_per_row = examples / (batches * batch_size)
   return dict(
-      examples_per_s=examples.sum() / seconds, seconds=seconds,
-      cpu_seconds=cpu_seconds, examples=int(examples.sum()),
-      examples_per_row=examples.mean(),
-      text_fill=real_text.mean() / layout.text_length,
-      sequence_fill=(image_tokens * examples.mean() + real_text.mean()) /
+      examples_per_s=examples / seconds, seconds=seconds,
+      cpu_seconds=cpu_seconds, examples=examples,
+      examples_per_row=examples_per_row,
+      text_fill=real_text / layout.text_length,
+      sequence_fill=(image_tokens * examples_per_row + real_text) /
       (image_tokens * layout.images + layout.text_length))
-
-
-def examples_per_row(batch: dict) -> np.ndarray:
-  """int [rows]: 1 per row, or the filled slots of packed rows."""
-  if "segment_ids" not in batch:
-    return np.ones(len(batch["text"]), np.int64)
-  return np.array([len(np.unique(s[s > 0])) for s in batch["segment_ids"]])
 
 
 def parse_args(argv=None):

@@ -73,6 +73,13 @@ class VLMConfig:
     return self.vit.num_patches
 
 
+def filled_slots(segment_ids: jax.Array, num_images: int) -> jax.Array:
+  """bool [B, M]: the image slots of packed rows that hold an example
+  (segment m + 1 has text tokens; `segment_ids` [B, L] is 0 on padding)."""
+  return jnp.any(segment_ids[:, :, None] == jnp.arange(1, num_images + 1),
+                 axis=1)
+
+
 def _token_segments(num_image_tokens: int, mask_input: jax.Array,
                    segment_ids: jax.Array | None = None, num_images: int = 1):
   """The segment (packed example, from 1; 0: none) of each token of
@@ -88,8 +95,8 @@ def _token_segments(num_image_tokens: int, mask_input: jax.Array,
     slots = jnp.ones((text.shape[0], 1), jnp.int32)
   else:
     text = jnp.where(text_valid, segment_ids, 0).astype(jnp.int32)
-    ids = jnp.arange(1, num_images + 1)
-    slots = jnp.where(jnp.any(text[:, :, None] == ids, axis=1), ids, 0)
+    slots = jnp.where(filled_slots(text, num_images),
+                      jnp.arange(1, num_images + 1), 0)
   return jnp.repeat(slots, num_image_tokens, axis=1), text
 
 
@@ -118,7 +125,6 @@ def sequence_layout(num_image_tokens: int, mask_ar: jax.Array,
     (tokens: TokenInfo [B, M N + L] with each token's `segment`, mask: bool
      [B, M N + L, M N + L], positions: int32 [B, M N + L]).
   """
-  batch = mask_ar.shape[0]
   text_valid = mask_input.astype(bool)
   image_segment, text_segment = _token_segments(num_image_tokens, mask_input,
                                                 segment_ids, num_images)
@@ -141,8 +147,9 @@ def sequence_layout(num_image_tokens: int, mask_ar: jax.Array,
   text_positions = (num_image_tokens + jnp.cumsum(text_count, axis=1) - 1 -
                     count_before_segment(text_count))
 
-  image = TokenInfo.image(batch, image_segment.shape[1]).replace(
-      valid=image_segment > 0, bidirectional=image_segment > 0)
+  filled = image_segment > 0  # An empty slot's tokens are not valid.
+  image = TokenInfo(is_image=jnp.ones_like(filled), valid=filled,
+                    bidirectional=filled)
   segment = jnp.concatenate([image_segment, text_segment], axis=1)
   tokens = TokenInfo.concat([
       image, TokenInfo.text(valid=text_valid, bidirectional=text_cum == 0)

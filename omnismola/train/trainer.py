@@ -25,6 +25,7 @@ from omnismola.eval import decode as decode_lib
 from omnismola.eval import evaluator
 from omnismola.experts import stats
 from omnismola.models import layers
+from omnismola.models import vlm
 from omnismola.train import checkpoint as checkpoint_lib
 from omnismola.train import flops as flops_lib
 from omnismola.train import host_shards
@@ -160,9 +161,8 @@ def count_examples(batch) -> jax.Array:
   rows."""
   if "segment_ids" not in batch:
     return jnp.asarray(batch["task_id"].shape[0], jnp.int32)
-  slots = jnp.arange(1, batch["task_id"].shape[1] + 1)
-  filled = jnp.any(batch["segment_ids"][:, :, None] == slots, axis=1)
-  return jnp.sum(filled, dtype=jnp.int32)
+  return jnp.sum(vlm.filled_slots(batch["segment_ids"],
+                                  batch["task_id"].shape[1]), dtype=jnp.int32)
 
 
 def cast_floats(tree, dtype):
