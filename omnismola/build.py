@@ -30,6 +30,70 @@ def vlm_config(model_fields) -> presets.VLMConfig:
       **fields)
 
 
+# The fields that fix which parameters exist and their shapes: a checkpoint
+# loads only into a model that agrees on all of them.
+SHAPE_FIELDS = dict(
+    vit=("image_size", "patch_size", "width", "depth", "num_heads",
+         "mlp_dim"),
+    decoder=("vocab_size", "width", "depth", "num_heads", "num_kv_heads",
+             "head_dim", "mlp_dim", "post_norms"))
+
+
+def agree_with_checkpoint(model_fields, saved) -> tuple[dict, list[str]]:
+  """config.model's fields made to agree with a checkpoint's saved `model`.
+
+  The decoder's vocab_size is the checkpoint's: how many rows an embedding
+  has is a property of the checkpoint (Hugging Face pads Gemma's 257,152 to
+  257,216, big_vision does not), not a choice. Any other shape field that
+  differs is an error naming each field. Fields that change the function
+  but not the shapes (norm eps, RoPE base, soft caps, window) stay the
+  config's, so a recipe may change them (big_vision's PaliGemma 2 transfer
+  turns the final soft cap off); each difference is reported.
+
+  Returns:
+    (the fields with vocab_size adopted, lines describing what differs).
+
+  Raises:
+    ValueError: a shape field other than vocab_size differs.
+  """
+  fields = {**model_fields, "vit": dict(model_fields["vit"]),
+            "decoder": dict(model_fields["decoder"])}
+  mismatched, notes = [], []
+  for tower, names in SHAPE_FIELDS.items():
+    ours, theirs = fields[tower], saved[tower]
+    for name in ours:
+      if name not in theirs or ours[name] == theirs[name]:
+        continue
+      field = f"config.model.{tower}.{name}={ours[name]!r}"
+      if (tower, name) == ("decoder", "vocab_size"):
+        notes.append(f"{field} -> {theirs[name]}: the checkpoint's "
+                     f"embedding has {theirs[name]} rows.")
+        ours[name] = theirs[name]
+      elif name in names:
+        mismatched.append(f"{field} but the checkpoint's is "
+                          f"{theirs[name]!r}")
+      else:
+        notes.append(f"{field} differs from the checkpoint's "
+                     f"{theirs[name]!r}; the config's value is used.")
+  if mismatched:
+    raise ValueError("the checkpoint's model has other shapes: " +
+                     "; ".join(mismatched) + ". Use the checkpoint's values "
+                     "(or the preset of that model).")
+  return fields, notes
+
+
+def check_vocabulary_fits(model_fields, vocabulary, name: str) -> None:
+  """Raises ValueError when token ids of `vocabulary` (config.data's `name`)
+  would fall outside the decoder's embedding."""
+  rows = model_fields["decoder"]["vocab_size"]
+  if vocabulary.vocab_size > rows:
+    raise ValueError(f"config.data.vocabulary={name!r} has "
+                     f"{vocabulary.vocab_size} tokens but "
+                     f"config.model.decoder.vocab_size={rows}: its ids would "
+                     "fall outside the embedding. Use the model's own "
+                     "tokenizer.")
+
+
 def build_model(config, rng: int = 0) -> VLM:
   """Builds config.model with config.experts attached, at seed `rng`."""
   model_config = vlm_config(config.model)

@@ -41,26 +41,41 @@ def check_stage(config_file: str, stage: str, stages) -> None:
 
 
 _OVERRIDE = re.compile(r"^--?config\.([^=\s]+)")
+# One step of an override's path: a field name, then any list indices
+# (ml_collections' syntax: `experts[0].capacity_factor`).
+_STEP = re.compile(r"^(\w+)((?:\[-?\d+\])*)$")
 
 
 def check_override_keys(config, argv) -> None:
-  """Raises ConfigKeyError for the first override naming a missing field."""
+  """Raises ConfigKeyError for the first override naming a missing field
+  or indexing a list out of range (or a field that is no list)."""
   for arg in argv:
     match = _OVERRIDE.match(arg)
     if not match:
       continue
-    node, seen = config, []
-    for key in match.group(1).split("."):
+    node, seen = config, "config"
+    for step in match.group(1).split("."):
       fields = _fields(node)
       if fields is None:
+        if isinstance(node, (list, tuple)) and step.isdigit():
+          raise ConfigKeyError(
+              f"{arg!r}: {seen} is a list; index it as {seen}[{step}] "
+              f"(quote the argument in a shell: '--{seen}[{step}]...').")
         break  # Below a leaf value (e.g. into a dict): let the parser decide.
-      if key not in fields:
-        where = "config." + ".".join(seen) if seen else "config"
+      parts = _STEP.match(step)
+      name, indices = parts.groups() if parts else (step, "")
+      if name not in fields:
         raise ConfigKeyError(
-            f"Unknown config key in {arg!r}: {where} has no field {key!r}. "
-            f"Valid fields of {where}: {', '.join(sorted(fields))}.")
-      node = node[key]
-      seen.append(key)
+            f"Unknown config key in {arg!r}: {seen} has no field {name!r}. "
+            f"Valid fields of {seen}: {', '.join(sorted(fields))}.")
+      node, seen = node[name], f"{seen}.{name}"
+      for index in re.findall(r"-?\d+", indices):
+        if not isinstance(node, (list, tuple)):
+          raise ConfigKeyError(f"{arg!r}: {seen} is not a list.")
+        if not -len(node) <= int(index) < len(node):
+          raise ConfigKeyError(f"{arg!r}: {seen} has {len(node)} entries; "
+                               f"[{index}] is out of range.")
+        node, seen = node[int(index)], f"{seen}[{index}]"
 
 
 def _fields(node):

@@ -10,13 +10,13 @@ experts and routers initialise) and as `omnismola.from_pretrained(OUT)`.
 Arrays keep the source dtype (bfloat16 stays bfloat16).
 """
 import dataclasses
-import os
 import sys
 
 from absl import app
 from absl import flags
 
 from omnismola import build
+from omnismola import storage
 from omnismola.train import checkpoint as checkpoint_lib
 from omnismola.train import logging as log_lib
 
@@ -40,15 +40,19 @@ def load(source_format: str, path: str):
 
 
 def convert(source_format: str, path: str, output: str) -> str:
-  """Writes `output`/checkpoints/0; returns `output`."""
+  """Writes `output`/checkpoints/0; returns `output`.
+
+  Either may be a storage URL (omnismola/storage.py).
+  """
+  storage.check_bucket(output)  # Before the long read of the input.
   fields, params = load(source_format, path)
-  checkpoints = os.path.join(output, "checkpoints")
-  if os.path.exists(checkpoints) and os.listdir(checkpoints):
+  checkpoints = storage.path(output) / "checkpoints"
+  if checkpoints.exists() and any(checkpoints.iterdir()):
     raise FileExistsError(f"{checkpoints} exists and is not empty; choose "
                           "another --output.")
   # Every field spelled out (and validated) by a round trip through
   # VLMConfig, so the saved config reads like any config.model.
-  model = dict(preset=f"{source_format}:{os.path.abspath(path)}",
+  model = dict(preset=f"{source_format}:{storage.path(path)}",
                **dataclasses.asdict(build.vlm_config(fields)))
   writer = checkpoint_lib.Checkpointer(checkpoints, keep=1, async_save=False)
   writer.save(0, {"params": params}, {}, dict(model=model, experts=[]))

@@ -2,9 +2,10 @@ r"""Entry point: python -m omnismola.main --config=configs/mix.py --workdir=DIR.
 
 Modes:
   train    trains (resuming from DIR/checkpoints when present), then evaluates;
-  eval     evaluates the latest checkpoint of DIR;
-  predict  answers --prompt about --image with the latest checkpoint of DIR
-           (or a converted model's directory) and prints the answer;
+  eval     evaluates the latest checkpoint of DIR on config.eval.split (or,
+           when DIR has none, config.init.checkpoint's parameters: zero-shot);
+  predict  answers --prompt about --image with that model and prints the
+           answer, or every line of --predict_file into --predict_output;
   analyze  plots the expert usage of that model per task and modality into
            DIR/analysis (usage.json and PNGs; omnismola/analyze.py).
 Any config field can be overridden, e.g. --config.train.steps=50.
@@ -27,6 +28,8 @@ from absl import logging
 from ml_collections import config_flags
 
 from omnismola import config_lib
+from omnismola import errors
+from omnismola import storage
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally FILE:ARG.", lock_config=True)
@@ -38,6 +41,12 @@ _MODE = flags.DEFINE_enum("mode", "train",
 _IMAGE = flags.DEFINE_string("image", None, "--mode=predict: an image file.")
 _PROMPT = flags.DEFINE_string("prompt", None,
                               "--mode=predict: the prompt, e.g. 'caption en'.")
+_PREDICT_FILE = flags.DEFINE_string(
+    "predict_file", None, "--mode=predict: a JSON-lines file of "
+    '{"image": ..., "prompt": ...} lines to answer (docs/training.md).')
+_PREDICT_OUTPUT = flags.DEFINE_string(
+    "predict_output", None, "--mode=predict --predict_file: where to write "
+    "the answers (default: <workdir>/predictions/<file name>).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
     "HOST:PORT of process 0, for multi-host runs outside Cloud TPU "
@@ -97,6 +106,13 @@ def initialize_distributed(coordinator_address: str | None,
     logging.info("No multi-host cluster detected: running one process.")
 
 
+def check_storage(config, workdir: str) -> None:
+  """The workdir's bucket (for a URL) exists and TensorFlow can read the data
+  dir, before anything is written (omnismola/storage.py)."""
+  storage.check_bucket(workdir)
+  storage.tensorflow_location(config.data.tfds_data_dir)
+
+
 def main(argv):
   del argv
   initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
@@ -108,24 +124,35 @@ def main(argv):
   from omnismola.train import trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   logging.info("Config:\n%s", config)
-  if _MODE.value == "train":
-    try:
-      trainer.train_and_evaluate(config, _WORKDIR.value)
-    except trainer.NonFiniteError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
-  elif _MODE.value == "eval":
-    trainer.evaluate_checkpoint(config, _WORKDIR.value)
-  elif _MODE.value == "analyze":
+  try:
+    check_storage(config, _WORKDIR.value)
+    run_mode(_MODE.value, config, _WORKDIR.value)
+  except (trainer.NonFiniteError, errors.InputError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run_mode(mode: str, config, workdir: str) -> None:
+  from omnismola.train import trainer  # pylint: disable=g-import-not-at-top
+  if mode == "train":
+    trainer.train_and_evaluate(config, workdir)
+  elif mode == "eval":
+    trainer.evaluate_checkpoint(config, workdir)
+  elif mode == "analyze":
     from omnismola import analyze  # pylint: disable=g-import-not-at-top
-    for path in analyze.analyze(config, _WORKDIR.value):
+    for path in analyze.analyze(config, workdir):
       print(f"Wrote {path}")
+  elif _PREDICT_FILE.value:
+    from omnismola import predict  # pylint: disable=g-import-not-at-top
+    path = predict.predict_file(config, workdir, _PREDICT_FILE.value,
+                                _PREDICT_OUTPUT.value)
+    print(f"Wrote {path}")
   else:
     if not (_IMAGE.value and _PROMPT.value):
-      raise app.UsageError("--mode=predict needs --image and --prompt.")
+      raise app.UsageError("--mode=predict needs --image and --prompt, or "
+                           "--predict_file.")
     from omnismola import predict  # pylint: disable=g-import-not-at-top
-    print(predict.predict(config, _WORKDIR.value, _IMAGE.value,
-                          _PROMPT.value))
+    print(predict.predict(config, workdir, _IMAGE.value, _PROMPT.value))
 
 
 def run():

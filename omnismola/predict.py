@@ -1,24 +1,126 @@
-"""--mode=predict: one prompt on one image with a trained (or converted) model.
+r"""--mode=predict: prompts on images with a trained (or pretrained) model.
+
+One prompt, answer printed:
 
   python -m omnismola.main --config=configs/mix.py --workdir=/tmp/mix \
       --mode=predict --image=cat.png --prompt="caption en"
 
-The model and its experts come from the workdir's checkpoint
-(`omnismola.from_pretrained`); the vocabulary, image size and decoding
-length from the config, as in evaluation. Decoding is greedy.
+A file of them, one JSON object a line, {"image": ..., "prompt": ...,
+"id": optional (default: the line number)}, a relative image path relative
+to the file's folder:
+
+  ... --mode=predict --predict_file=prompts.jsonl [--predict_output=OUT]
+
+writes {"id", "image", "prompt", "prediction"} lines, in the file's order,
+to OUT (default `<workdir>/predictions/<file name>`), decoding
+`config.eval.batch_size` prompts at a time. The file is checked (JSON,
+fields, images present) before the model is loaded, and OUT is written
+only once every prompt is answered.
+
+The model is the workdir's latest checkpoint, with its experts
+(`omnismola.from_pretrained`); a workdir without one takes
+config.init.checkpoint's parameters (e.g. a converted PaliGemma) with
+config.experts attached, fresh adapters where it has none (zero-shot). The
+vocabulary, image size, prefix length and decoding length come from the
+config, and images and prompts are prepared as in evaluation. Decoding is
+greedy, on one process.
 """
+import functools
+
+from absl import logging
+
+from omnismola import errors
 from omnismola import pretrained
+from omnismola import storage
 from omnismola.eval import decode
+from omnismola.eval import evaluator
+from omnismola.train import init as init_lib
+from omnismola.train import logging as log_lib
+
+
+def _step_dir(directory: str) -> str | None:
+  try:
+    return init_lib.resolve_step_dir(directory)
+  except FileNotFoundError:
+    return None
+
+
+def check_model_source(config, workdir: str) -> None:
+  """Fails (InputError) unless the workdir or config.init.checkpoint holds
+  a checkpoint, so that bad input is found before any work."""
+  if _step_dir(workdir):
+    return
+  if not config.init.checkpoint:
+    raise errors.InputError(
+        f"No checkpoint in {workdir} to predict with: train first, or pass "
+        "--config.init.checkpoint=DIR (e.g. python -m omnismola.convert's "
+        "output) to use a pretrained model as it is.")
+  if not _step_dir(config.init.checkpoint):
+    raise errors.InputError(f"config.init.checkpoint="
+                            f"{config.init.checkpoint!r}: no checkpoint "
+                            "there.")
+
+
+def load_model(config, workdir: str):
+  """The workdir's model, or config.init.checkpoint's with config.experts."""
+  check_model_source(config, workdir)
+  if _step_dir(workdir):
+    if config.init.checkpoint:
+      log_lib.print_line(f"Using the checkpoint in {workdir}; it takes "
+                         "precedence over config.init.checkpoint="
+                         f"{config.init.checkpoint}.")
+    return pretrained.from_pretrained(workdir)
+  log_lib.print_line(f"No checkpoint in {workdir}: using "
+                     f"config.init.checkpoint={config.init.checkpoint} as it "
+                     "is (zero-shot).")
+  return pretrained.from_pretrained(
+      config.init.checkpoint, experts=list(config.experts))
+
+
+def _decode_fn(config, model, eos_id: int):
+  return lambda batch: decode.generate(
+      model, batch, max_new_tokens=config.eval.max_new_tokens,
+      eos_id=eos_id).tokens
 
 
 def predict(config, workdir: str, image_path: str, prompt: str) -> str:
   """The model's answer to `prompt` about the image at `image_path`."""
   from omnismola.data import pipeline  # TensorFlow only from here on.
 
-  model = pretrained.from_pretrained(workdir)
   batch = pipeline.prompt_batch(config.data, image_path, prompt)
   vocabulary = pipeline.get_vocabulary(config.data)
-  tokens = decode.generate(model, batch,
-                           max_new_tokens=config.eval.max_new_tokens,
-                           eos_id=vocabulary.eos_id).tokens
+  model = load_model(config, workdir)
+  tokens = _decode_fn(config, model, vocabulary.eos_id)(batch)
   return pipeline.detokenize(tokens[0].tolist(), vocabulary)
+
+
+def default_output(workdir: str, prompt_file: str) -> str:
+  return str(storage.path(workdir) / "predictions" /
+             storage.path(prompt_file).name)
+
+
+def predict_file(config, workdir: str, prompt_file: str,
+                 output: str | None = None) -> str:
+  """Answers every line of `prompt_file` (module docstring); returns the
+  path written."""
+  from omnismola.data import jsonl  # TensorFlow only from here on.
+  from omnismola.data import pipeline
+
+  prompts = jsonl.read_prompts(prompt_file)
+  output = output or default_output(workdir, prompt_file)
+  if storage.path(output) == storage.path(prompt_file):
+    raise errors.InputError(f"--predict_output={output} would overwrite the "
+                            "prompt file.")
+  vocabulary = pipeline.get_vocabulary(config.data)
+  model = load_model(config, workdir)
+  batches = pipeline.prompt_file_batches(
+      config.data, prompts, batch_size=config.eval.batch_size)
+  records = evaluator.predict_split(
+      _decode_fn(config, model, vocabulary.eos_id), batches,
+      functools.partial(pipeline.detokenize, vocabulary=vocabulary))
+  logging.info("Answered %d prompts of %s.", len(records), prompt_file)
+  return evaluator.write_jsonl(output, [
+      dict(id=record["id"], image=image, prompt=prompt,
+           prediction=record["prediction"])
+      for record, image, prompt in zip(records, prompts.images,
+                                       prompts.prompts)])

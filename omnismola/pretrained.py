@@ -11,8 +11,6 @@ converted backbone): parameters of adapters the checkpoint lacks are
 initialised, any other missing parameter is an error. Only the arrays that
 need it are initialised, so a 3B backbone never exists twice in memory.
 """
-import os
-
 import jax
 import ml_collections
 import numpy as np
@@ -20,6 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from omnismola import build
+from omnismola import storage
 from omnismola.models import stack
 from omnismola.train import init as init_lib
 
@@ -27,7 +26,7 @@ from omnismola.train import init as init_lib
 def read_config(step_dir: str) -> dict:
   """The config saved with a checkpoint step (a plain dict)."""
   return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-      os.path.join(step_dir, "config"))
+      storage.path(step_dir) / "config")
 
 
 def from_pretrained(directory: str, *, experts=None, dtype=None,
@@ -42,8 +41,8 @@ def from_pretrained(directory: str, *, experts=None, dtype=None,
     rng: seed for parameters the checkpoint does not hold (new adapters).
 
   Returns:
-    The model; call it with image, text, mask_ar, mask_input (DESIGN.md's
-    batch contract) for logits at the text positions.
+    The model; call it with image, text, mask_ar, mask_input (the batch
+    contract of docs/models.md) for logits at the text positions.
   """
   step_dir = init_lib.resolve_step_dir(directory)
   saved_config = read_config(step_dir)

@@ -4,6 +4,7 @@ The checkpoints are written with big_vision's key names and shapes, as
 documented in `omnismola/models/convert/big_vision.py` (vit.py, ppp/gemma.py,
 proj/paligemma/*.py of google-research/big_vision).
 """
+import dataclasses
 import warnings
 
 import jax
@@ -13,8 +14,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from omnismola import convert, pretrained
+import tiny_paligemma
+from omnismola import build, convert, pretrained
 from omnismola.models.convert import big_vision as bv
+from omnismola.models.convert import hf_paligemma
 from omnismola.models.decoder import DecoderConfig
 from omnismola.models.vit import ViTConfig, patchify
 
@@ -416,3 +419,25 @@ def test_converted_npz_loads_into_the_model(tmp_path):
   logits = model(jnp.zeros((1, size, size, 3)), jnp.ones((1, 4), jnp.int32),
                  jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
   assert logits.shape == (1, 4, LLM["vocab"]) and np.isfinite(logits).all()
+
+
+def test_big_vision_and_hf_files_of_one_model_convert_alike(tmp_path):
+  """The tiny PaliGemma saved both ways converts to the same fields and
+  parameters, except the embedding's rows: Hugging Face's are padded."""
+  hf_dir = str(tmp_path / "hf")
+  tiny_paligemma.random_hf_model().save_pretrained(hf_dir)
+  npz = tiny_paligemma.write_big_vision_npz(hf_dir, str(tmp_path / "bv.npz"))
+  hf_fields, hf_params = hf_paligemma.load(hf_dir)
+  bv_fields, bv_params = bv.load_npz(npz)
+  hf_config, bv_config = (build.vlm_config(f) for f in (hf_fields, bv_fields))
+  assert hf_config.decoder.vocab_size == tiny_paligemma.VOCAB_SIZE
+  assert bv_config.decoder.vocab_size == tiny_paligemma.SP_PIECES
+  assert bv_config == dataclasses.replace(
+      hf_config, decoder=dataclasses.replace(
+          hf_config.decoder, vocab_size=tiny_paligemma.SP_PIECES))
+  flat = lambda tree: dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+  hf_flat, bv_flat = flat(hf_params), flat(bv_params)
+  assert hf_flat.keys() == bv_flat.keys()
+  for key, value in bv_flat.items():
+    np.testing.assert_allclose(value, hf_flat[key][:len(value)], rtol=1e-6,
+                               err_msg=jax.tree_util.keystr(key))

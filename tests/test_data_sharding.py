@@ -113,7 +113,7 @@ def test_checkpoint_keeps_every_process_input_state(tmp_path):
   saved = ckpt.manager.restore(5, args=ocp.args.Composite(
       data=ocp.args.JsonRestore())).data
   assert saved == {"processes": [mine]}
-  assert ckpt.restore(5, abstract)[1] == mine
+  assert ckpt.restore_latest(abstract).data == mine
   ckpt.close()
   # A run with more processes than the saving one: the extra ones resume
   # from process 0's position (the pipeline warns that their shard differs).

@@ -18,7 +18,18 @@ be covered in one of three ways:
   .ci/run, for install and test-suite commands) that runs it; those tests
   must exist. Launch commands also have their forwarded `--config=...`
   arguments parsed as main.py would.
+
+The commands of the config files' docstrings (configs/*.py) count too.
+Commands on a pretrained PaliGemma are also run, on the tiny one of
+tests/tiny_paligemma.py: each placeholder path of PALIGEMMA_FILES is
+replaced by the file standing in for it, the `paligemma_3b_224` preset by
+the tiny model's shapes (its `tiny_paligemma_3b` fixture), workdirs and
+outputs by fresh folders, and main.py runs get RUN_OVERRIDES (a few steps
+on the small synthetic suite; those runs take minutes on 2 cores, so they
+are in the slow suite).
 """
+import ast
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -30,10 +41,32 @@ import sys
 
 import pytest
 
+from tiny_paligemma import tiny_paligemma, tiny_paligemma_3b  # noqa: F401
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md"] + sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs",
                                                              "*.md")))
+CONFIGS = sorted(os.path.relpath(p, ROOT)
+                 for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+# The docs' placeholder paths of a pretrained PaliGemma -> the attribute of
+# tiny_paligemma.TinyPaliGemma that stands in for it.
+PALIGEMMA_FILES = {
+    "HF_DIR": "hf_dir",
+    "/ckpt/paligemma-3b-pt-224": "hf_dir",
+    "/ckpt/pt_224.npz": "big_vision_npz",
+    "PG": "converted_dir",
+    "/ckpt/omni-pg3b": "converted_dir",
+    "/ckpt/paligemma_tokenizer.model": "tokenizer",
+}
+# What a run of a docs' main.py command on the tiny PaliGemma adds.
+RUN_OVERRIDES = (
+    "--config.train.steps=2", "--config.train.batch_size=2",
+    "--config.train.warmup_steps=0", "--config.train.log_every=1",
+    "--config.data.shuffle_buffer=8", "--config.eval.batch_size=2",
+    "--config.eval.max_examples=2", "--config.eval.max_new_tokens=3",
+    "--config.eval.tasks=synthetic_vqa")
 
 # {regex fully matching a command's text: the test that runs it}. A test is
 # "tests/FILE.py::NAME"; ".ci/run" means CI runs the command (the pattern
@@ -52,6 +85,11 @@ COVERED_BY = {
         "tests/test_launch.py::test_slurm_dry_run_prints_what_runs",
     r"srun (--\S+ )*launch/gpu_multinode\.sh .*":
         "tests/test_launch.py::test_multinode_per_process",
+    # docs/finetune.md's pod commands, run with --dry-run in the guide's
+    # order (the forwarded main command then runs on a local folder).
+    r"launch/tpu_vm\.sh (create|install|run|logs)( (?!--dry-run)\S+)*( -- .*)?":
+        "tests/test_finetune_guide.py::"
+        "test_every_command_of_the_guide_runs_and_prints_what_it_shows",
 }
 
 _FENCE = re.compile(r"^\s*```\s*(\S*)")
@@ -185,6 +223,14 @@ def doc_commands() -> list[Command]:
   for doc in DOCS:
     with open(os.path.join(ROOT, doc)) as f:
       commands += extract_commands(f.read(), doc)
+  for config in CONFIGS:
+    with open(os.path.join(ROOT, config)) as f:
+      docstring = ast.get_docstring(ast.parse(f.read()), clean=False) or ""
+    # Read as an untagged block (its prose lines are no commands) whose
+    # fence line stands for the file's first line.
+    for command in extract_commands(f"```\n{docstring}\n```", config):
+      line = int(command.where.rpartition(":")[2]) - 1
+      commands.append(dataclasses.replace(command, where=f"{config}:{line}"))
   return commands
 
 
@@ -231,8 +277,9 @@ def coverage(command: Command) -> str | None:
   return mapped_test(command) or ("help" if python_program(command) else None)
 
 
-def parse_main_args(args: list[str], capsys, monkeypatch) -> str | None:
-  """main.py's own flag parsing of `args`; the error it prints, or None."""
+@contextlib.contextmanager
+def main_flags(args: list[str], monkeypatch):
+  """main.py's own flag parsing of `args`; unparsed again afterwards."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from omnismola import main  # pylint: disable=g-import-not-at-top
   argv = ["omnismola.main", *args]
@@ -240,14 +287,22 @@ def parse_main_args(args: list[str], capsys, monkeypatch) -> str | None:
   monkeypatch.setattr(sys, "argv", argv)
   try:
     main.parse_flags(argv)
-  except SystemExit:
-    return capsys.readouterr().err.strip() or "exited"
+    yield main
   finally:
     # Back to unparsed, without the override flags this config defined
     # (the next command's config defines its own).
     flags.FLAGS.unparse_flags()
     for name in [n for n in flags.FLAGS if n.startswith("config.")]:
       delattr(flags.FLAGS, name)
+
+
+def parse_main_args(args: list[str], capsys, monkeypatch) -> str | None:
+  """main.py's own flag parsing of `args`; the error it prints, or None."""
+  try:
+    with main_flags(args, monkeypatch):
+      pass
+  except SystemExit:
+    return capsys.readouterr().err.strip() or "exited"
   return None
 
 
@@ -317,7 +372,33 @@ def ci_commands() -> list[Command]:
     return extract_commands(f"```bash\n{f.read()}\n```", ".ci/run")
 
 
+def paligemma_placeholders(command: Command) -> list[str]:
+  """The PALIGEMMA_FILES placeholders among the command's flag values."""
+  return [a.split("=", 1)[1] for a in command.argv
+          if a.startswith("--") and a.split("=", 1)[-1] in PALIGEMMA_FILES]
+
+
+def on_tiny_paligemma(command: Command, tiny, tmp_path) -> list[str]:
+  """The command's arguments (after `python -m MODULE`) with the tiny
+  model's files for the placeholders and fresh folders for the workdir and
+  the output."""
+  args = []
+  for arg in command.argv[3:]:
+    name, sep, value = arg.partition("=")
+    if name in ("--workdir", "--output"):
+      value = str(tmp_path / name[2:])
+    elif value in PALIGEMMA_FILES:
+      value = getattr(tiny, PALIGEMMA_FILES[value])
+    args.append(name + sep + value)
+  return args
+
+
 COMMANDS = doc_commands()
+# Each text once: docs repeat a command where it belongs.
+PALIGEMMA_COMMANDS = list({
+    c.text: c for c in reversed(COMMANDS) if paligemma_placeholders(c) and (
+        runs_main(c) or python_program(c) == ["-m", "omnismola.convert"])
+}.values())[::-1]
 
 
 # --------------------------------------------------------------------- tests
@@ -409,3 +490,47 @@ def test_an_unknown_command_or_a_bad_override_is_caught(capsys, monkeypatch):
                            "--rnak=2"]
   assert "'trian'" in config_error(["--config=configs/mix.py",
                                     "--config.trian.steps=5"])
+
+
+def test_paligemma_commands_are_found():
+  where = {c.where.split(":")[0] for c in PALIGEMMA_COMMANDS}
+  assert {"README.md", "docs/configuration.md", "configs/vlmoe.py"} <= where
+  texts = {c.text for c in PALIGEMMA_COMMANDS}
+  assert not [c.text for c in COMMANDS
+              if "/ckpt/" in c.text and c.text not in texts], (
+                  "a /ckpt/ placeholder PALIGEMMA_FILES does not know")
+
+
+@pytest.mark.parametrize(
+    "command", [c for c in PALIGEMMA_COMMANDS if not runs_main(c)],
+    ids=lambda c: c.where)
+def test_paligemma_convert_command_runs(command, tiny_paligemma, tmp_path):
+  """The conversion, from the tiny PaliGemma's files; the result loads."""
+  from omnismola import pretrained  # pylint: disable=g-import-not-at-top
+  args = on_tiny_paligemma(command, tiny_paligemma, tmp_path)
+  result = subprocess.run(
+      [sys.executable, "-m", "omnismola.convert", *args], cwd=ROOT,
+      capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert pretrained.from_pretrained(str(tmp_path / "output"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "command", [c for c in PALIGEMMA_COMMANDS if runs_main(c)],
+    ids=lambda c: c.where)
+def test_paligemma_main_command_runs(command, tiny_paligemma_3b,
+                                     synthetic_data_dir, tmp_path,
+                                     monkeypatch):
+  """The run, from the tiny converted PaliGemma: a few steps, then the
+  evaluation of one task (the mode the command names)."""
+  monkeypatch.chdir(ROOT)
+  args = [*on_tiny_paligemma(command, tiny_paligemma_3b, tmp_path),
+          *RUN_OVERRIDES,
+          f"--config.data.tfds_data_dir={synthetic_data_dir}"]
+  with main_flags(args, monkeypatch) as main:
+    monkeypatch.setattr(main, "initialize_distributed", lambda *_: None)
+    main.main([])
+  if not any(a.startswith("--mode=") and a != "--mode=train" for a in args):
+    assert os.path.isdir(tmp_path / "workdir" / "checkpoints" / "2")

@@ -78,7 +78,7 @@ def test_two_processes_train_evaluate_and_one_restores(synthetic_data_dir,
 
   with open(tmp_path / "train_metrics.jsonl") as f:
     assert len(f.readlines()) == STEPS  # Process 0 alone writes metrics.
-  step, state, data = _restore(_config(synthetic_data_dir), tmp_path)
+  step, state, data, _ = _restore(_config(synthetic_data_dir), tmp_path)
   # Process 0's input state; data=8 over 2 hosts: each reads its own shard.
   assert step == STEPS and data["batches_consumed"] == STEPS
   assert data["shard"] == [0, 2]
@@ -129,7 +129,7 @@ def _worker(port: str, process_id: str, workdir: str, data_dir: str) -> None:
   config = _config(data_dir)
   trainer.train_and_evaluate(config, workdir)
   _check_rows_come_back(config)
-  _, state, _ = _restore(config, workdir)
+  _, state, _, _ = _restore(config, workdir)
   params = multihost_utils.process_allgather(state.params, tiled=True)
   if jax.process_index() == 0:
     np.savez(os.path.join(workdir, "params_2x4.npz"),

@@ -121,7 +121,7 @@ def test_training_stops_after_consecutive_nonfinite_steps(synthetic_data_dir,
   init_fn, abstract, _ = trainer.create_state(
       config, mesh, optim.make_optimizer(config.train))
   ckpt = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", keep=3)
-  step, restored, _ = ckpt.restore_latest(abstract)
+  step, restored, _, _ = ckpt.restore_latest(abstract)
   ckpt.close()
   assert step >= 3
   _assert_trees_equal(restored.params, init_fn(jax.random.key(0)).params)

@@ -1,7 +1,8 @@
 """config.data.vocabulary: the byte default and SentencePiece models.
 
 The SentencePiece model is trained here, on a few hundred sentences, with
-Gemma's special ids (pad 0, eos 1); no tokenizer file ships with the tests.
+Gemma's special ids (pad 0, eos 1, bos 2, unk 3); no tokenizer file ships
+with the tests.
 """
 import ml_collections
 import numpy as np
@@ -33,7 +34,7 @@ def _train(path, **ids) -> str:
 def sp_model(tmp_path_factory):
   """A tiny model with Gemma's layout of special ids."""
   return _train(tmp_path_factory.mktemp("sp") / "tiny", pad_id=0, eos_id=1,
-                unk_id=2, bos_id=-1)
+                bos_id=2, unk_id=3, user_defined_symbols=["\n"])
 
 
 def test_byte_is_the_default():
@@ -62,6 +63,30 @@ def test_sentencepiece_model_needs_pad_zero(tmp_path):
     tasks.get_vocabulary(default_ids)
 
 
+def test_sentencepiece_model_needs_bos(tmp_path):
+  no_bos = _train(tmp_path / "no_bos", pad_id=0, eos_id=1, unk_id=2,
+                  bos_id=-1)
+  with pytest.raises(ValueError, match="BOS id.*bos -1"):
+    tasks.get_vocabulary(no_bos)
+
+
+def test_sentencepiece_model_must_keep_newlines(tmp_path):
+  drops_newlines = _train(tmp_path / "nfkc", pad_id=0, eos_id=1, bos_id=2,
+                          unk_id=3)
+  with pytest.raises(ValueError, match="encodes '\\\\n' as nothing"):
+    tasks.get_vocabulary(drops_newlines)
+
+
+def test_prompt_ids_per_vocabulary(sp_model):
+  """SentencePiece: PaliGemma's BOS prompt "\\n"; bytes: the bytes alone."""
+  prompt = "answer en what color is the star number 3?"
+  vocabulary = tasks.get_vocabulary(sp_model)
+  ids = tasks.prompt_ids(vocabulary, tf.constant(prompt)).numpy().tolist()
+  assert ids == [2] + vocabulary.encode(prompt) + vocabulary.encode("\n")
+  assert tasks.prompt_ids(tasks.VOCAB, tf.constant(prompt)).numpy().tolist(
+  ) == tasks.VOCAB.encode(prompt)
+
+
 def _register_numbers_task():
   """A task of 12 examples "answer en what color is the star number i?"."""
 
@@ -88,7 +113,8 @@ def test_tasks_tokenize_with_the_vocabulary(sp_model):
                             shuffle=False).take(3).as_numpy_iterator():
     prefix = x["prefix_pretokenized"].decode()
     suffix = x["suffix_pretokenized"].decode()
-    assert x["prefix"].tolist() == vocabulary.encode(prefix)
+    assert x["prefix"].tolist() == (
+        [2] + vocabulary.encode(prefix) + vocabulary.encode("\n"))
     assert x["suffix"].tolist() == vocabulary.encode(suffix) + [1]
 
 
@@ -113,3 +139,29 @@ def test_pipeline_uses_the_configured_vocabulary(sp_model, tmp_path):
   (b,) = list(numbers.batches())
   assert pipeline.detokenize(b["text"][0], vocabulary).startswith(
       "answer en what color is the star number")
+
+
+def test_packed_rows_keep_each_prompts_bos_and_newline(sp_model, tmp_path):
+  """Packing moves whole examples: each starts with BOS, its prefix ends
+  with "\\n", and only its suffix carries the loss."""
+  _register_numbers_task()
+  config = ml_collections.ConfigDict(dict(
+      mixture="vocab_numbers", task_modules=(), tfds_data_dir=str(tmp_path),
+      feature_lengths=dict(prefix=48, suffix=8), shuffle_buffer=12,
+      vocabulary=sp_model, image_size=16,
+      packing=dict(examples=3, text_length=120, window=8)))
+  vocabulary = pipeline.get_vocabulary(config)
+  newline = vocabulary.encode("\n")
+  batch = next(pipeline.make_train_iterator(config, global_batch_size=2,
+                                            seed=0))
+  examples = 0
+  for row in range(2):
+    segments = batch["segment_ids"][row]
+    for segment in set(segments.tolist()) - {0}:
+      mine = segments == segment
+      text, mask_ar = batch["text"][row][mine], batch["mask_ar"][row][mine]
+      prefix = text[mask_ar == 0].tolist()
+      assert prefix[0] == 2 and prefix[-len(newline):] == newline
+      assert (batch["mask_loss"][row][mine] == mask_ar).all()
+      examples += 1
+  assert examples > 2  # Rows really hold several examples.

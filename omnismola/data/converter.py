@@ -3,6 +3,7 @@
 Training example (L = P + S, from feature_lengths = dict(prefix=P, suffix=S)):
 
   text        [prefix ids, suffix ids (EOS last), 0 ...]   int32 [L]
+              (prefix ids: tasks.prompt_ids, e.g. BOS prompt "\\n")
   mask_ar     0 on the prefix, 1 on the suffix, 0 on padding
   mask_loss   1 on the suffix ids, EOS included
   mask_input  1 on real ids, 0 on padding
@@ -22,15 +23,19 @@ def _pad(ids: tf.Tensor, length: int) -> tf.Tensor:
 
 
 def fit_image(example: dict, size: int) -> dict:
-  """The example with its image resized to the model's [size, size] input.
+  """The example with its image ([-1, 1]) resized to [size, size].
 
   Real datasets keep their images' aspect and size; the synthetic suite is
-  already square at the default size, and is left untouched.
+  already square at the default size, and is left untouched. The resize is
+  the one of transformers' SigLIP image processor (PaliGemma's): bicubic,
+  antialiased, clipped to the value range; PIL's version of it rounds to
+  uint8, so the two differ by up to a uint8 level or two (2/255 each here).
   """
   if example["image"].shape[:2].as_list() == [size, size]:
     return example
-  return {**example, "image": tf.image.resize(example["image"], [size, size],
-                                              antialias=True)}
+  resized = tf.image.resize(example["image"], [size, size], method="bicubic",
+                            antialias=True)
+  return {**example, "image": tf.clip_by_value(resized, -1.0, 1.0)}
 
 
 def train_features(example: dict, task_id: int, *, prefix_length: int,

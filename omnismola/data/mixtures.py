@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 import seqio
 
+from omnismola import errors
+
 # Imported to register the tasks the mixtures name.
 from omnismola.data import tasks  # pylint: disable=unused-import
 from omnismola.data.benchmarks import suite
@@ -52,11 +54,12 @@ def task_names(name: str) -> list[str]:
   if name in seqio.TaskRegistry.names():
     return [name]
   if name not in seqio.MixtureRegistry.names():
-    raise ValueError(
+    raise errors.InputError(
         f"{name!r} is neither a registered SeqIO mixture nor a task. "
         f"Mixtures: {sorted(seqio.MixtureRegistry.names())}; tasks: "
         f"{sorted(seqio.TaskRegistry.names())}. Register your own in a module "
-        "named in config.data.task_modules.")
+        "named in config.data.task_modules, or name a folder of JSON-lines "
+        "files in config.data.jsonl (docs/data.md).")
   # SeqIO keeps a mixture's tasks sorted by name.
   return [task.name for task in seqio.get_mixture_or_task(name).tasks]
 

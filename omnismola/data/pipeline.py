@@ -27,11 +27,13 @@ Everything is seeded, so an iterator's state is the number of batches it
 handed out (plus its shard and per-task over-length counts), and a resumed
 iterator skips exactly those.
 """
+import contextlib
 import dataclasses
 import functools
 import importlib
 import math
 import os
+import re
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -40,9 +42,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
+from omnismola import errors
 from omnismola import row_layout
+from omnismola import storage
 from omnismola.data import converter
 from omnismola.data.benchmarks import images
+from omnismola.data import jsonl
 from omnismola.data import mixtures
 from omnismola.data import packing
 from omnismola.data import tasks as tasks_lib
@@ -77,10 +82,32 @@ def detokenize(ids: Sequence[int],
 
 
 def mixture_task_names(data_config) -> list[str]:
-  """The tasks of config.data.mixture; a task's index is its task_id."""
+  """The tasks of config.data.mixture; a task's index is its task_id.
+
+  Registers the user's tasks first: config.data.task_modules and the
+  JSON-lines task of config.data.jsonl (jsonl.py).
+  """
   for module in data_config.task_modules:
     importlib.import_module(module)
+  jsonl.register_from_config(data_config)
   return mixtures.task_names(data_config.mixture)
+
+
+@contextlib.contextmanager
+def input_errors():
+  """Re-raises an InputError raised inside tf.data as itself.
+
+  TensorFlow wraps an exception of a Python function in an OpError whose
+  message holds the original type, message and traceback; the person
+  running the pipeline needs the message only.
+  """
+  try:
+    yield
+  except tf.errors.OpError as e:
+    found = re.search(r"InputError: ([^\n]*)", e.message)
+    if not found:
+      raise
+    raise errors.InputError(found.group(1)) from None
 
 
 def _use_data_dir(data_config, names: Sequence[str]) -> str:
@@ -89,9 +116,10 @@ def _use_data_dir(data_config, names: Sequence[str]) -> str:
   seqio.set_tfds_data_dir_override covers sources that have not resolved
   their directory yet; a source resolves it once and keeps it, so sources
   already used with another directory (in tests, notebooks) are re-pointed
-  with seqio's own override_data_dir.
+  with seqio's own override_data_dir. TensorFlow reads it, so it may be a
+  gs:// URL but not one in an emulator (storage.tensorflow_location).
   """
-  data_dir = os.path.abspath(os.path.expanduser(data_config.tfds_data_dir))
+  data_dir = storage.tensorflow_location(data_config.tfds_data_dir)
   seqio.set_tfds_data_dir_override(data_dir)
   for name in names:
     source = seqio.get_mixture_or_task(name).source
@@ -110,8 +138,8 @@ def prepare(data_config) -> None:
   """
   names = mixture_task_names(data_config)
   data_dir = _use_data_dir(data_config, names)
-  manual_dir = os.path.expanduser(data_config.get("manual_dir", "") or
-                                  os.path.join(data_dir, "downloads/manual"))
+  manual_dir = storage.path(data_config.get("manual_dir", "") or
+                            os.path.join(data_dir, "downloads/manual"))
   for name in names:
     source = seqio.get_mixture_or_task(name).source
     if not isinstance(source, seqio.TfdsDataSource):
@@ -121,7 +149,7 @@ def prepare(data_config) -> None:
       logging.info("Building %s into %s (once; later runs reuse it).",
                    source.tfds_dataset.name, data_dir)
       builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-          manual_dir=os.path.join(manual_dir, builder.name)))
+          manual_dir=os.fspath(manual_dir / builder.name)))
 
 
 def _seed(*parts: int) -> int:
@@ -214,7 +242,8 @@ class TrainIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._iterator)
+    with input_errors():
+      batch = next(self._iterator)
     np.add.at(self._over_length, batch["task_id"], batch.pop("over_length"))
     self._batches_consumed += 1
     return batch
@@ -287,8 +316,9 @@ class EvalSet:
   Batches have a fixed shape: image, text (the prompt, P ids), mask_ar (0),
   mask_input, task_id, example_mask (1 real, 0 padding), example_index (the
   row's position in the whole split; meaningless on padding) as numpy
-  arrays, and references: a list (one entry per row) of lists of reference
-  strings.
+  arrays, references: a list (one entry per row) of lists of reference
+  strings, and, for tasks whose examples carry one, ids: a list of each
+  row's id string ("" on padding).
   """
   name: str
   task_id: int
@@ -312,7 +342,7 @@ def _stack(rows: list[dict], batch_size: int, pad_row: dict,
   `pad_row`, and their references if they have any.
 
   Padding repeats a real example (rather than zeros) so the model sees
-  ordinary inputs; `example_mask` = 0 and empty references mark it.
+  ordinary inputs; `example_mask` = 0, empty references and ids mark it.
   """
   real = len(rows)
   rows = rows + [pad_row] * (batch_size - real)
@@ -322,7 +352,31 @@ def _stack(rows: list[dict], batch_size: int, pad_row: dict,
     batch["references"] = [
         [r.decode("utf-8") for r in row["references"]] if i < real else []
         for i, row in enumerate(rows)]
+  if "id" in pad_row:
+    batch["ids"] = [row["id"].decode("utf-8") if i < real else ""
+                    for i, row in enumerate(rows)]
   return batch
+
+
+def _host_batches(rows: list[dict], *, batch_size: int, process_index: int,
+                  process_count: int, what: str) -> Iterator[dict]:
+  """This host's batches of `rows`, a whole split in order; every host
+  yields the same number. `what` names the rows in errors."""
+  # Hosts run each decode step together, so every host yields as many
+  # batches as the host with the most examples needs.
+  num_batches = math.ceil(math.ceil(len(rows) / process_count) / batch_size)
+  mine = rows[process_index::process_count]  # tf.data's shard order.
+  if not mine:
+    raise ValueError(f"{what}: no examples for process {process_index} of "
+                     f"{process_count}.")
+  for start in range(0, num_batches * batch_size, batch_size):
+    batch = _stack(mine[start:start + batch_size], batch_size, mine[-1])
+    # Each row's position in the split, so that the evaluator can put the
+    # hosts' predictions back in order.
+    batch["example_index"] = np.arange(
+        start, start + batch_size, dtype=np.int32) * process_count + (
+            process_index)
+    yield batch
 
 
 def _eval_batches(name: str, task_id: int, data_config, *, batch_size: int,
@@ -330,28 +384,18 @@ def _eval_batches(name: str, task_id: int, data_config, *, batch_size: int,
                   process_count: int) -> Iterator[dict]:
   """This host's batches of one task; every host yields the same number."""
   _use_data_dir(data_config, [name])
+  prompt = functools.partial(
+      converter.prompt_features, task_id=task_id,
+      prefix_length=data_config.feature_lengths["prefix"])
   # One pass over the split: every host needs the total count anyway.
-  examples = _eval_examples(name, data_config, split, max_examples)
-  everything = list(examples.map(
-      functools.partial(converter.prompt_features, task_id=task_id,
-                        prefix_length=data_config.feature_lengths["prefix"])
-  ).as_numpy_iterator())
-  # Hosts run each decode step together, so every host yields as many
-  # batches as the host with the most examples needs.
-  num_batches = math.ceil(math.ceil(len(everything) / process_count) /
-                          batch_size)
-  rows = everything[process_index::process_count]  # tf.data's shard order.
-  if not rows:
-    raise ValueError(f"{name}: no {split} examples for process "
-                     f"{process_index} of {process_count}.")
-  for start in range(0, num_batches * batch_size, batch_size):
-    batch = _stack(rows[start:start + batch_size], batch_size, rows[-1])
-    # Each row's position in the split, so that the evaluator can put the
-    # hosts' predictions back in order.
-    batch["example_index"] = np.arange(
-        start, start + batch_size, dtype=np.int32) * process_count + (
-            process_index)
-    yield batch
+  examples = _eval_examples(name, data_config, split, max_examples).map(
+      lambda x: {**prompt(x), **({"id": x["id"]} if "id" in x else {})})
+  with input_errors():
+    everything = list(examples.as_numpy_iterator())
+  yield from _host_batches(everything, batch_size=batch_size,
+                           process_index=process_index,
+                           process_count=process_count,
+                           what=f"{name} ({split})")
 
 
 def make_eval_sets(data_config, *, batch_size: int, split: str = "validation",
@@ -361,14 +405,21 @@ def make_eval_sets(data_config, *, batch_size: int, split: str = "validation",
   """Eval sets of `tasks` (default: every task of the mixture), in order.
 
   `max_examples` caps each task (over all hosts); each host evaluates its
-  shard of it.
+  shard of it. A task without `split` is an error here, before any reading.
   """
   names = mixture_task_names(data_config)
   wanted = list(tasks) if tasks else names
   unknown = [name for name in wanted if name not in names]
   if unknown:
-    raise ValueError(f"Eval tasks {unknown} are not in the mixture "
-                     f"{data_config.mixture!r}, whose tasks are {names}.")
+    raise errors.InputError(f"Eval tasks {unknown} are not in the mixture "
+                            f"{data_config.mixture!r}, whose tasks are "
+                            f"{names}.")
+  _use_data_dir(data_config, wanted)
+  for name in wanted:
+    splits = list(seqio.get_mixture_or_task(name).source.splits)
+    if split not in splits:
+      raise errors.InputError(f"Task {name!r} has no {split!r} split "
+                              f"(config.eval.split); its splits: {splits}.")
   return [
       EvalSet(name=name, task_id=names.index(name),
               metric=tasks_lib.metric_of(name),
@@ -407,22 +458,60 @@ def make_labelled_batches(data_config, name: str, *, batch_size: int,
     yield _stack(chunk, batch_size, chunk[-1], _TRAIN_KEYS)
 
 
-def prompt_batch(data_config, image_path: str, prompt: str) -> dict:
-  """A batch of one prompt on one image file, prepared as evaluation is.
+def _prompt_row(data_config, image_path: str, prompt: str, *,
+                example: str) -> dict:
+  """One prompt on one image file as an eval row (empty references).
 
   The image is read, scaled to [-1, 1] and resized to
-  `data_config.image_size` exactly like a task's image; the prompt is
-  tokenised with the config's vocabulary and becomes the prefix.
+  `data_config.image_size` like a task's image; the prompt is tokenised as
+  a task's prefix (tasks.prompt_ids) and laid out by the evaluation
+  converter, padded to feature_lengths.prefix. A longer prompt is cut there
+  under config.data.truncation="truncate" and refused otherwise (there is
+  no other example to go on to). `example` names the prompt in errors.
   """
-  image = tasks_lib.image_in_model_range(
-      images.load_image(image_path, example=image_path))
-  image = converter.fit_image({"image": image}, _image_size(data_config))
-  ids = get_vocabulary(data_config).encode(prompt)
-  length = len(ids)
-  return {"image": image["image"].numpy()[None],
-          "text": np.asarray([ids], np.int32),
-          "mask_ar": np.zeros((1, length), np.int32),
-          "mask_input": np.ones((1, length), np.int32)}
+  try:
+    pixels = images.load_image(image_path, example=example)
+  except (FileNotFoundError, ValueError) as e:
+    raise errors.InputError(str(e)) from None
+  image = tasks_lib.image_in_model_range(pixels)
+  ids = tasks_lib.prompt_ids(get_vocabulary(data_config), tf.constant(prompt))
+  length = data_config.feature_lengths["prefix"]
+  if len(ids) > length and _truncation(data_config) != "truncate":
+    raise errors.InputError(
+        f"{example}: the prompt is {len(ids)} tokens long (BOS and separator "
+        f"included), more than config.data.feature_lengths.prefix={length}, "
+        f"and config.data.truncation={_truncation(data_config)!r}: shorten "
+        "it, raise the length or use 'truncate'.")
+  resized = converter.fit_image(
+      dict(image=image, prefix=ids, references=tf.constant([], tf.string)),
+      _image_size(data_config))
+  features = converter.prompt_features(resized, task_id=0,
+                                       prefix_length=length)
+  return {k: v.numpy() for k, v in features.items()}
+
+
+def prompt_batch(data_config, image_path: str, prompt: str) -> dict:
+  """A batch of one prompt on one image file, prepared as evaluation is
+  (`_prompt_row`): image, text, mask_ar and mask_input."""
+  row = _prompt_row(data_config, image_path, prompt, example=image_path)
+  return {k: row[k][None] for k in _PROMPT_KEYS if k != "task_id"}
+
+
+def prompt_file_batches(data_config, prompts: jsonl.Prompts, *,
+                        batch_size: int) -> Iterator[dict]:
+  """Eval-shaped batches of a prompt file's lines (jsonl.read_prompts), in
+  order, images read batch by batch; `ids` hold the lines' ids."""
+  lines = list(zip(prompts.images, prompts.prompts, prompts.ids,
+                   prompts.where))
+  for start in range(0, len(lines), batch_size):
+    rows = [{**_prompt_row(data_config, image, prompt, example=where),
+             "id": line_id.encode("utf-8")}
+            for image, prompt, line_id, where in
+            lines[start:start + batch_size]]
+    batch = _stack(rows, batch_size, rows[-1])
+    batch["example_index"] = np.arange(start, start + batch_size,
+                                       dtype=np.int32)
+    yield batch
 
 
 def chance_levels(data_config) -> dict[str, float]:

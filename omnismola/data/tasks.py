@@ -8,14 +8,14 @@ Every task's source yields (after the task's own preprocessors) raw examples
   references  string [n]: every answer the task's metric accepts
 
 and `register_vl_task` turns them into the output features the converter
-reads: `prefix` / `suffix` as token ids (EOS after the suffix), `image`
-float32 in [-1, 1], plus `prefix_pretokenized`, `suffix_pretokenized` and
-`references` for evaluation. Tasks are registered with the byte vocabulary;
-`get_task(name, vocabulary)` gives the same task tokenised with another one
-(config.data.vocabulary), so no task is registered twice. It also records
-the task's metric, so the evaluator needs no per-task code. A user task
-module registers its tasks the same way and is named in
-`config.data.task_modules`.
+reads: `prefix` / `suffix` as token ids (`prompt_ids` for the prefix, EOS
+after the suffix), `image` float32 in [-1, 1], plus `prefix_pretokenized`,
+`suffix_pretokenized` and `references` for evaluation. Tasks are registered
+with the byte vocabulary; `get_task(name, vocabulary)` gives the same task
+tokenised with another one (config.data.vocabulary), so no task is
+registered twice. It also records the task's metric, so the evaluator needs
+no per-task code. A user task module registers its tasks the same way and
+is named in `config.data.task_modules`.
 """
 import functools
 from typing import Sequence
@@ -49,22 +49,51 @@ OUTPUT_FEATURES = output_features(VOCAB)
 TASK_METRICS: dict[str, str] = {}
 
 
+# PaliGemma reads "BOS prompt \n" after the image, then writes the suffix;
+# big_vision and transformers' PaliGemmaProcessor tokenise the "\n" on its
+# own (Gemma's tokenizer has it as one piece).
+PROMPT_SEPARATOR = "\n"
+
+
 @functools.cache
 def get_vocabulary(spec: str = BYTE) -> seqio.Vocabulary:
   """"byte" (the default) or the path of a SentencePiece model file.
 
   The SentencePiece model must use id 0 for padding (as Gemma's does): the
-  converter pads with 0 and the decoder stops at the model's EOS.
+  converter pads with 0 and the decoder stops at the model's EOS. It needs a
+  BOS id too, and must keep "\\n": prompts are BOS prompt "\\n"
+  (`prompt_ids`).
   """
   if spec == BYTE:
     return VOCAB
   vocabulary = seqio.SentencePieceVocabulary(spec)
   model = vocabulary.tokenizer  # Loads the file: a bad path fails here.
-  if model.pad_id() != 0 or model.eos_id() < 0:
-    raise ValueError(f"SentencePiece model {spec}: needs pad id 0 and an EOS "
-                     f"id; it has pad {model.pad_id()}, eos "
-                     f"{model.eos_id()}.")
+  if model.pad_id() != 0 or model.eos_id() < 0 or model.bos_id() < 0:
+    raise ValueError(f"SentencePiece model {spec}: needs pad id 0, an EOS "
+                     f"and a BOS id (Gemma's: pad 0, eos 1, bos 2); it has "
+                     f"pad {model.pad_id()}, eos {model.eos_id()}, bos "
+                     f"{model.bos_id()}.")
+  if not model.encode(PROMPT_SEPARATOR):
+    raise ValueError(f"SentencePiece model {spec}: encodes {PROMPT_SEPARATOR!r}"
+                     " as nothing (its normalisation drops it), but "
+                     "PaliGemma's prompts end with it; Gemma's tokenizer "
+                     "keeps it as a piece.")
   return vocabulary
+
+
+def prompt_ids(vocabulary: seqio.Vocabulary, prompt) -> tf.Tensor:
+  """int32 ids of a prompt (string tensor) as the model reads it.
+
+  With a SentencePiece vocabulary, PaliGemma's format: BOS, the prompt's
+  ids, the ids of "\\n", so a pretrained PaliGemma sees what it was trained
+  on. The byte vocabulary (the synthetic suite's models, trained from
+  scratch) has no BOS: the prompt's bytes alone.
+  """
+  ids = tf.cast(vocabulary.encode_tf(prompt), tf.int32)
+  if not isinstance(vocabulary, seqio.SentencePieceVocabulary):
+    return ids
+  separator = tf.cast(vocabulary.encode_tf(PROMPT_SEPARATOR), tf.int32)
+  return tf.concat([[vocabulary.tokenizer.bos_id()], ids, separator], 0)
 
 
 def get_task(name: str, vocabulary: seqio.Vocabulary = VOCAB) -> seqio.Task:
@@ -105,7 +134,11 @@ def tokenize_text(example, output_features):
     if isinstance(feature, seqio.ContinuousFeature):
       continue
     example[f"{key}_pretokenized"] = example[key]
-    ids = tf.cast(feature.vocabulary.encode_tf(example[key]), feature.dtype)
+    if key == "prefix":
+      ids = tf.cast(prompt_ids(feature.vocabulary, example[key]),
+                    feature.dtype)
+    else:
+      ids = tf.cast(feature.vocabulary.encode_tf(example[key]), feature.dtype)
     if feature.add_eos:
       ids = tf.concat([ids, [feature.vocabulary.eos_id]], axis=0)
     example[key] = ids

@@ -20,20 +20,28 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from omnismola import storage
 from omnismola.eval import metrics as metrics_lib
 
 
 def predict_texts(decode_fn: Callable, batches: Iterable[dict],
                   detokenize: Callable[[Sequence[int]], str]):
-  """Yields (example index, prediction, references) for every real example
-  of `batches` (the index is the example's position in the whole split)."""
+  """Yields (example index, record) for every real example of `batches`.
+
+  The index is the example's position in the whole split; the record is
+  {id, prompt, prediction, references}, the id the example's own (batches'
+  `ids`) or else its index.
+  """
   for batch in batches:
     tokens = np.asarray(jax.device_get(decode_fn(batch)))
-    for row, real, index, refs in zip(tokens, batch["example_mask"],
-                                      batch["example_index"],
-                                      batch["references"]):
-      if real:
-        yield int(index), detokenize(row.tolist()), list(refs)
+    ids = batch.get("ids") or batch["example_index"].tolist()
+    for i, row in enumerate(tokens):
+      if batch["example_mask"][i]:
+        prompt = batch["text"][i][batch["mask_input"][i] == 1]
+        yield int(batch["example_index"][i]), dict(
+            id=ids[i], prompt=detokenize(prompt.tolist()),
+            prediction=detokenize(row.tolist()),
+            references=list(batch["references"][i]))
 
 
 def gather_from_processes(records: list) -> list:
@@ -54,9 +62,21 @@ def gather_from_processes(records: list) -> list:
           for record in json.loads(bytes(row[:size]).decode("utf-8"))]
 
 
+def predict_split(decode_fn: Callable, batches: Iterable[dict],
+                  detokenize: Callable[[Sequence[int]], str]) -> list[dict]:
+  """The records (`predict_texts`) of a whole split, in the split's order,
+  on every host; each host passes the batches of its own shard."""
+  local = list(predict_texts(decode_fn, batches, detokenize))
+  # By example index: hosts reading the same shard send the same records.
+  records = dict(gather_from_processes(local))
+  return [records[i] for i in sorted(records)]
+
+
 def evaluate(decode_fn: Callable, eval_sets, *,
-             detokenize: Callable[[Sequence[int]], str]) -> dict[str, dict]:
-  """Per-task results {task: {metric, value, num_examples, examples}}.
+             detokenize: Callable[[Sequence[int]], str]
+             ) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+  """(per-task results {task: {metric, value, num_examples, examples}},
+  per-task predictions {task: [{id, prompt, prediction, references}]}).
 
   `decode_fn(host_batch)` returns the generated token ids [B, N] of this
   host's eval batch (it places the prompt on the mesh itself and hands back
@@ -64,33 +84,66 @@ def evaluate(decode_fn: Callable, eval_sets, *,
   references) pairs so people can see what the model says. Every host must
   call this with its own shard of the same eval sets.
   """
-  results = {}
+  results, predictions = {}, {}
   for eval_set in eval_sets:
     start = time.perf_counter()
-    local = list(predict_texts(decode_fn, eval_set.batches(), detokenize))
-    # By example index: hosts reading the same shard send the same records.
-    records = {record[0]: record for record in gather_from_processes(local)}
-    pairs = [records[i][1:] for i in sorted(records)]
-    predictions = [p for p, _ in pairs]
-    references = [r for _, r in pairs]
-    value = metrics_lib.compute(eval_set.metric, predictions, references)
+    records = predict_split(decode_fn, eval_set.batches(), detokenize)
+    value = metrics_lib.compute(eval_set.metric,
+                                [r["prediction"] for r in records],
+                                [r["references"] for r in records])
     results[eval_set.name] = dict(
-        metric=eval_set.metric, value=float(value), num_examples=len(pairs),
-        examples=[dict(prediction=p, references=r) for p, r in pairs[:5]])
+        metric=eval_set.metric, value=float(value),
+        num_examples=len(records),
+        examples=[dict(prediction=r["prediction"],
+                       references=r["references"]) for r in records[:5]])
+    predictions[eval_set.name] = records
     logging.info("eval %s: %s = %.2f on %d examples (%.1fs)", eval_set.name,
-                 eval_set.metric, value, len(pairs),
+                 eval_set.metric, value, len(records),
                  time.perf_counter() - start)
-  return results
+  return results, predictions
 
 
-def write_results(workdir: str, step: int, results: dict) -> str:
-  """Writes <workdir>/eval/metrics_<step>.json (process 0 only)."""
-  path = os.path.join(workdir, "eval", f"metrics_{step}.json")
+def _tag(step: int, split: str) -> str:
+  """`step`, or `split_step` for a split other than the usual validation
+  one, so that scoring another split never overwrites those files."""
+  return str(step) if split == "validation" else f"{split}_{step}"
+
+
+def write_results(workdir: str, step: int, results: dict,
+                  split: str = "validation") -> str:
+  """Writes <workdir>/eval/metrics_<step>.json (metrics_<split>_<step>.json
+  for another split than validation; process 0 only)."""
+  path = storage.path(workdir) / "eval" / f"metrics_{_tag(step, split)}.json"
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(dict(step=step, tasks=results), f, indent=2)
-  return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(step=step, split=split, tasks=results),
+                               indent=2))
+  return os.fspath(path)
+
+
+def write_jsonl(path, records: Iterable[dict]) -> str:
+  """Writes `records` to `path`, one JSON object a line (process 0 only:
+  every process holds all of them)."""
+  path = storage.path(path)
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+      for record in records:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+  return os.fspath(path)
+
+
+def write_predictions(workdir: str, step: int,
+                      predictions: dict[str, list[dict]],
+                      split: str = "validation") -> list[str]:
+  """Writes <workdir>/eval/predictions_<task>_<step>.jsonl per task
+  (predictions_<task>_<split>_<step>.jsonl for another split than
+  validation): one {id, prompt, prediction, references} object per
+  example, in the split's order, for reading or for a test server."""
+  return [write_jsonl(storage.path(workdir) / "eval" /
+                      f"predictions_{task}_{_tag(step, split)}.jsonl",
+                      records)
+          for task, records in predictions.items()]
 
 
 def format_table(results: dict, chance: dict[str, float] | None = None) -> str:

@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from omnismola import errors
+
 Metric = Callable[[Sequence[str], Sequence[Sequence[str]]], float]
 
 
@@ -132,7 +134,7 @@ def vqa_accuracy(predictions: Sequence[str],
   _check(predictions, references)
   scores = []
   for prediction, answers in zip(predictions, references):
-    if len(answers) < 2:
+    if len(answers) < MIN_REFERENCES["vqa_accuracy"]:
       raise ValueError("vqa_accuracy needs several human answers per "
                        "question (VQAv2 has 10); use exact_match for tasks "
                        "with a single reference.")
@@ -279,10 +281,20 @@ METRICS: dict[str, Metric] = {
 }
 
 
+# References an example needs for the metric to be defined (default 1):
+# VQA accuracy counts agreement among human answers.
+MIN_REFERENCES = {"vqa_accuracy": 2}
+
+
+def get(metric_name: str) -> Metric:
+  """METRICS[metric_name]; an unknown name is an error listing the names."""
+  if metric_name not in METRICS:
+    raise errors.InputError(f"Unknown metric {metric_name!r}; metrics: "
+                            f"{', '.join(sorted(METRICS))}.")
+  return METRICS[metric_name]
+
+
 def compute(metric_name: str, predictions: Sequence[str],
             references: Sequence[Sequence[str]]) -> float:
   """METRICS[metric_name](predictions, references), with a helpful error."""
-  if metric_name not in METRICS:
-    raise ValueError(f"Unknown metric {metric_name!r}; metrics: "
-                     f"{sorted(METRICS)}.")
-  return METRICS[metric_name](predictions, references)
+  return get(metric_name)(predictions, references)

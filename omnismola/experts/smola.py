@@ -5,7 +5,7 @@ For a wrapped linear map W and token states x, each pool adds
   SMoLA(x) with n experts E_j(z) = z A_j B_j, B_j = 0 at init,
   logits[t, j, s] = <l2n(x_t), scale * l2n(phi[:, j, s])>   (s: slot of expert j)
 
-How tokens are mixed depends on what they may attend to (DESIGN.md section 4):
+How tokens are mixed depends on what they may attend to (docs/architecture.md):
 
 * bidirectional tokens (the vision encoder; the decoder's image + prefix) form
   one group per example (`TokenInfo.groups`: per sequence, or per packed

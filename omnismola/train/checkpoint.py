@@ -6,17 +6,25 @@ optimizer state and step, restored onto whatever mesh the new run has),
 {"processes": [state of process 0, state of process 1, ...]}, gathered from
 all hosts when saving) and `config` (the resolved config, JSON). Saves are
 asynchronous; only the last `keep` steps are kept. A run resumes from the
-newest checkpoint it can read (`restore_latest`); each process gets its own
-input state back.
+newest checkpoint every process can read (`restore_latest`); each process
+gets its own input state back.
+
+Nothing is deleted because it could not be read: a read error may be the
+storage's, not the checkpoint's. Only what Orbax marks incomplete (a step
+directory whose save never committed) is removed, when a writing
+Checkpointer opens.
 """
 import json
-import os
+import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+
+from omnismola import storage
 
 
 def all_process_states(state: dict) -> list[dict]:
@@ -45,17 +53,46 @@ def state_of_process(saved: dict, process_index: int) -> dict:
   return states[process_index if process_index < len(states) else 0]
 
 
-class Checkpointer:
-  """Thin wrapper over an Orbax CheckpointManager with our three items."""
+def all_processes(ok: bool) -> bool:
+  """Whether `ok` holds on every process (a collective)."""
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
-  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+
+# A failed read is tried again after RETRY_SECONDS, READ_ATTEMPTS times in
+# all: storage errors are often transient.
+READ_ATTEMPTS, RETRY_SECONDS = 2, 1.0
+
+
+class Restored(NamedTuple):
+  """A checkpoint read back by every process."""
+  step: int
+  state: Any
+  data: dict    # This process's input state.
+  config: dict  # The config the checkpoint was saved with.
+
+
+class Checkpointer:
+  """Thin wrapper over an Orbax CheckpointManager with our three items.
+
+  A `read_only` one (evaluating a run that may be training elsewhere)
+  creates, cleans and deletes nothing.
+  """
+
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = storage.path(directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         item_names=("state", "data", "config"),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True,
+            max_to_keep=keep, read_only=read_only, create=not read_only,
+            cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=async_save))
+    # Reads go to the items' handlers, not through the manager, whose
+    # restore ends in a barrier that a process whose read failed would
+    # skip, leaving the processes out of step.
+    self._reader = ocp.CompositeCheckpointHandler()
+    self._restored_step = None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -64,8 +101,18 @@ class Checkpointer:
     """Starts an (asynchronous) save of everything needed to resume.
 
     `data_state` is this process's input state; every process calls `save`
-    together, and the checkpoint holds all of theirs.
+    together, and the checkpoint holds all of theirs. A checkpoint of `step`
+    from before this run is replaced: this run resumed from an older one,
+    since not every process could read it. The one it resumed from already
+    holds this state and is kept.
     """
+    if step in self.manager.all_steps():
+      if step == self._restored_step:
+        return
+      logging.warning("Replacing %s, which not every process could read when "
+                      "this run resumed, with this run's step %d.",
+                      self.step_dir(step), step)
+      self.manager.delete(step)
     self.manager.save(
         step,
         args=ocp.args.Composite(
@@ -75,55 +122,77 @@ class Checkpointer:
             config=ocp.args.JsonSave(json.loads(json.dumps(config_dict)))),
         force=True)
 
-  def restore(self, step: int, abstract_state):
-    """Restores `step` with the shapes, dtypes and shardings of the target.
+  def restore_latest(
+      self, abstract_state,
+      check_config: Callable[[dict, int], Any] = lambda config, step: None
+  ) -> Restored | None:
+    """The newest checkpoint every process can read, or None if there is none.
 
     `abstract_state` is a pytree of jax.ShapeDtypeStruct carrying shardings,
-    so the arrays land directly on the current mesh whatever mesh saved them.
+    so the arrays land directly on the current mesh whatever mesh saved
+    them. Steps are tried newest first. A step that some process could not
+    read (a host died mid-write, storage lost a file or failed for a while)
+    is skipped by all of them, with a warning, and kept: the run resumes
+    from the previous one. `check_config(saved config, step)` runs on every
+    process before a step's state is read, and raises to stop (a config
+    that no longer matches the run). If no step can be read, the newest
+    one's error is raised.
     """
-    logging.info("Restoring checkpoint of step %d from %s", step,
-                 self.directory)
-    restored = self.manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore()))
-    return restored.state, state_of_process(restored.data,
-                                            jax.process_index())
+    steps = self._steps_every_process_lists()
+    first_error = None
+    for step in steps:
+      saved, error = self._read_everywhere(step, config=ocp.args.JsonRestore())
+      if saved is not None:
+        check_config(saved.config, step)
+        logging.info("Restoring checkpoint of step %d from %s", step,
+                     self.directory)
+        restored, error = self._read_everywhere(
+            step, state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore())
+        if restored is not None:
+          self._restored_step = step
+          return Restored(step, restored.state,
+                          state_of_process(restored.data, jax.process_index()),
+                          saved.config)
+      logging.warning("Checkpoint %s is unreadable%s; keeping it and trying "
+                      "the previous one.", self.step_dir(step),
+                      f" ({type(error).__name__}: {error})" if error else
+                      " by another process")
+      first_error = first_error or error
+    if not steps:
+      return None
+    raise first_error or RuntimeError(
+        f"No checkpoint in {self.directory} could be read by every process; "
+        "the others' logs say why.")
 
-  def restore_latest(self, abstract_state):
-    """(step, state, data state) of the newest readable checkpoint, or None.
+  def _steps_every_process_lists(self) -> list[int]:
+    """The steps on disk, newest first, that every process lists: each
+    process then tries the same steps in the same order."""
+    listed = all_process_states({"steps": list(self.manager.all_steps())})
+    return sorted(set.intersection(*(set(p["steps"]) for p in listed)),
+                  reverse=True)
 
-    A checkpoint can be unreadable when a host died mid-write or storage lost
-    a file. Rather than failing the job (or silently starting over), resume
-    from the previous checkpoint, warn naming the broken one, and delete it
-    so training can write that step again. If no checkpoint can be read, the
-    newest one's error is raised: that is usually a config that no longer
-    matches the checkpoints.
-    """
-    unreadable, first_error = [], None
-    for step in sorted(self.manager.all_steps(), reverse=True):
+  def _read_everywhere(self, step: int, **items):
+    """(`items` of `step`, None) if every process read them, else (None,
+    this process's error or None). A collective."""
+    restored, error = None, None
+    for attempt in range(READ_ATTEMPTS):
+      if attempt:
+        time.sleep(RETRY_SECONDS)
       try:
-        state, data = self.restore(step, abstract_state)
+        restored = self._reader.restore(self.step_dir(step),
+                                        ocp.args.Composite(**items))
       # Orbax and TensorStore raise many types for a missing or bad file.
       except Exception as e:  # pylint: disable=broad-exception-caught
-        logging.warning("Checkpoint %s is unreadable (%s: %s); trying the "
-                        "previous one.", self.step_dir(step),
-                        type(e).__name__, e)
-        unreadable.append(step)
-        first_error = first_error or e
+        error = e
         continue
-      for bad in unreadable:
-        logging.warning("Resuming from step %d; deleting the unreadable %s.",
-                        step, self.step_dir(bad))
-        self.manager.delete(bad)
-      return step, state, data
-    if first_error is not None:
-      raise first_error
-    return None
+      break
+    if all_processes(restored is not None):
+      return restored, None
+    return None, error
 
-  def step_dir(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+  def step_dir(self, step: int):
+    return self.directory / str(step)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -131,6 +200,7 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+    self._reader.close()
 
 
 def abstract_with_shardings(tree, shardings):

@@ -19,7 +19,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
+from omnismola import build
+from omnismola import errors
+from omnismola import storage
 from omnismola.experts import upcycle
 from omnismola.models import stack
 from omnismola.train import logging as log_lib
@@ -31,25 +35,57 @@ def flatten_by_path(tree) -> dict[str, object]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def resolve_step_dir(path: str) -> str:
-  """A step directory from a workdir, a checkpoints dir or a step dir."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  if os.path.isdir(os.path.join(path, "state")):
+def resolve_step_dir(location: str) -> epath.Path:
+  """A step directory from a workdir, a checkpoints dir or a step dir.
+
+  Of a checkpoints dir, the newest step Orbax finished writing: in a bucket
+  a step's folder exists from the write's start.
+  """
+  path = storage.path(location)
+  if (path / "checkpoints").is_dir():
+    path = path / "checkpoints"
+  if (path / "state").is_dir():
     return path
-  steps = [int(d) for d in os.listdir(path) if d.isdigit()] \
-      if os.path.isdir(path) else []
+  steps = [int(step.name) for step in path.iterdir()
+           if step.name.isdigit() and ocp.step.is_path_finalized(step)] \
+      if path.is_dir() else []
   if not steps:
     raise FileNotFoundError(
-        f"config.init.checkpoint={path!r}: no checkpoint found (expected a "
-        "workdir, its checkpoints/ directory or one step directory).")
-  return os.path.join(path, str(max(steps)))
+        f"config.init.checkpoint={os.fspath(path)!r}: no checkpoint found "
+        "(expected a workdir, its checkpoints/ directory or one step "
+        "directory).")
+  return path / str(max(steps))
+
+
+def agree_with_checkpoint(config) -> None:
+  """Makes config.model agree with config.init.checkpoint's saved model.
+
+  In place, and only when init.checkpoint is set: the decoder's vocab_size
+  becomes the checkpoint's; a shape that differs otherwise is an InputError
+  naming the fields (build.agree_with_checkpoint). Runs before anything is
+  built or written.
+  """
+  if not config.init.checkpoint:
+    return
+  from omnismola import pretrained  # pylint: disable=g-import-not-at-top
+  try:
+    step_dir = resolve_step_dir(config.init.checkpoint)
+  except FileNotFoundError as e:
+    raise errors.InputError(str(e)) from None
+  saved = pretrained.read_config(step_dir)["model"]
+  try:
+    fields, notes = build.agree_with_checkpoint(config.model.to_dict(), saved)
+  except ValueError as e:
+    raise errors.InputError(
+        f"config.init.checkpoint={os.fspath(step_dir)!r}: {e}") from None
+  config.model.decoder.vocab_size = fields["decoder"]["vocab_size"]
+  for note in notes:
+    log_lib.print_line(note)
 
 
 def read_parameters(step_dir: str) -> dict[str, object]:
   """{path: array} of a checkpoint step's parameters, trained and frozen."""
-  saved = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+  saved = ocp.StandardCheckpointer().restore(storage.path(step_dir) / "state")
   parameters = {}
   for group in ("params", "frozen"):
     parameters.update(flatten_by_path(saved.get(group, {})))
@@ -138,6 +174,16 @@ def upcycled_lora_experts(source: dict, model: dict, *,
   return copies
 
 
+def _shape_mismatch(step_dir, key: str, there, here) -> str:
+  """The message for parameter `key` of other shapes in the checkpoint."""
+  if key == "decoder/embedder/embedding":
+    return (f"config.model.decoder.vocab_size={here[0]} but the checkpoint's "
+            f"embedding has {there[0]} rows (init.checkpoint {step_dir}).")
+  return (f"init.checkpoint {step_dir}: {key} has shape {tuple(there)} there "
+          f"but {tuple(here)} in this model (config.model must describe the "
+          "checkpoint's model).")
+
+
 def load_partial(path: str, state, abstract_state, *,
                  upcycle_noise_std: float = 0.0, seed: int = 0):
   """Returns `state` with params/frozen replaced where the checkpoint has them.
@@ -172,10 +218,8 @@ def load_partial(path: str, state, abstract_state, *,
     for key, value in flat_current.items():
       if key in source:
         if tuple(source[key].shape) != tuple(value.shape):
-          raise ValueError(
-              f"init.checkpoint {step_dir}: {key} has shape "
-              f"{tuple(source[key].shape)} there but {tuple(value.shape)} in "
-              "this model.")
+          raise ValueError(_shape_mismatch(step_dir, key, source[key].shape,
+                                           value.shape))
         leaves.append(jax.device_put(np.asarray(source[key], value.dtype),
                                      flat_abstract[key].sharding))
         loaded.append(key)

@@ -1,4 +1,5 @@
 """Metric writers (JSON lines + TensorBoard) and the progress line."""
+import io
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import time
 import jax
 from absl import logging
 
+from omnismola import storage
 from omnismola.train import flops
 
 
@@ -16,28 +18,28 @@ class MetricWriter:
 
   Only process 0 writes. TensorBoard goes through tensorboardX, which needs
   no TensorFlow; where it is not installed the JSON lines still are written.
+  The workdir may be a storage URL (omnismola/storage.py).
   """
 
   def __init__(self, workdir: str, name: str = "train_metrics"):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, f"{name}.jsonl")
+    self._workdir = storage.path(workdir)
+    self._name = name
+    self.path = self._workdir / f"{name}.jsonl"
+    # Opened at the first write, so that a run failing before its first
+    # log line (bad data, a refused resume) leaves no files behind.
     self._tb = None
-    if not self.enabled:
-      return
-    os.makedirs(workdir, exist_ok=True)
-    try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", name))
-    except ImportError:
-      logging.warning("tensorboardX is not installed: no TensorBoard events.")
+    self._tb_opened = False
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
+    if not self._tb_opened:
+      self._workdir.mkdir(parents=True, exist_ok=True)
+      self._tb, self._tb_opened = _tensorboard(self._workdir, self._name), True
     record = {"step": int(step)}
     record.update({k: float(v) for k, v in scalars.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    storage.append_text(self.path, json.dumps(record) + "\n")
     if self._tb is not None:
       for key, value in scalars.items():
         self._tb.add_scalar(key, float(value), int(step))
@@ -48,14 +50,71 @@ class MetricWriter:
       self._tb.close()
 
 
+def _tensorboard(workdir, name: str):
+  """A tensorboardX SummaryWriter of <workdir>/tensorboard/<name>, or None
+  (with a warning) where tensorboardX is not installed."""
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning("tensorboardX is not installed: no TensorBoard events.")
+    return None
+  if storage.is_url(workdir):
+    # Ours replaces tensorboardX's own writer for the scheme (if it has
+    # one), so events go through the same client as every other file.
+    record_writer.register_writer_factory(
+        os.fspath(workdir).split("://")[0], _BucketEventFiles())
+  return SummaryWriter(os.fspath(workdir / "tensorboard" / name))
+
+
+class _BucketEventFile:
+  """A TensorBoard event file in a bucket, written for tensorboardX.
+
+  An object in a bucket cannot be appended to, so each flush uploads the
+  whole file again (as tensorboardX's own gs:// writer does).
+  """
+
+  def __init__(self, location: str):
+    self._file = storage.path(location)
+    self._data = io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self._data.write(data)
+
+  def flush(self) -> None:
+    self._file.write_bytes(self._data.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _BucketEventFiles:
+  """tensorboardX's writer factory interface, for `_BucketEventFile`s."""
+
+  def open(self, location: str) -> _BucketEventFile:
+    return _BucketEventFile(location)
+
+  def directory_check(self, location: str) -> None:
+    del location  # A bucket has no folders to create.
+
+
 def truncate_after(path: str, step: int) -> None:
-  """Drops JSON lines with step > `step` (left by a run that died later)."""
-  if not os.path.exists(path):
+  """Drops JSON lines with step > `step` (left by a run that died later),
+  and, with a warning, a line cut short by a crash while it was written."""
+  file = storage.path(path)
+  if not file.exists():
     return
-  with open(path) as f:
-    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
-  with open(path, "w") as f:
-    f.writelines(lines)
+  kept = []
+  for number, line in enumerate(file.read_text().splitlines(), 1):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      logging.warning("%s: dropping line %d, cut short by a crash: %r",
+                      path, number, line)
+      continue
+    if record["step"] <= step:
+      kept.append(line + "\n")
+  file.write_text("".join(kept))
 
 
 def format_duration(seconds: float) -> str:

@@ -39,10 +39,28 @@ def trainable_filter(regex: str):
   return is_trainable
 
 
+# The train fields the learning rate of a step depends on.
+SCHEDULE_FIELDS = ("schedule", "lr", "warmup_steps", "schedule_start", "steps")
+
+
+def schedule_fields(schedule: str) -> tuple[str, ...]:
+  """The SCHEDULE_FIELDS a `schedule` depends on: a constant rate never
+  reaches train.steps, where a decay ends."""
+  return SCHEDULE_FIELDS[:-1] if schedule == "constant" else SCHEDULE_FIELDS
+
+
 def learning_rate_schedule(train_config) -> optax.Schedule:
-  """Linear warm-up, then cosine decay to zero (or constant)."""
-  steps, warmup = int(train_config.steps), int(train_config.warmup_steps)
-  lr = float(train_config.lr)
+  """Linear warm-up, then cosine decay to zero (or constant), from step
+  `schedule_start` to step `steps`.
+
+  The schedule of a run of n = steps - schedule_start steps, shifted to
+  begin at schedule_start: 0 for a new run, the step a resumed run
+  extended with `train.extend` went on from (docs/training.md). That run
+  trained its earlier steps with its earlier config's schedule.
+  """
+  start, warmup = int(train_config.schedule_start), int(
+      train_config.warmup_steps)
+  steps, lr = int(train_config.steps) - start, float(train_config.lr)
   if train_config.schedule == "constant":
     decay = optax.constant_schedule(lr)
   elif train_config.schedule == "cosine":
@@ -50,10 +68,9 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
   else:
     raise ValueError(f"config.train.schedule: unknown {train_config.schedule!r}"
                      "; expected 'cosine' or 'constant'.")
-  if warmup <= 0:
-    return decay
-  return optax.join_schedules(
+  segment = decay if warmup <= 0 else optax.join_schedules(
       [optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+  return lambda step: segment(step - start)
 
 
 def scale_by_path(multipliers) -> optax.GradientTransformation:

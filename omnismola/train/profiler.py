@@ -5,10 +5,18 @@ steps first_step, ..., first_step + steps - 1 (numbered as in the log, the
 first step is 1); `steps=0` traces nothing. The trace goes to
 `<workdir>/profile/plugins/profile/<run>/<host>.xplane.pb`, the layout
 TensorBoard's profile plugin reads (`tensorboard --logdir=<workdir>`). Every
-host traces its own devices.
+host traces its own devices. For a workdir in a bucket the trace is written
+locally, then copied there: the profiler writes through its own GCS client,
+which knows neither other storage nor STORAGE_EMULATOR_HOST.
 """
+import os
+import shutil
+import tempfile
+
 import jax
 from absl import logging
+
+from omnismola import storage
 
 
 class StepTrace:
@@ -19,7 +27,7 @@ class StepTrace:
   open (it ended or was stopped inside the window).
   """
 
-  def __init__(self, first_step: int, steps: int, log_dir: str):
+  def __init__(self, first_step: int, steps: int, log_dir):
     if first_step < 1:
       raise ValueError("config.profile.first_step must be >= 1 (the first "
                        f"step is 1), got {first_step}.")
@@ -28,14 +36,17 @@ class StepTrace:
                        f"got {steps}.")
     self.first_step = first_step
     self.last_step = first_step + steps - 1
-    self.log_dir = log_dir
+    self.log_dir = storage.path(log_dir)
     self.active = False
+    self._local_dir = None
 
   def before_step(self, step: int) -> None:
     if step == self.first_step and step <= self.last_step:
       logging.info("Tracing steps %d-%d to %s.", self.first_step,
                    self.last_step, self.log_dir)
-      jax.profiler.start_trace(self.log_dir)
+      self._local_dir = (tempfile.mkdtemp(prefix="profile-")
+                         if storage.is_url(self.log_dir) else None)
+      jax.profiler.start_trace(self._local_dir or self.log_dir)
       self.active = True
 
   def after_step(self, step: int, outputs) -> None:
@@ -52,3 +63,17 @@ class StepTrace:
     jax.block_until_ready(outputs)
     jax.profiler.stop_trace()
     self.active = False
+    if self._local_dir:
+      _copy_folder(self._local_dir, self.log_dir)
+      shutil.rmtree(self._local_dir)
+
+
+def _copy_folder(source: str, destination) -> None:
+  """Copies the local folder `source`'s files under `destination` (a URL)."""
+  for parent, _, names in os.walk(source):
+    for name in names:
+      local = os.path.join(parent, name)
+      target = destination / os.path.relpath(local, source)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      with open(local, "rb") as f:
+        target.write_bytes(f.read())

@@ -7,7 +7,6 @@ model is rebuilt from arrays), `create_state` (sharded init from shapes),
 import contextlib
 import dataclasses
 import functools
-import os
 import signal
 from typing import Any, Callable
 
@@ -20,7 +19,9 @@ from absl import logging
 from flax import nnx
 
 from omnismola import build
+from omnismola import errors
 from omnismola import row_layout
+from omnismola import storage
 from omnismola.eval import decode as decode_lib
 from omnismola.eval import evaluator
 from omnismola.experts import stats
@@ -34,6 +35,7 @@ from omnismola.train import logging as log_lib
 from omnismola.train import optim
 from omnismola.train import partitioning
 from omnismola.train import profiler
+from omnismola.train import resume
 
 
 @flax.struct.dataclass
@@ -467,8 +469,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   from omnismola.data import pipeline  # TensorFlow only from here on.
 
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  check_model_inputs(config, pipeline)
+  workdir = storage.path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   mesh = partitioning.make_mesh(dict(config.mesh))
   rules = [tuple(r) for r in config.sharding_rules]
   logging.info("Mesh: %s", dict(mesh.shape))
@@ -478,14 +481,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
   init_fn, abstract, parts = create_state(config, mesh, optimizer)
   _log_parameter_counts(abstract, check_replication(config, parts, mesh))
 
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints",
                                      keep=config.train.keep_checkpoints)
+  # A config that changes what the run trains stops it here, before
+  # anything is written.
+  restored = ckpt.restore_latest(
+      abstract, check_config=functools.partial(resume.resumed_config, config))
   writer = log_lib.MetricWriter(workdir)
-  restored = ckpt.restore_latest(abstract)
+  # Lines after the restored step (or all, without one) are a dead run's;
+  # process 0 alone writes the file.
+  if writer.enabled:
+    log_lib.truncate_after(writer.path, restored.step if restored else 0)
   if restored is not None:
-    latest, state, data_state = restored
-    log_lib.truncate_after(writer.path, latest)
-    log_lib.print_line(f"Resuming from the checkpoint of step {latest}.")
+    state, data_state = restored.state, restored.data
+    config = resume.resumed_config(config, restored.config, restored.step)
+    # Its schedule may start anew (train.extend); the optimizer state's
+    # structure does not depend on the schedule.
+    optimizer = optim.make_optimizer(config.train)
+    log_lib.print_line(f"Resuming from the checkpoint of step "
+                       f"{restored.step}.")
   else:
     state, data_state = init_fn(jax.random.key(config.seed)), None
     if config.init.checkpoint:
@@ -515,7 +529,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       peak_flops=flops_lib.peak_flops(jax.devices()[0].device_kind))
   trace = profiler.StepTrace(int(config.profile.first_step),
                              int(config.profile.steps),
-                             os.path.join(workdir, "profile"))
+                             workdir / "profile")
   pending: list[dict] = []
   # Saves the loop's current step and state (read when called).
   save = lambda: ckpt.save(step, state, train_iter.get_state(),
@@ -561,33 +575,90 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return run_eval(step, state) if config.eval.at_end else {}
 
 
+def check_model_inputs(config, pipeline) -> None:
+  """config.model made to agree with config.init.checkpoint (in place), and
+  the vocabulary checked against it, before anything is built or written;
+  a mismatch is an InputError naming the fields."""
+  init_lib.agree_with_checkpoint(config)
+  try:
+    build.check_vocabulary_fits(config.model,
+                                pipeline.get_vocabulary(config.data),
+                                config.data.vocabulary)
+  except ValueError as e:
+    raise errors.InputError(str(e)) from None
+
+
 def evaluate_checkpoint(config, workdir: str) -> dict:
-  """--mode=eval: evaluates the latest checkpoint of `workdir`."""
+  """--mode=eval: evaluates the latest checkpoint of `workdir`, or, when it
+  has none, the parameters of config.init.checkpoint (zero-shot, as step 0).
+
+  The data and the eval split are checked before any parameter is read.
+  """
   from omnismola.data import pipeline  # TensorFlow only from here on.
 
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  check_model_inputs(config, pipeline)
+  workdir = storage.path(workdir)
   mesh = partitioning.make_mesh(dict(config.mesh))
-  rules = [tuple(r) for r in config.sharding_rules]
-  optimizer = optim.make_optimizer(config.train)
-  _, abstract, parts = create_state(config, mesh, optimizer)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     keep=config.train.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is None:
-    raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints to "
-                            "evaluate; train first with --mode=train.")
-  state, _ = ckpt.restore(latest, abstract)
-  ckpt.close()
   pipeline.prepare(config.data)
+  # No optimizer state unless a training state is restored: nothing is
+  # trained here.
+  init_fn, abstract, parts = create_state(config, mesh, optax.identity())
   run_eval = _make_eval_runner(config, workdir, parts, mesh, pipeline)
-  return run_eval(latest, state)
+  latest, ckpt = _latest_checkpoint(config, workdir)
+  if latest is None:
+    log_lib.print_line(f"No checkpoint in {workdir}: evaluating "
+                       f"config.init.checkpoint={config.init.checkpoint} "
+                       "as it is (zero-shot, step 0).")
+    state = init_lib.load_partial(
+        config.init.checkpoint, init_fn(jax.random.key(config.seed)),
+        abstract, upcycle_noise_std=config.init.upcycle_noise_std,
+        seed=config.seed)
+    return run_eval(0, state)
+  if config.init.checkpoint:
+    log_lib.print_line(f"Evaluating the workdir's checkpoint of step {latest}"
+                       "; it takes precedence over config.init.checkpoint="
+                       f"{config.init.checkpoint}.")
+  _, abstract, _ = create_state(config, mesh,
+                                optim.make_optimizer(config.train))
+  # The newest checkpoint every process reads, as training resumes from.
+  restored = ckpt.restore_latest(abstract)
+  ckpt.close()
+  return run_eval(restored.step, restored.state)
+
+
+def _latest_checkpoint(config, workdir: str):
+  """(latest step, Checkpointer) of <workdir>/checkpoints, or (None, None)
+  when it has none and config.init.checkpoint names a checkpoint to use
+  instead; anything else is an InputError."""
+  directory = workdir / "checkpoints"
+  if directory.is_dir():  # A Checkpointer would create it.
+    ckpt = checkpoint_lib.Checkpointer(directory,
+                                       keep=config.train.keep_checkpoints,
+                                       read_only=True)
+    latest = ckpt.latest_step()
+    if latest is not None:
+      return latest, ckpt
+    ckpt.close()
+  if not config.init.checkpoint:
+    raise errors.InputError(
+        f"No checkpoint in {directory} to evaluate: train first with "
+        "--mode=train, or evaluate a pretrained model's parameters with "
+        "--config.init.checkpoint=DIR (e.g. python -m omnismola.convert's "
+        "output).")
+  try:
+    init_lib.resolve_step_dir(config.init.checkpoint)
+  except FileNotFoundError as e:
+    raise errors.InputError(str(e)) from None
+  return None, None
 
 
 def _make_eval_runner(config, workdir, parts, mesh, pipeline):
-  """run_eval(step, state): evaluates every task, writes JSON, prints a table.
+  """run_eval(step, state): evaluates every task of config.eval.split,
+  writes the metrics and predictions, prints a table.
 
   Every host decodes its shard of each task; the evaluator gathers the
-  predictions. The data must already be prepared (`pipeline.prepare`).
+  predictions. The data must already be prepared (`pipeline.prepare`); the
+  eval tasks and their split are checked here, before any training.
   """
   vocabulary = pipeline.get_vocabulary(config.data)
   rules = [tuple(r) for r in config.sharding_rules]
@@ -597,19 +668,26 @@ def _make_eval_runner(config, workdir, parts, mesh, pipeline):
   decode_fn = make_decode_fn(parts, mesh, rules, shard,
                              config.eval.max_new_tokens, vocabulary.eos_id)
   detokenize = functools.partial(pipeline.detokenize, vocabulary=vocabulary)
+  split = config.eval.get("split", "validation")
+  make_eval_sets = functools.partial(
+      pipeline.make_eval_sets, config.data,
+      batch_size=config.eval.batch_size // shard.count, split=split,
+      tasks=list(config.eval.tasks) or None,
+      max_examples=config.eval.max_examples or None,
+      process_index=shard.index, process_count=shard.count)
+  make_eval_sets()  # Reads nothing; fails now on an unknown task or split.
 
   def run_eval(step: int, state: TrainState) -> dict:
-    eval_sets = pipeline.make_eval_sets(
-        config.data, batch_size=config.eval.batch_size // shard.count,
-        tasks=list(config.eval.tasks) or None,
-        max_examples=config.eval.max_examples or None,
-        process_index=shard.index, process_count=shard.count)
-    results = evaluator.evaluate(functools.partial(decode_fn, state),
-                                 eval_sets, detokenize=detokenize)
-    path = evaluator.write_results(workdir, step, results)
+    results, predictions = evaluator.evaluate(
+        functools.partial(decode_fn, state), make_eval_sets(),
+        detokenize=detokenize)
+    path = evaluator.write_results(workdir, step, results, split)
+    evaluator.write_predictions(workdir, step, predictions, split)
     chance = pipeline.chance_levels(config.data)
-    log_lib.print_line(f"\nEvaluation at step {step} ({path}):\n" +
-                       evaluator.format_table(results, chance))
+    log_lib.print_line(
+        f"\nEvaluation of the {split} split at step {step} ({path}, and "
+        "each task's predictions beside it):\n" +
+        evaluator.format_table(results, chance))
     return results
 
   return run_eval

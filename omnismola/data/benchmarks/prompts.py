@@ -12,7 +12,8 @@ The prefixes follow PaliGemma's transfers (big_vision), so a converted
 PaliGemma checkpoint sees the prompts it was trained on. `raw_example`
 builds the task preprocessor: the target is one of the references drawn
 with the task's seed (the model learns every valid answer, in proportion to
-how often annotators gave it), and the references are all of them.
+how often annotators gave it), the references are all of them, and the
+official id names the example in prediction files.
 """
 from typing import Callable
 
@@ -52,6 +53,7 @@ def raw_example(prompt: Prompt):
     pick = tf.random.stateless_uniform([], seed, maxval=tf.size(answers),
                                        dtype=tf.int32)
     return {"image": example["image"], "prefix": prompt(example),
-            "suffix": answers[pick], "references": answers}
+            "suffix": answers[pick], "references": answers,
+            "id": example["id"]}
 
   return to_raw

@@ -10,7 +10,6 @@ beats this level.
 """
 import collections
 import functools
-import os
 from typing import Sequence
 
 import tensorflow_datasets as tfds
@@ -18,6 +17,7 @@ from absl import app
 from absl import logging
 from absl import flags
 
+from omnismola import storage
 from omnismola.data.synthetic import builder
 from omnismola.data.synthetic import scenes
 from omnismola.eval import metrics
@@ -71,7 +71,7 @@ def chance_level(task: str, data_dir: str) -> float:
 def chance_levels(data_dir: str,
                   tasks: Sequence[str] = scenes.TASKS) -> dict[str, float]:
   """{"synthetic_<task>": chance level} of `tasks`, built in `data_dir`."""
-  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  data_dir = storage.tensorflow_location(data_dir)
   return {f"synthetic_{task}": chance_level(task, data_dir) for task in tasks}
 
 

@@ -135,10 +135,13 @@ from __future__ import annotations
 import math
 import re
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+
+from omnismola import storage
 
 __all__ = ["CheckpointLayoutError", "load_npz", "convert", "GEMMA_VARIANTS",
            "match_gemma_variant", "decoder_constants"]
@@ -563,7 +566,7 @@ def load_npz(path, *, dtype=None) -> tuple[dict, dict]:
   """Loads a big_vision PaliGemma (1 or 2) `.npz` checkpoint.
 
   Args:
-    path: the `.npz` file (anything `np.load` opens).
+    path: the `.npz` file, a local path or a storage URL.
     dtype: optional dtype for every array (e.g. np.float32); by default the
       stored dtypes are kept (released checkpoints mix float32, float16 and
       bfloat16; bfloat16 comes back as `ml_dtypes.bfloat16`).
@@ -583,5 +586,11 @@ def load_npz(path, *, dtype=None) -> tuple[dict, dict]:
     CheckpointLayoutError: keys missing or unexpected (both listed), or shapes
       that do not fit together.
   """
-  with np.load(path, allow_pickle=False) as npz:
-    return convert(npz, dtype=dtype, source=str(path))
+  # The archive reads its members from the open file as they are used.
+  with storage.path(path).open("rb") as f:
+    if not zipfile.is_zipfile(f):
+      raise CheckpointLayoutError(f"{path} is not an .npz archive (a zip of "
+                                  ".npy arrays, as big_vision writes).")
+    f.seek(0)
+    with np.load(f, allow_pickle=False) as npz:
+      return convert(npz, dtype=dtype, source=str(path))

@@ -18,11 +18,11 @@ accepted by stripping the known prefixes:
 Linear weights are [out, in] there and [in, out] here; layers are stacked.
 """
 import json
-import os
 import re
 
 import numpy as np
 
+from omnismola import storage
 from omnismola.models.convert import safetensors_io
 
 # transformers' defaults for fields a config.json may leave out.
@@ -222,12 +222,11 @@ def load(directory: str):
     (dict(vit=..., decoder=..., connector="linear"), nested dict of numpy
      arrays in omnismola's parameter layout).
   """
-  config_path = os.path.join(directory, "config.json")
-  if not os.path.exists(config_path):
+  config_path = storage.path(directory) / "config.json"
+  if not config_path.exists():
     raise FileNotFoundError(f"{directory}: no config.json (expected a "
                             "Hugging Face PaliGemma checkpoint directory).")
-  with open(config_path) as f:
-    config = json.load(f)
+  config = json.loads(config_path.read_text())
   if config.get("model_type") != "paligemma":
     raise ValueError(f"{config_path}: model_type is "
                      f"{config.get('model_type')!r}, not 'paligemma'.")

@@ -5,13 +5,15 @@ each tensor name to its dtype, shape and byte range, then the raw bytes.
 Reading it directly (through a memory map) avoids a torch dependency and
 handles bfloat16, which `safetensors.numpy` cannot return as numpy.
 Sharded checkpoints list their files in `model.safetensors.index.json`.
+Files in a bucket (storage URLs) are read into memory instead of mapped.
 """
 import json
-import os
 import struct
 
 import ml_dtypes
 import numpy as np
+
+from omnismola import storage
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16,
@@ -20,12 +22,33 @@ _DTYPES = {
 }
 
 
-def read_file(path: str) -> dict[str, np.ndarray]:
-  """name -> array (read-only views of a memory map) of one file."""
-  with open(path, "rb") as f:
-    header_size = struct.unpack("<Q", f.read(8))[0]
-    header = json.loads(f.read(header_size))
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size)
+# Real headers are kilobytes; the first 8 bytes of a garbled file would
+# usually ask for exabytes.
+_MAX_HEADER_BYTES = 100 * 2**20
+
+
+def _read_header(f, path) -> tuple[int, dict]:
+  """(size, JSON header) of an open .safetensors file."""
+  start = f.read(8)
+  size = struct.unpack("<Q", start)[0] if len(start) == 8 else 0
+  try:
+    header = json.loads(f.read(size)) if 0 < size <= _MAX_HEADER_BYTES else 0
+  except ValueError:  # Not JSON, or not UTF-8.
+    header = 0
+  if not isinstance(header, dict):
+    raise ValueError(f"{path} is not a safetensors file: its header is "
+                     "garbled.")
+  return size, header
+
+
+def read_file(path) -> dict[str, np.ndarray]:
+  """name -> array (read-only views of a memory map, or of the bytes read
+  for a storage URL) of one file."""
+  path = storage.path(path)
+  with path.open("rb") as f:
+    header_size, header = _read_header(f, path)
+    data = (np.frombuffer(f.read(), np.uint8) if storage.is_url(path) else
+            np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size))
   arrays = {}
   for name, info in header.items():
     if name == "__metadata__":
@@ -39,20 +62,20 @@ def read_file(path: str) -> dict[str, np.ndarray]:
   return arrays
 
 
-def read_checkpoint(directory: str) -> dict[str, np.ndarray]:
+def read_checkpoint(directory) -> dict[str, np.ndarray]:
   """Every tensor of a Hugging Face checkpoint directory, sharded or not."""
-  index = os.path.join(directory, "model.safetensors.index.json")
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+  directory = storage.path(directory)
+  index = directory / "model.safetensors.index.json"
+  if index.exists():
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
   else:
-    files = sorted(n for n in os.listdir(directory)
-                   if n.endswith(".safetensors"))
+    files = sorted(p.name for p in directory.iterdir()
+                   if p.name.endswith(".safetensors"))
   if not files:
     raise FileNotFoundError(
         f"{directory}: no model.safetensors (or index of shards) found.")
   arrays = {}
   for name in files:
-    arrays.update(read_file(os.path.join(directory, name)))
+    arrays.update(read_file(directory / name))
   return arrays
 
