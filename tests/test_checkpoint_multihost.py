@@ -8,25 +8,14 @@ step it restored to `DIRECTORY/restored_<process>.json`.
 """
 import json
 import os
-import subprocess
 import sys
 
-from test_trainer_multihost import ROOT, _free_port
+from test_trainer_multihost import run_two_processes
 
 
 def test_a_step_one_process_cannot_read_is_skipped_by_both_and_kept(
     tmp_path):
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  workers = [subprocess.Popen(
-      [sys.executable, os.path.abspath(__file__), str(port), str(i),
-       str(tmp_path)],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for i in range(2)]
-  outputs = [worker.communicate(timeout=400)[0] for worker in workers]
-  for worker, output in zip(workers, outputs):
-    assert worker.returncode == 0, output
+  outputs = run_two_processes(__file__, tmp_path)
   for process in (0, 1):
     with open(tmp_path / f"restored_{process}.json") as f:
       assert json.load(f) == {"step": 2, "on_disk": ["2", "4"]}

@@ -26,6 +26,23 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def run_two_processes(script: str, *args) -> list[str]:
+  """Runs `python script PORT PROCESS_ID *args` as processes 0 and 1 of one
+  JAX job of 4 CPU devices each; their outputs, once both succeeded."""
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  workers = [subprocess.Popen(
+      [sys.executable, os.path.abspath(script), str(port), str(i),
+       *map(str, args)],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+  outputs = [worker.communicate(timeout=400)[0] for worker in workers]
+  for worker, output in zip(workers, outputs):
+    assert worker.returncode == 0, output
+  return outputs
+
+
 def _flat_params(state) -> dict[str, np.ndarray]:
   import jax  # pylint: disable=g-import-not-at-top
   from omnismola.train import optim  # pylint: disable=g-import-not-at-top
@@ -64,17 +81,7 @@ def _config(data_dir):
 def test_two_processes_train_evaluate_and_one_restores(synthetic_data_dir,
                                                        tmp_path):
   from omnismola.train import trainer  # pylint: disable=g-import-not-at-top
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  workers = [subprocess.Popen(
-      [sys.executable, os.path.abspath(__file__), str(port), str(i),
-       str(tmp_path), str(synthetic_data_dir)],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for i in range(2)]
-  for worker in workers:
-    output, _ = worker.communicate(timeout=400)
-    assert worker.returncode == 0, output
+  run_two_processes(__file__, tmp_path, synthetic_data_dir)
 
   with open(tmp_path / "train_metrics.jsonl") as f:
     assert len(f.readlines()) == STEPS  # Process 0 alone writes metrics.
