@@ -57,19 +57,20 @@ def resolve_step_dir(location: str) -> epath.Path:
   return path / str(max(steps))
 
 
-def agree_with_checkpoint(config) -> None:
-  """Makes config.model agree with config.init.checkpoint's saved model.
+def agree_with_checkpoint(config, checkpoint: str | None = None) -> None:
+  """Makes config.model agree with a checkpoint's saved model.
 
-  In place, and only when init.checkpoint is set: the decoder's vocab_size
-  becomes the checkpoint's; a shape that differs otherwise is an InputError
-  naming the fields (build.agree_with_checkpoint). Runs before anything is
-  built or written.
+  In place, for `checkpoint` (default: config.init.checkpoint, if set): the
+  decoder's vocab_size becomes the checkpoint's; a shape that differs
+  otherwise is an InputError naming the fields (build.agree_with_checkpoint).
+  Runs before anything is built or written.
   """
-  if not config.init.checkpoint:
+  checkpoint = checkpoint or config.init.checkpoint
+  if not checkpoint:
     return
   from omnismola import pretrained  # pylint: disable=g-import-not-at-top
   try:
-    step_dir = resolve_step_dir(config.init.checkpoint)
+    step_dir = resolve_step_dir(checkpoint)
   except FileNotFoundError as e:
     raise errors.InputError(str(e)) from None
   saved = pretrained.read_config(step_dir)["model"]

@@ -7,6 +7,7 @@ model is rebuilt from arrays), `create_state` (sharded init from shapes),
 import contextlib
 import dataclasses
 import functools
+import os
 import signal
 from typing import Any, Callable
 
@@ -575,11 +576,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return run_eval(step, state) if config.eval.at_end else {}
 
 
-def check_model_inputs(config, pipeline) -> None:
-  """config.model made to agree with config.init.checkpoint (in place), and
-  the vocabulary checked against it, before anything is built or written;
-  a mismatch is an InputError naming the fields."""
-  init_lib.agree_with_checkpoint(config)
+def check_model_inputs(config, pipeline, checkpoint: str | None = None
+                       ) -> None:
+  """config.model made to agree with `checkpoint` (default
+  config.init.checkpoint; in place), and the vocabulary checked against it,
+  before anything is built or written; a mismatch is an InputError naming
+  the fields."""
+  init_lib.agree_with_checkpoint(config, checkpoint)
   try:
     build.check_vocabulary_fits(config.model,
                                 pipeline.get_vocabulary(config.data),
@@ -596,8 +599,9 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   """
   from omnismola.data import pipeline  # TensorFlow only from here on.
 
-  check_model_inputs(config, pipeline)
   workdir = storage.path(workdir)
+  # The model is the workdir's when it has a checkpoint, else init's.
+  check_model_inputs(config, pipeline, _own_checkpoint(workdir))
   mesh = partitioning.make_mesh(dict(config.mesh))
   pipeline.prepare(config.data)
   # No optimizer state unless a training state is restored: nothing is
@@ -624,6 +628,14 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   restored = ckpt.restore_latest(abstract)
   ckpt.close()
   return run_eval(restored.step, restored.state)
+
+
+def _own_checkpoint(workdir) -> str | None:
+  """The newest finished step directory of `workdir`, or None."""
+  try:
+    return os.fspath(init_lib.resolve_step_dir(os.fspath(workdir)))
+  except FileNotFoundError:
+    return None
 
 
 def _latest_checkpoint(config, workdir: str):
