@@ -38,24 +38,17 @@ from omnismola.train import init as init_lib
 from omnismola.train import logging as log_lib
 
 
-def _step_dir(directory: str) -> str | None:
-  try:
-    return init_lib.resolve_step_dir(directory)
-  except FileNotFoundError:
-    return None
-
-
 def check_model_source(config, workdir: str) -> None:
   """Fails (InputError) unless the workdir or config.init.checkpoint holds
   a checkpoint, so that bad input is found before any work."""
-  if _step_dir(workdir):
+  if init_lib.find_step_dir(workdir):
     return
   if not config.init.checkpoint:
     raise errors.InputError(
         f"No checkpoint in {workdir} to predict with: train first, or pass "
         "--config.init.checkpoint=DIR (e.g. python -m omnismola.convert's "
         "output) to use a pretrained model as it is.")
-  if not _step_dir(config.init.checkpoint):
+  if not init_lib.find_step_dir(config.init.checkpoint):
     raise errors.InputError(f"config.init.checkpoint="
                             f"{config.init.checkpoint!r}: no checkpoint "
                             "there.")
@@ -64,7 +57,7 @@ def check_model_source(config, workdir: str) -> None:
 def load_model(config, workdir: str):
   """The workdir's model, or config.init.checkpoint's with config.experts."""
   check_model_source(config, workdir)
-  if _step_dir(workdir):
+  if init_lib.find_step_dir(workdir):
     if config.init.checkpoint:
       log_lib.print_line(f"Using the checkpoint in {workdir}; it takes "
                          "precedence over config.init.checkpoint="

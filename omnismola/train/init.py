@@ -57,6 +57,14 @@ def resolve_step_dir(location: str) -> epath.Path:
   return path / str(max(steps))
 
 
+def find_step_dir(location) -> epath.Path | None:
+  """resolve_step_dir(location), or None where it holds no checkpoint."""
+  try:
+    return resolve_step_dir(location)
+  except FileNotFoundError:
+    return None
+
+
 def agree_with_checkpoint(config, checkpoint: str | None = None) -> None:
   """Makes config.model agree with a checkpoint's saved model.
 

@@ -7,7 +7,6 @@ model is rebuilt from arrays), `create_state` (sharded init from shapes),
 import contextlib
 import dataclasses
 import functools
-import os
 import signal
 from typing import Any, Callable
 
@@ -601,7 +600,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
 
   workdir = storage.path(workdir)
   # The model is the workdir's when it has a checkpoint, else init's.
-  check_model_inputs(config, pipeline, _own_checkpoint(workdir))
+  check_model_inputs(config, pipeline, init_lib.find_step_dir(workdir))
   mesh = partitioning.make_mesh(dict(config.mesh))
   pipeline.prepare(config.data)
   # No optimizer state unless a training state is restored: nothing is
@@ -628,14 +627,6 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   restored = ckpt.restore_latest(abstract)
   ckpt.close()
   return run_eval(restored.step, restored.state)
-
-
-def _own_checkpoint(workdir) -> str | None:
-  """The newest finished step directory of `workdir`, or None."""
-  try:
-    return os.fspath(init_lib.resolve_step_dir(os.fspath(workdir)))
-  except FileNotFoundError:
-    return None
 
 
 def _latest_checkpoint(config, workdir: str):
