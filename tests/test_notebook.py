@@ -39,7 +39,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   code = [c for c in notebook.cells if c.cell_type == "code"]
   text = lambda cell: "".join(o.get("text", "") for o in cell.outputs)
   train, table, usage, predict = code[1:]
-  assert "Evaluation at step" in text(train)
+  assert "Evaluation of the validation split at step" in text(train)
   (html,) = _outputs(table, "text/html")
   assert html["data"]["text/html"].count("<tr>") == 7  # Header + six tasks.
   assert _outputs(usage, "image/png")
