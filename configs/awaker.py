@@ -40,7 +40,13 @@ routers' training noise (std 0.1 in Awaker's code; forward passes take no
 rng) and LoRA dropout 0.05.
 
 Arguments (comma-separated key=value after a colon): stage (lora), preset
-(small), experts (4), rank (8), frozen_backbone (False).
+(small), experts (4), rank (8), frozen_backbone (False), global_expert
+(True; False drops the always-on global LoRA, to ablate it).
+
+Without the global expert the routed LoRA's output is g · E(x), g the top-1
+softmax probability, which is not renormalised (Awaker's gating): at least
+1/experts, near it for a fresh router. So stage II no longer starts with
+stage I's logits but with its LoRAs on o/gate/up/down scaled down by g.
 """
 from omnismola import config_lib
 
@@ -61,7 +67,8 @@ STAGES = {
 
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg, stage="lora", preset="small", experts=4,
-                              rank=8, frozen_backbone=False)
+                              rank=8, frozen_backbone=False,
+                              global_expert=True)
   config_lib.check_stage(__file__, args.stage, STAGES)
   moe, routers_train, lr = STAGES[args.stage]
   c = config_lib.load_sibling_config(__file__, "mix.py",
@@ -71,7 +78,8 @@ def get_config(arg: str | None = None):
       dict(kind="lora", targets=QKV, **low_rank),
       dict(kind="sparse_lora", targets=MOE_LINEARS,
            num_experts=args.experts, top_k=1, routing="instance",
-           global_expert=True, share_gate=True, **low_rank) if moe else
+           global_expert=args.global_expert, share_gate=True, **low_rank)
+      if moe else
       dict(kind="lora", targets=MOE_LINEARS, **low_rank),
   ]
   trained = r".*/adapters/.*" if args.frozen_backbone else r".*"

@@ -29,6 +29,10 @@ CuMo's code: our balance loss counts all k choices (CuMo counts the top-1
 choice only), and the backbone is a SigLIP-style ViT + Gemma-style decoder
 rather than CLIP + Mistral.
 
+Ablation, upcycled vs scratch experts: `--config.init.upcycle=False` in
+stage vit starts the experts fresh (the routers always are) while
+everything else still loads from the pft workdir.
+
 Default (no arg): stage=pt.
 """
 from omnismola import config_lib

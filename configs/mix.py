@@ -129,6 +129,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.init = dict(
       checkpoint="",  # A workdir or converted checkpoint to start from.
+      # Experts whose dense MLP (or LoRA) the checkpoint has start as copies
+      # of it; False: they keep their fresh initialisation (the
+      # from-scratch baseline of upcycling), the rest still loads.
+      upcycle=True,
       # Noise on experts upcycled from the checkpoint's dense MLPs.
       upcycle_noise_std=0.0,
   )

@@ -38,13 +38,22 @@ built-in synthetic suite on a CPU in minutes.
 Arguments (comma-separated key=value after a colon): stage (single|mole),
 preset (small), experts (K = 4, MoME's Fig. 2), rank (adapter bottleneck,
 64), adt_depth (ADT layers M, 1; MoME: 6), num_tokens (L, 0 = the primary
-encoder's patch count).
+encoder's patch count), encoders (2; 1 = the preset's ViT alone through
+its plain connector, no MoVE), mixer (router: MoVE's soft router; add:
+the branches summed, no router, MoME's "add" baseline; two encoders only).
+
+MoVE ablation, one encoder vs two added vs two routed:
+
+  python -m omnismola.main --config=configs/mome.py:encoders=1 --workdir=/tmp/mome/one
+  python -m omnismola.main --config=configs/mome.py:mixer=add --workdir=/tmp/mome/add
+  python -m omnismola.main --config=configs/mome.py --workdir=/tmp/mome/router
 
 Default (no arg): stage=single.
 """
 import dataclasses
 
 from omnismola import config_lib
+from omnismola.models.connectors import MOVE_MIXERS
 from omnismola.models.vit import ViTConfig
 
 # The FFN of every decoder layer: MoLE's adapters sit beside these blocks.
@@ -66,15 +75,27 @@ def second_encoder(primary: ViTConfig) -> ViTConfig:
 
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg, stage="single", preset="small", experts=4,
-                              rank=64, adt_depth=1, num_tokens=0)
+                              rank=64, adt_depth=1, num_tokens=0, encoders=2,
+                              mixer="router")
   config_lib.check_stage(__file__, args.stage, STAGES)
+  if args.encoders not in (1, 2):
+    raise ValueError(f"configs/mome.py: encoders={args.encoders}; expected 1 "
+                     "(the preset's ViT alone) or 2 (plus the stand-in "
+                     "second encoder).")
+  if args.mixer not in MOVE_MIXERS or (args.encoders == 1 and
+                                       args.mixer != "router"):
+    raise ValueError(f"configs/mome.py: mixer={args.mixer!r}; expected one "
+                     f"of {MOVE_MIXERS}, with encoders=2 (one encoder has "
+                     "nothing to mix).")
   c = config_lib.load_sibling_config(__file__, "mix.py",
                                      f"preset={args.preset}")
-  primary = ViTConfig(**c.model.vit)
-  c.model.connector = "move"
-  c.model.extra_vits = (dataclasses.asdict(second_encoder(primary)),)
-  c.model.move.num_tokens = args.num_tokens
-  c.model.move.adt_depth = args.adt_depth
+  if args.encoders == 2:
+    primary = ViTConfig(**c.model.vit)
+    c.model.connector = "move"
+    c.model.extra_vits = (dataclasses.asdict(second_encoder(primary)),)
+    c.model.move.num_tokens = args.num_tokens
+    c.model.move.adt_depth = args.adt_depth
+    c.model.move.mixer = args.mixer
   c.experts = [dict(kind="sparse_lora", targets=DECODER_MLPS,
                     num_experts=STAGES[args.stage] or args.experts,
                     rank=args.rank, top_k=1, routing="instance",

@@ -61,6 +61,13 @@ Arguments (comma-separated key=value after a colon):
   top_k=K         experts per token (default 2)
   moe_layers=F    fraction of each tower's layers, from the bottom, that are
                   MoE (default 0.5; at least one layer)
+  moe=M           which modalities get experts, VL-MoE's ablation (default
+                  both): `both` (ViT MoE, decoder image and text pools),
+                  `text` (decoder text pool only; image tokens keep the
+                  dense MLP, `dense_fallback`, docs/experts.md; dense ViT),
+                  `image` (ViT MoE and the decoder image pool; text tokens
+                  keep the dense MLP) or `none` (dense, no experts). With
+                  `text`, `config.experts[0]` is the decoder's entry.
 
 The layer split is computed from the depth here: change depth with
 `depth=`, not `--config.model.decoder.depth`, or the targets stay put.
@@ -80,24 +87,36 @@ def lower_layers(tower: str, depth: int, fraction: float) -> str:
   return rf"{tower}/layers/({'|'.join(map(str, range(count)))})/mlp"
 
 
+# moe= -> the modalities that get experts.
+MOE_MODALITIES = {"both": ("image", "text"), "text": ("text",),
+                  "image": ("image",), "none": ()}
+
+
 def get_config(arg: str | None = None):
   args = config_lib.parse_arg(arg, preset="small", depth=0, experts=4,
-                              top_k=2, moe_layers=0.5)
+                              top_k=2, moe_layers=0.5, moe="both")
+  if args.moe not in MOE_MODALITIES:
+    raise ValueError(f"configs/vlmoe.py: moe={args.moe!r}; expected one of "
+                     f"{sorted(MOE_MODALITIES)}.")
+  modalities = MOE_MODALITIES[args.moe]
   c = config_lib.load_sibling_config(__file__, "mix.py",
                                      f"preset={args.preset}")
   if args.depth:
     c.model.vit.depth = c.model.decoder.depth = args.depth
   moe = dict(kind="sparse_moe", top_k=args.top_k, renormalize=True)
-  c.experts = [
-      dict(moe, targets=lower_layers("vit", c.model.vit.depth,
-                                     args.moe_layers),
-           num_experts=args.experts, dispatch="capacity",
-           capacity_factor=1.25, batch_priority=True),
-      dict(moe, targets=lower_layers("decoder", c.model.decoder.depth,
-                                     args.moe_layers),
-           pools=dict(image=args.experts, text=args.experts),
-           dispatch="dropless"),
-  ]
+  vit = dict(moe, targets=lower_layers("vit", c.model.vit.depth,
+                                       args.moe_layers),
+             num_experts=args.experts, dispatch="capacity",
+             capacity_factor=1.25, batch_priority=True)
+  decoder = dict(moe, targets=lower_layers("decoder", c.model.decoder.depth,
+                                           args.moe_layers),
+                 pools={m: args.experts for m in modalities},
+                 dispatch="dropless")
+  if len(modalities) == 1:
+    # The other modality's tokens keep the dense FFN rather than none.
+    decoder["dense_fallback"] = True
+  c.experts = (([vit] if "image" in modalities else []) +
+               ([decoder] if modalities else []))
   c.train.steps = 300
   c.train.aux_loss_weights = dict(balance_loss=0.01, z_loss=0.001)
   return c.lock()

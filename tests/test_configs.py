@@ -1,9 +1,13 @@
 """The papers' configs: each stage builds and trains; stages chain."""
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from omnismola import config_lib
 from omnismola.train import trainer
@@ -158,3 +162,113 @@ def test_mome_stages_chain_and_copy_the_adapter_into_every_expert(
 def test_mome_rejects_an_unknown_stage():
   with pytest.raises(ValueError, match="unknown stage"):
     config_lib.load_config_file("configs/mome.py:stage=sft")
+
+
+def _initial_model(c, checkpoint: str):
+  """The model a run of config `c` starts from, initialised from the
+  workdir `checkpoint` as `init.checkpoint` does."""
+  mesh = trainer.partitioning.make_mesh(dict(c.mesh))
+  init_fn, abstract, parts = trainer.create_state(
+      c, mesh, trainer.optim.make_optimizer(c.train))
+  state = trainer.init_lib.load_partial(
+      checkpoint, init_fn(jax.random.key(c.seed)), abstract,
+      upcycle=c.init.upcycle)
+  return parts.merge(state.params, state.frozen)
+
+
+def _random_batch(c, batch=4, prompt=8, suffix=8):
+  """Random images and byte tokens, no padding."""
+  keys = jax.random.split(jax.random.key(0), 2)
+  size = c.model.vit.image_size
+  text = jax.random.randint(keys[1], (batch, prompt + suffix), 3, 259)
+  return dict(image=jax.random.uniform(keys[0], (batch, size, size, 3),
+                                       minval=-1, maxval=1),
+              text=text, mask_ar=(jnp.arange(prompt + suffix) >= prompt
+                                  ).astype(jnp.int32) * jnp.ones_like(text),
+              mask_input=jnp.ones_like(text))
+
+
+@pytest.mark.slow
+def test_awaker_stage_two_starts_with_stage_ones_logits_with_global_expert(
+    synthetic_data_dir, tmp_path):
+  """Upcycled with the global expert (g + (1 - g) = 1), stage II's first
+  forward pass is stage I's last model's, so its first loss is stage I's;
+  without it (global_expert=False) the LoRAs are scaled by g < 1."""
+  lora = _tiny("configs/awaker.py:stage=lora,preset=tiny", synthetic_data_dir)
+  trainer.train_and_evaluate(lora, str(tmp_path))
+  batch = _random_batch(lora)
+  logits = lambda model: nnx.jit(lambda m, b: m(**b))(model, batch)
+  want = logits(_initial_model(lora, str(tmp_path)))
+  got = {}
+  for global_expert in (True, False):
+    c = _tiny(f"configs/awaker.py:stage=moe,preset=tiny,"
+              f"global_expert={global_expert}", synthetic_data_dir)
+    c.init.checkpoint = str(tmp_path)
+    got[global_expert] = logits(_initial_model(c, c.init.checkpoint))
+  np.testing.assert_allclose(got[True], want, atol=1e-5)
+  loss = lambda logits: float(jnp.mean(
+      optax.softmax_cross_entropy_with_integer_labels(
+          logits[:, :-1], batch["text"][:, 1:])))
+  assert loss(got[True]) == pytest.approx(loss(want), abs=1e-5)
+  assert np.abs(got[False] - want).max() > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arg,connector", [
+    ("encoders=1", {"proj"}),
+    ("mixer=add", {"vit", "vit_1"}),
+    ("mixer=router", {"vit", "vit_1", "router"}),
+])
+def test_mome_encoder_ablation_trains(arg, connector, synthetic_data_dir,
+                                      tmp_path):
+  """One encoder (the preset's connector), two added, two routed."""
+  c = _tiny(f"configs/mome.py:preset=tiny,{arg}", synthetic_data_dir,
+            steps=1)
+  trainer.train_and_evaluate(c, str(tmp_path))
+  params = ocp.StandardCheckpointer().restore(
+      f"{tmp_path}/checkpoints/1/state")["params"]
+  assert set(params["connector"]) == connector
+  assert ("vit_1" in params) == (arg != "encoders=1")
+
+
+@pytest.mark.parametrize("arg", ["encoders=3", "mixer=sum",
+                                 "encoders=1,mixer=add"])
+def test_mome_rejects_a_bad_encoder_ablation(arg):
+  with pytest.raises(ValueError, match="configs/mome.py"):
+    config_lib.load_config_file(f"configs/mome.py:{arg}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moe,pools", [
+    ("both", ("image", "text")), ("text", ("text",)), ("image", ("image",)),
+    ("none", ())])
+def test_vlmoe_modality_ablation_has_exactly_its_pools(moe, pools,
+                                                       synthetic_data_dir,
+                                                       tmp_path):
+  """Experts only where `moe=` puts them: the decoder's layer 0 routes among
+  4 experts per pool and keeps the dense MLP (at the dense block's paths)
+  for a modality without one; the ViT's layer 0 is MoE with image experts."""
+  c = _tiny(f"configs/vlmoe.py:preset=tiny,depth=2,moe={moe}",
+            synthetic_data_dir, steps=1)
+  trainer.train_and_evaluate(c, str(tmp_path))
+  params = ocp.StandardCheckpointer().restore(
+      f"{tmp_path}/checkpoints/1/state")["params"]
+  towers = {tower: set(params[tower]) & {"layers", "layers_0_1"}
+            for tower in ("vit", "decoder")}
+  assert towers == {"vit": {"layers_0_1" if "image" in pools else "layers"},
+                    "decoder": {"layers_0_1" if pools else "layers"}}
+  if pools:
+    mlp = params["decoder"]["layers_0_1"]["mlp"]
+    assert mlp["router"].shape[-1] == 4 * len(pools)
+    # [layers, experts, width, mlp_dim].
+    assert mlp["layers"]["gate"]["kernel"].shape[1] == 4 * len(pools)
+    dense = {"gate", "up", "down"} if len(pools) == 1 else set()
+    assert set(mlp) == {"router", "layers"} | dense
+  if "image" in pools:
+    assert params["vit"]["layers_0_1"]["mlp"]["router"].shape[-1] == 4
+    assert "fc1" in params["vit"]["layers_1_2"]["mlp"]
+
+
+def test_vlmoe_rejects_an_unknown_moe_value():
+  with pytest.raises(ValueError, match="moe='vision'.*image"):
+    config_lib.load_config_file("configs/vlmoe.py:moe=vision")

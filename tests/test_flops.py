@@ -48,6 +48,11 @@ SETTINGS = {
     "sparse_moe": ([dict(kind="sparse_moe", targets=MLP_BLOCKS,
                          num_experts=4, top_k=2, tile=1)],
                    r".*/mlp/(router|layers/.*)"),
+    # VL-MoE's text-only MoE: image tokens through the dense MLP beside.
+    "sparse_moe_dense_fallback": (
+        [dict(kind="sparse_moe", targets=r"decoder/layers/\d+/mlp",
+              pools=dict(text=4), top_k=2, tile=1, dense_fallback=True)],
+        r".*"),
     "sparse_lora_instance": ([dict(kind="sparse_lora",
                                    targets=r"decoder/layers/\d+/mlp",
                                    num_experts=4, top_k=4, rank=4,
@@ -59,7 +64,8 @@ SETTINGS = {
 MAX_EXCESS = {"tiny": 0.12, "small": 0.07}
 CASES = ([(preset, setting) for preset in sorted(MAX_EXCESS)
           for setting in ("full", "lora", "smola")] +
-         [("small", "sparse_moe"), ("tiny", "sparse_lora_instance"),
+         [("small", "sparse_moe"), ("small", "sparse_moe_dense_fallback"),
+          ("tiny", "sparse_lora_instance"),
           ("tiny", "sparse_lora_token")])
 BATCH, TEXT_LEN = 8, 24
 
@@ -173,6 +179,14 @@ def test_sparse_moe_costs_router_and_top_k_dense_mlps():
     block_tokens = (config.vit.num_patches if block.startswith("vit")
                     else tokens)
     assert routed[f"{block}/router"].forward == 2 * block_tokens * width * 4
+  # The dense MLP beside one modality's pool runs on every token, once.
+  fallback = _ops([dict(moe, pools=dict(text=4), num_experts=None,
+                        dense_fallback=True)], r".*")
+  for name in ("gate", "up", "down"):
+    op = f"decoder/layers/0/mlp/{name}"
+    assert fallback[op] == routed[op]
+    assert fallback[f"decoder/layers/0/mlp/dense/{name}"].forward == (
+        dense[op].forward)
   # The capacity factor changes nothing: dispatch is not counted.
   capacity = _ops([dict(moe, targets=r"vit/layers/\d+/mlp",
                         dispatch="capacity", capacity_factor=2.0)], r".*")

@@ -113,10 +113,11 @@ def _router_loop(p, instance):
                                p["out"]), axis=-1)
 
 
-def _connector_and_inputs(num_tokens=9, adt_depth=2, seed=0):
+def _connector_and_inputs(num_tokens=9, adt_depth=2, seed=0, mixer="router"):
   connector = make_connector(
       "move", "connector", ENCODERS, DECODER_WIDTH,
-      move=MoVEConfig(num_tokens=num_tokens, adt_depth=adt_depth),
+      move=MoVEConfig(num_tokens=num_tokens, adt_depth=adt_depth,
+                      mixer=mixer),
       make_linear=layers.make_dense, make_mlp=layers.make_mlp,
       rngs=nnx.Rngs(seed))
   graphdef, state = nnx.split(connector)
@@ -157,6 +158,21 @@ def test_connector_equals_the_weighted_loop_of_its_branches():
 
   # A random projection of the outputs [2, 9, 8] makes them one scalar
   # whose gradients the helper compares.
+  w = jax.random.normal(jax.random.key(7), (2, 9, DECODER_WIDTH))
+  scalar = lambda f: jax.jit(lambda params, x: jnp.sum(f(params, x) * w))
+  checks.assert_values_and_grads_close(scalar(run), scalar(reference),
+                                       params, features)
+
+
+def test_add_mixer_sums_the_branches_without_a_router():
+  """MoME's "add" baseline: F = sum_i f_i, values and gradients."""
+  run, params, features, _ = _connector_and_inputs(mixer="add")
+  assert set(params) == set(ENCODERS)  # No router parameters.
+
+  def reference(params, features):
+    return sum(_branch_loop(params[name], x, encoder, side=3)
+               for (name, encoder), x in zip(ENCODERS.items(), features))
+
   w = jax.random.normal(jax.random.key(7), (2, 9, DECODER_WIDTH))
   scalar = lambda f: jax.jit(lambda params, x: jnp.sum(f(params, x) * w))
   checks.assert_values_and_grads_close(scalar(run), scalar(reference),
@@ -294,14 +310,17 @@ def test_config_dict_round_trip_and_errors():
     presets.get_preset("tiny", extra_vits=(SECOND_ENCODER,))
   with pytest.raises(ValueError, match="model.move.num_tokens=8 .* square"):
     MoVEConfig(num_tokens=8)
+  with pytest.raises(ValueError, match="model.move.mixer='sum'.*'add'"):
+    MoVEConfig(mixer="sum")
   with pytest.raises(ValueError, match="Unknown connector 'moe'.*'move'"):
     VLM(presets.get_preset("tiny", connector="moe"), rngs=nnx.Rngs(0))
 
 
-def test_flop_formula_matches_xla_for_two_encoders():
+@pytest.mark.parametrize("mixer", ["router", "add"])
+def test_flop_formula_matches_xla_for_two_encoders(mixer):
   """As tests/test_flops.py: the formula's matrix products are at most
   XLA's count, which exceeds them by the elementwise share only."""
-  config = _two_encoder_config(num_tokens=9)
+  config = _two_encoder_config(num_tokens=9, mixer=mixer)
   model = VLM(config, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   batch = _batch(config, batch=8, prompt=12, suffix=12)

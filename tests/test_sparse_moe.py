@@ -10,6 +10,7 @@ from flax import nnx
 
 from omnismola.experts import dispatch
 from omnismola.experts import sparse
+from omnismola.models import layers
 from omnismola.models.layers import TokenInfo
 from omnismola.train import partitioning
 
@@ -261,6 +262,45 @@ def test_modality_pools_route_only_within_their_pool():
                          y[np.asarray(tokens.is_text)])
 
 
+@pytest.mark.parametrize("modality", ["image", "text"])
+@pytest.mark.parametrize("activation", ["geglu", "gelu"])
+def test_dense_fallback_serves_the_modality_without_a_pool(modality,
+                                                           activation):
+  """VL-MoE's one-modality MoE: the pooled modality routes as before; the
+  other tokens (and padding) go through the dense MLP at the block's own
+  paths, as a dense block would compute them; without it they get 0."""
+  pools = {modality: 3}
+  options = dict(num_experts=None, pools=pools, top_k=2,
+                 activation=activation)
+  graphdef, state = _moe(dense_fallback=True, **options)
+  params = nnx.to_pure_dict(state)
+  dense_names = {"geglu": {"gate", "up", "down"}, "gelu": {"fc1", "fc2"}}
+  assert set(params) == {"router", "layers"} | dense_names[activation]
+  tokens, x = _tokens(), _x()
+  y, aux = checks.apply_with(graphdef, state, params, x, tokens)
+  routes, kept = _route(params, x, tokens, pools, 2)
+  routed = np.zeros((B, T), bool)
+  routed[tuple(np.array(list(routes)).T)] = True
+  want = _reference(params, x, routes, kept, activation)
+  np.testing.assert_allclose(y[routed], want[routed], rtol=1e-4, atol=1e-4)
+  dense_graphdef, dense_state = nnx.split(layers.make_mlp(
+      "mlp", WIDTH, MLP, activation=activation, make_linear=layers.make_dense,
+      rngs=nnx.Rngs(0)))
+  dense_y, _ = checks.apply_with(
+      dense_graphdef, dense_state,
+      {name: params[name] for name in dense_names[activation]}, x, tokens)
+  np.testing.assert_allclose(y[~routed], dense_y[~routed], rtol=1e-4,
+                             atol=1e-4)
+  assert np.abs(np.asarray(y[~routed])).min() > 0
+  assert float(aux.dropped_fraction) == 0.0
+  # The same module without the fallback: 0 where no pool serves.
+  plain_graphdef, plain_state = _moe(**options)
+  plain = {k: params[k] for k in ("router", "layers")}
+  plain_y, _ = checks.apply_with(plain_graphdef, plain_state, plain, x, tokens)
+  np.testing.assert_array_equal(plain_y[~routed], 0.0)
+  np.testing.assert_allclose(plain_y[routed], y[routed], rtol=1e-6)
+
+
 @pytest.mark.parametrize("pools", [dict(all=4), dict(image=3, text=2)])
 def test_losses_and_stats_equal_hand_computation(pools):
   graphdef, state = _moe(num_experts=None, pools=pools)
@@ -317,6 +357,8 @@ def test_experts_sharded_over_the_expert_axis_give_the_same_result(kind):
     (dict(num_experts=1), "at least top_k"),
     (dict(num_experts=4, dispatch="dropples"), "Unknown sparse MoE dispatch"),
     (dict(num_experts=4, activation="relu"), "unknown activation"),
+    (dict(num_experts=None, pools=dict(image=2, text=2), dense_fallback=True),
+     "dense_fallback serves the modality without a pool"),
 ])
 def test_bad_options_fail_clearly(options, message):
   with pytest.raises(ValueError, match=message):

@@ -67,3 +67,43 @@ def test_moe_model_upcycles_from_a_dense_run(synthetic_data_dir, tmp_path):
         np.testing.assert_array_equal(experts[:, e], parent)
   # The step runs from there.
   trainer.train_and_evaluate(c, str(tmp_path / "moe"))
+
+
+def test_upcycle_false_keeps_fresh_experts_and_loads_the_rest(
+    synthetic_data_dir, tmp_path):
+  """init.upcycle=False (CuMo's from-scratch ablation): the MoE experts keep
+  their fresh initialisation; every parameter the dense run has loads."""
+  dense = tmp_path / "dense"
+  trainer.train_and_evaluate(tiny_config(synthetic_data_dir, steps=2),
+                             str(dense))
+  saved = trainer.init_lib.flatten_by_path(
+      trainer.init_lib.ocp.StandardCheckpointer().restore(
+          str(dense / "checkpoints" / "2" / "state"))["params"])
+  c = _moe_config(synthetic_data_dir, steps=1)
+  mesh = trainer.partitioning.make_mesh(dict(c.mesh))
+  init_fn, abstract, _ = trainer.create_state(
+      c, mesh, trainer.optim.make_optimizer(c.train))
+  fresh = init_fn(jax.random.key(0))
+  flat = lambda state: trainer.init_lib.flatten_by_path(state.params)
+  loaded = {}
+  for upcycle in (True, False):
+    c.init.upcycle = upcycle
+    loaded[upcycle] = flat(trainer.init_lib.load_partial(
+        str(dense), fresh, abstract, upcycle=c.init.upcycle))
+  for tower, names in (("vit", ("fc1", "fc2")),
+                       ("decoder", ("gate", "up", "down"))):
+    for name in names:
+      parent = np.asarray(saved[f"{tower}/layers/mlp/{name}/kernel"])
+      expert = f"{tower}/layers/mlp/layers/{name}/kernel"  # [depth, E, ...]
+      for e in range(4):
+        np.testing.assert_array_equal(loaded[True][expert][:, e], parent)
+        assert np.abs(loaded[False][expert][:, e] - parent).max() > 1e-3
+      np.testing.assert_array_equal(loaded[False][expert],
+                                    flat(fresh)[expert])
+  backbone = [k for k in loaded[False] if k in saved]
+  assert "decoder/layers/attn/q/kernel" in backbone
+  assert "vit/embedding/kernel" in backbone
+  for key in backbone:
+    np.testing.assert_array_equal(loaded[False][key], saved[key])
+  assert set(loaded[False]) - set(backbone) == {
+      k for k in loaded[False] if "/mlp/layers/" in k or "/mlp/router" in k}

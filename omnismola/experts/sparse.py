@@ -11,7 +11,10 @@ image experts and text tokens only among the text experts: one router
 kernel, softmax restricted to the token's pool, which is the same as a
 separate router per pool. All experts live in one [E, ...] array (pools are
 consecutive ranges, in sorted pool order) so one dispatch serves every pool
-and the `expert` logical axis shards them all.
+and the `expert` logical axis shards them all. Tokens of a modality without
+a pool get 0 from the block, or with `dense_fallback` go through a dense
+MLP kept at the dense block's own paths (VL-MoE's text-only or image-only
+MoE ablations: the other modality keeps its dense FFN).
 
 Dispatch (see dispatch.py): `capacity` (fixed slots per expert per sequence,
 overflow dropped, optional batch-priority fill order) or `dropless`, which
@@ -32,7 +35,7 @@ from flax import nnx
 
 from omnismola.experts import dispatch as dispatch_lib
 from omnismola.experts import routing
-from omnismola.models.layers import TokenInfo, record_usage
+from omnismola.models.layers import Dense, TokenInfo, record_usage
 
 POOLS = ("all", "image", "text")
 DISPATCHES = ("capacity", "dropless", "ragged", "blocked")
@@ -183,6 +186,26 @@ def expert_mlp(weights: dict, activation: str, h: jax.Array,
   return layer("fc2", gelu(layer("fc1", h)))
 
 
+def dense_linear(h: jax.Array, kernel: jax.Array,
+                 bias: jax.Array | None) -> jax.Array:
+  """One linear map on every row: `expert_mlp`'s `linear` for a dense MLP."""
+  y = h.astype(kernel.dtype) @ kernel
+  return y if bias is None else y + bias
+
+
+def layer_shapes(activation: str, width: int, mlp_dim: int,
+                 out_features: int) -> dict[str, tuple]:
+  """{layer name: (in, out, logical axes, use_bias)} of an MLP's layers."""
+  return {name: ((width, mlp_dim, ("embed", "mlp")) if from_width
+                 else (mlp_dim, out_features, ("mlp", "embed"))) + (use_bias,)
+          for name, from_width, use_bias in ACTIVATIONS[activation]}
+
+
+def linear_weights(layer) -> tuple[jax.Array, jax.Array | None]:
+  """(kernel, bias or None) of an `ExpertLinear` or a `Dense`."""
+  return layer.kernel[...], None if layer.bias is None else layer.bias[...]
+
+
 def resolve_dispatch(name: str) -> str:
   """"dropless" is ragged_dot on GPU/TPU and the blocked einsum on CPU."""
   if name not in DISPATCHES:
@@ -219,9 +242,6 @@ class ExpertLinear(nnx.Module):
                            logical_axes=("expert", axes[1]))
                  if use_bias else None)
 
-  def weights(self):
-    return self.kernel[...], None if self.bias is None else self.bias[...]
-
 
 class SparseMoE(nnx.Module):
   """Top-k routed MLP experts: `y, aux = moe(x [B, T, width], tokens)`.
@@ -239,7 +259,7 @@ class SparseMoE(nnx.Module):
     num_experts: experts of the single shared pool; or give `pools`.
     pools: experts per pool, dict(all=n) (the default with num_experts) or
       dict(image=n, text=m) for modality-split pools (either may be absent;
-      its tokens then get no expert).
+      its tokens then get no expert, see `dense_fallback`).
     top_k: experts per token.
     capacity_factor: capacity dispatch only; each expert has
       ceil(capacity_factor * T * top_k / E_pool) slots per sequence.
@@ -257,6 +277,11 @@ class SparseMoE(nnx.Module):
       sequence's tokens compete for slots: a later token can push an
       earlier one out, and cached decoding would route differently from
       training), so it is refused here.
+    dense_fallback: tokens no pool serves (those of a modality without a
+      pool, and padding) go through a dense MLP instead of getting 0. Its
+      layers live where the dense block's do (`<path>/gate/kernel`, ...),
+      so a dense checkpoint loads into them; it runs on every token, its
+      output kept where no expert is. Needs a modality without a pool.
     rngs: initialisation.
   """
 
@@ -267,7 +292,7 @@ class SparseMoE(nnx.Module):
                activation: str = "geglu", renormalize: bool = True,
                batch_priority: bool = False, tile: int | None = None,
                out_features: int | None = None, causal: bool = False,
-               rngs: nnx.Rngs):
+               dense_fallback: bool = False, rngs: nnx.Rngs):
     if (num_experts is None) == (pools is None):
       raise ValueError(f"{path}: give exactly one of num_experts (one shared "
                        "pool) and pools (e.g. dict(image=8, text=8)).")
@@ -282,6 +307,10 @@ class SparseMoE(nnx.Module):
     if activation not in ACTIVATIONS:
       raise ValueError(f"{path}: unknown activation {activation!r}; expected "
                        f"one of {sorted(ACTIVATIONS)}.")
+    if dense_fallback and set(pools) not in ({"image"}, {"text"}):
+      raise ValueError(f"{path}: dense_fallback serves the modality without "
+                       f"a pool; pools {pools} leave none (give "
+                       "dict(image=n) or dict(text=m)).")
     if resolve_dispatch(dispatch) == "capacity" and causal:  # Checks typos.
       raise ValueError(
           f"{path}: dispatch='capacity' is not causal (tokens of a sequence "
@@ -306,14 +335,18 @@ class SparseMoE(nnx.Module):
     init = jax.nn.initializers.lecun_normal()
     self.router = nnx.Param(init(rngs.params(), (width, self.num_experts)),
                             logical_axes=("embed", "expert"))
+    shapes = layer_shapes(activation, width, mlp_dim, out_features or width)
     self.layers = nnx.Dict({
-        name: ExpertLinear(self.num_experts,
-                           *((width, mlp_dim) if from_width
-                             else (mlp_dim, out_features or width)),
-                           axes=(("embed", "mlp") if from_width
-                                 else ("mlp", "embed")),
+        name: ExpertLinear(self.num_experts, d_in, d_out, axes=axes,
                            use_bias=use_bias, rngs=rngs)
-        for name, from_width, use_bias in ACTIVATIONS[activation]})
+        for name, (d_in, d_out, axes, use_bias) in shapes.items()})
+    # Attributes named as the dense block's layers, so their parameters
+    # have its paths and a dense checkpoint loads into them.
+    self.dense_layers = tuple(shapes) if dense_fallback else ()
+    for name in self.dense_layers:
+      d_in, d_out, axes, use_bias = shapes[name]
+      setattr(self, name, Dense(f"{path}/{name}", d_in, d_out, axes=axes,
+                                use_bias=use_bias, rngs=rngs))
 
   def __call__(self, x: jax.Array, tokens: TokenInfo):
     token_pool = pool_of_tokens(tokens, self.pool_names)
@@ -331,7 +364,7 @@ class SparseMoE(nnx.Module):
     record_usage(self, jnp.sum(jax.nn.one_hot(experts, self.num_experts) *
                                gates[..., None], axis=-2))
     expert_fn = functools.partial(
-        expert_mlp, {name: layer.weights() for name, layer in
+        expert_mlp, {name: linear_weights(layer) for name, layer in
                      self.layers.items()}, self.activation)
 
     kind = resolve_dispatch(self.dispatch)
@@ -340,6 +373,11 @@ class SparseMoE(nnx.Module):
     else:
       y = self._dropless(kind, x, experts, gates, routed, expert_fn)
       kept = jnp.ones(experts.shape, bool)
+    if self.dense_layers:
+      dense = expert_mlp({name: linear_weights(getattr(self, name))
+                          for name in self.dense_layers},
+                         self.activation, x, dense_linear)
+      y = jnp.where(routed[..., None], y, dense)
     probs = probs * routed[..., None]
     aux = routing_aux(logits, probs, experts, routed, allowed,
                       jnp.asarray(self.pool_size, jnp.float32), kept)

@@ -11,7 +11,8 @@ like MLP blocks (aux {module path: aux}, {} without routers).
   one to one (L = N).
 * `move` (MoME's MoVE) mixes two or more encoders: per encoder an adaptive
   transformation (ADT) to L tokens and a projection, then an instance-level
-  soft router weighs the encoders (`MoVEConnector`).
+  soft router weighs the encoders (`MoVEConnector`), or, with
+  `model.move.mixer='add'` (MoME's baseline), the branches are summed.
 
 CuMo's MoE connector is not a kind of its own: the `mlp` connector builds
 its block through the MLP factory at `connector/mlp`, so a `sparse_moe`
@@ -34,6 +35,10 @@ from omnismola.models.layers import (LinearFactory, MlpFactory, TokenInfo,
 from omnismola.models.vit import ViTConfig
 
 
+# How the `move` connector combines its branches (`MoVEConfig.mixer`).
+MOVE_MIXERS = ("router", "add")
+
+
 @dataclasses.dataclass(frozen=True)
 class MoVEConfig:
   """Options of the `move` connector (`model.move`).
@@ -45,10 +50,14 @@ class MoVEConfig:
     adt_depth: M, layers of each encoder's adaptive transformation (MoME
       uses 6; 1 keeps the CPU default small).
     router_dim: hidden width of the router MLP; 0 = the decoder width.
+    mixer: how the encoders' branches combine: "router" (MoME's MoVE, the
+      instance-level soft router) or "add" (their plain sum, no router:
+      MoME's "add" baseline).
   """
   num_tokens: int = 0
   adt_depth: int = 1
   router_dim: int = 0
+  mixer: str = "router"
 
   def __post_init__(self):
     if self.num_tokens < 0 or math.isqrt(self.num_tokens)**2 != self.num_tokens:
@@ -60,6 +69,9 @@ class MoVEConfig:
     if self.router_dim < 0:
       raise ValueError(f"model.move.router_dim={self.router_dim} must be "
                        ">= 1, or 0 for the decoder width.")
+    if self.mixer not in MOVE_MIXERS:
+      raise ValueError(f"model.move.mixer={self.mixer!r}; expected one of "
+                       f"{MOVE_MIXERS}.")
 
 
 def _single_encoder(kind: str, encoders: dict[str, ViTConfig]) -> ViTConfig:
@@ -259,7 +271,8 @@ class MoVEConnector(nnx.Module):
   `tokens.instance` (the mean embedding of the prompt: our stand-in for
   MoME's Sentence-BERT embedding of the instruction). While recording
   (`layers.recording_usage`) it keeps the weights [B, L, encoders] as its
-  `usage` intermediate.
+  `usage` intermediate. With `move.mixer='add'` there is no router and
+  F = sum_i f_i.
   """
 
   def __init__(self, path: str, encoders: dict[str, ViTConfig],
@@ -277,13 +290,21 @@ class MoVEConnector(nnx.Module):
       setattr(self, name, MoVEBranch(
           f"{path}/{name}", encoder, num_tokens, move.adt_depth, out_features,
           make_linear=make_linear, make_mlp=make_mlp, rngs=rngs))
-    self.router = InstanceRouter(f"{path}/router", out_features,
-                                 move.router_dim or out_features,
-                                 len(encoders), make_linear=make_linear,
-                                 rngs=rngs)
+    self.router = (InstanceRouter(f"{path}/router", out_features,
+                                  move.router_dim or out_features,
+                                  len(encoders), make_linear=make_linear,
+                                  rngs=rngs)
+                   if move.mixer == "router" else None)
 
   def __call__(self, features: tuple[jax.Array, ...], tokens: TokenInfo):
     """One feature map per encoder -> ([B, L, d_dec], aux)."""
+    branches, aux = [], {}
+    for name, x in zip(self.names, features, strict=True):
+      y, branch_aux = getattr(self, name)(x, tokens)
+      branches.append(y)
+      aux.update(branch_aux)
+    if self.router is None:  # mixer="add".
+      return sum(branches), aux
     if tokens.instance is None:
       raise ValueError("connector='move' routes by TokenInfo.instance (the "
                        "prompt's mean embedding); embed_image needs it.")
@@ -291,11 +312,8 @@ class MoVEConnector(nnx.Module):
     record_usage(self, jnp.broadcast_to(
         weights[:, None], (weights.shape[0], tokens.valid.shape[1],
                            weights.shape[1])))
-    mixed, aux = 0.0, {}
-    for i, (name, x) in enumerate(zip(self.names, features, strict=True)):
-      y, branch_aux = getattr(self, name)(x, tokens)
-      mixed = mixed + weights[:, i, None, None].astype(y.dtype) * y
-      aux.update(branch_aux)
+    mixed = sum(weights[:, i, None, None].astype(y.dtype) * y
+                for i, y in enumerate(branches))
     return mixed, aux
 
 

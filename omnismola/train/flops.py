@@ -19,7 +19,8 @@ Forward, per example, with N image tokens and L text tokens:
     counted because the model computes it; masked entries are not skipped.
     MoVE's cross-attention (N queries over an encoder's P patches) costs
     2·N·P·H·D each, its adaptive pooling two products with constant
-    matrices, its router two linears on one vector per example;
+    matrices, its router (none with `move.mixer='add'`) two linears on one
+    vector per example;
   * LoRA of rank r on a linear: x·A then h·B, 2·r·(d_in + d_out) per token;
   * SMoLA, as `experts/smola.py` computes it, per pool of n experts with p
     slots each, rank r, on every token of the layer (masks multiply, they do
@@ -28,10 +29,11 @@ Forward, per example, with N image tokens and L text tokens:
     (tokens from slots), both in rank space, 2·n·p·r each;
   * a sparse MoE block (`sparse_moe`, replacing an MLP block) on every
     token: its router 2·width·E, and k times the replaced dense MLP's
-    products (each token's k expert copies). Dispatch is left out: the
-    one-hot einsums of capacity dispatch, the padding rows of blocked
-    dropless dispatch, the gate-weighted sum; and the count is the same
-    whatever the capacity factor (as if no copy were dropped);
+    products (each token's k expert copies), and once more with
+    `dense_fallback` (its dense MLP runs on every token). Dispatch is left
+    out: the one-hot einsums of capacity dispatch, the padding rows of
+    blocked dropless dispatch, the gate-weighted sum; and the count is the
+    same whatever the capacity factor (as if no copy were dropped);
   * routed LoRA experts (`sparse_lora`, beside a linear layer or an MLP
     block): the router, 2·d_in·E per token, or 2·width·E once per example
     with instance routing (on the prompt's mean embedding); x·A·B of the k
@@ -306,22 +308,31 @@ def _mlp_block(model, path, width, mlp_dim, tokens, x_dep, *, activation,
 
 def _sparse_moe(model, path, width, mlp_dim, d_out, tokens, x_dep, *,
                 activation, top_k=2, num_experts=None, pools=None,
-                **dispatch_options):
-  """experts/sparse.py's router and each token's k expert MLPs (weights at
-  `<path>/layers/<name>/`); dispatch not counted (module docstring)."""
+                dense_fallback=False, **dispatch_options):
+  """experts/sparse.py's router, each token's k expert MLPs (weights at
+  `<path>/layers/<name>/`) and, with `dense_fallback`, the dense MLP on
+  every token (weights at `<path>/<name>/`); dispatch not counted (module
+  docstring)."""
   del dispatch_options  # Capacity, dispatch kind, tile...: no products.
   experts = num_experts or sum(pools.values())
   router = model.trained(f"{path}/router")
 
-  def expert_layer(name, d_in, d_out, x_dep, bias):
-    weights = f"{path}/layers/{name}"
-    kernel = model.trained(f"{weights}/kernel")
-    return [_product(f"{path}/{name}", top_k * tokens * d_in * d_out, x_dep,
-                     kernel)], (x_dep or kernel or
-                                (bias and model.trained(f"{weights}/bias")))
+  def mlp_layers(weights, label, copies):
+    """(products, output dep) of `copies` MLPs per token whose layer <name>
+    has its weights at `<weights>/<name>`; products named `<label>/<name>`."""
 
-  ops, y_dep = _mlp_layers(expert_layer, activation, width, mlp_dim, d_out,
-                           x_dep)
+    def layer(name, d_in, d_out, x_dep, bias):
+      kernel = model.trained(f"{weights}/{name}/kernel")
+      bias_dep = bias and model.trained(f"{weights}/{name}/bias")
+      return [_product(f"{label}/{name}", copies * tokens * d_in * d_out,
+                       x_dep, kernel)], x_dep or kernel or bias_dep
+
+    return _mlp_layers(layer, activation, width, mlp_dim, d_out, x_dep)
+
+  ops, y_dep = mlp_layers(f"{path}/layers", path, top_k)
+  if dense_fallback:  # Its products named apart from the experts'.
+    dense_ops, dense_dep = mlp_layers(path, f"{path}/dense", 1)
+    ops, y_dep = ops + dense_ops, y_dep or dense_dep
   return [_product(f"{path}/router", tokens * width * experts, x_dep,
                    router)] + ops, y_dep or router
 
@@ -437,13 +448,15 @@ def _connector(model, config, encoder_deps, instance_dep):
                       out_features=width)
   if config.connector != "move":
     raise ValueError(f"No FLOP count for connector {config.connector!r}.")
-  router = "connector/router"
-  hidden_width = config.move.router_dim or width
-  hidden, hidden_dep = _linear(model, f"{router}/hidden", width, hidden_width,
-                               1, instance_dep, bias=True)
-  out, dep = _linear(model, f"{router}/out", hidden_width,
-                     len(config.encoders), 1, hidden_dep, bias=True)
-  ops = hidden + out
+  ops, dep = [], False
+  if config.move.mixer == "router":
+    router = "connector/router"
+    hidden_width = config.move.router_dim or width
+    hidden, hidden_dep = _linear(model, f"{router}/hidden", width,
+                                 hidden_width, 1, instance_dep, bias=True)
+    out, dep = _linear(model, f"{router}/out", hidden_width,
+                       len(config.encoders), 1, hidden_dep, bias=True)
+    ops = hidden + out
   for name, vit in config.encoders.items():
     branch, branch_dep = _move_branch(
         model, f"connector/{name}", vit, tokens, config.move.adt_depth, width,

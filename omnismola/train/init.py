@@ -10,7 +10,9 @@ co-upcycling) starts with every expert a copy of that MLP
 (`experts/upcycle.py`), optionally with noise; its router stays fresh.
 Likewise a `sparse_lora` adapter where the checkpoint has a `lora` at the
 same layer (Awaker2.5-VL's stage II) starts with every expert, and its
-global expert, a copy of that LoRA.
+global expert, a copy of that LoRA. With `upcycle=False` (`init.upcycle`,
+the from-scratch baseline of upcycling ablations such as CuMo's) those
+experts keep their fresh initialisation instead; the rest still loads.
 """
 import os
 import re
@@ -193,7 +195,7 @@ def _shape_mismatch(step_dir, key: str, there, here) -> str:
           "checkpoint's model).")
 
 
-def load_partial(path: str, state, abstract_state, *,
+def load_partial(path: str, state, abstract_state, *, upcycle: bool = True,
                  upcycle_noise_std: float = 0.0, seed: int = 0):
   """Returns `state` with params/frozen replaced where the checkpoint has them.
 
@@ -201,7 +203,7 @@ def load_partial(path: str, state, abstract_state, *,
   error: silently re-initialising a mismatched layer hides config mistakes.
   Experts of MoE blocks that replace a dense MLP of the checkpoint, and of
   sparse_lora adapters where it has a LoRA, are upcycled from those (see
-  module docstring).
+  module docstring), or with `upcycle=False` keep their fresh values.
   """
   step_dir = resolve_step_dir(path)
   model = {**flatten_by_path(state.params), **flatten_by_path(state.frozen)}
@@ -213,10 +215,20 @@ def load_partial(path: str, state, abstract_state, *,
                          seed=seed),
       **upcycled_lora_experts(source, model, noise_std=upcycle_noise_std,
                               seed=seed)}
+  if upcycle:
+    source.update(upcycled)
+  else:
+    # The checkpoint may hold other-shaped arrays at those paths (a
+    # one-expert sparse_lora): fresh experts must not load them either.
+    for key in upcycled:
+      source.pop(key, None)
   if upcycled:
-    log_lib.print_line(f"Upcycled {len(upcycled)} expert arrays from dense "
-                       "MLPs and LoRAs of the checkpoint.")
-  source.update(upcycled)
+    log_lib.print_line(
+        f"Upcycled {len(upcycled)} expert arrays from dense MLPs and LoRAs "
+        "of the checkpoint." if upcycle else
+        f"init.upcycle=False: {len(upcycled)} expert arrays keep their fresh "
+        "initialisation rather than copy dense MLPs and LoRAs of the "
+        "checkpoint.")
 
   loaded, fresh = [], []
 

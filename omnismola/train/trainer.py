@@ -505,6 +505,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if config.init.checkpoint:
       state = init_lib.load_partial(
           config.init.checkpoint, state, abstract,
+          upcycle=config.init.upcycle,
           upcycle_noise_std=config.init.upcycle_noise_std, seed=config.seed)
 
   pipeline.prepare(config.data)
@@ -614,8 +615,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
                        "as it is (zero-shot, step 0).")
     state = init_lib.load_partial(
         config.init.checkpoint, init_fn(jax.random.key(config.seed)),
-        abstract, upcycle_noise_std=config.init.upcycle_noise_std,
-        seed=config.seed)
+        abstract, upcycle=config.init.upcycle,
+        upcycle_noise_std=config.init.upcycle_noise_std, seed=config.seed)
     return run_eval(0, state)
   if config.init.checkpoint:
     log_lib.print_line(f"Evaluating the workdir's checkpoint of step {latest}"
