@@ -75,7 +75,7 @@ def test_smola_lora_rank_matches_smola_trained_parameters():
   runs = {r.name: r for r in smola.runs(settings)}
   lora = study.cost(runs["lora/seed0"].config)["trainable_params"]
   target = study.cost(runs["smola/seed0"].config)["trainable_params"]
-  rank = runs["lora/seed0"].config.experts[0].rank
+  rank = runs["lora/seed0"].config.experts[0]["rank"]
   per_rank = lora / rank
   assert abs(lora - target) <= per_rank / 2
   # Specialists: the task's share of the batch, the same steps.

@@ -18,8 +18,11 @@ Stage II copies stage I's LoRA into every expert (and the global expert),
 so with the global expert it starts from stage I's function: the report
 sets stage II's first training loss beside stage I's last ones (every
 step is logged in those runs; the batches differ, so they agree within
-stage I's step-to-step spread, not exactly). Scores are on the
-validation split; nothing was tuned.
+stage I's step-to-step spread, not exactly).
+
+Scale: the `small` preset, batch 32, S = 300 steps; one seed by default
+(--seeds=N runs N). Scores are on the validation split; nothing was
+tuned.
 """
 import functools
 
@@ -30,7 +33,7 @@ from omnismola.data import mixtures
 from omnismola.experiments import study
 
 TASKS = tuple(mixtures.task_names(mixtures.SYNTHETIC_MIX))
-FULL = study.Scale(preset="small", batch_size=32, steps=250,
+FULL = study.Scale(preset="small", batch_size=32, steps=300,
                    eval_examples=256, max_new_tokens=32)
 # Stage I's final steps whose losses give the spread stage II is set
 # against.
@@ -103,4 +106,4 @@ def continuity(results: list[dict]) -> str:
 if __name__ == "__main__":
   app.run(functools.partial(
       study.main, runs, tables, TASKS,
-      "Awaker2.5-VL: staged routed LoRA experts", 2, notes=continuity))
+      "Awaker2.5-VL: staged routed LoRA experts", 1, notes=continuity))

@@ -15,6 +15,8 @@ every arm then starts from it with the same steps:
 | scratch | the same MoE, experts freshly initialised (`init.upcycle=False`) |
 | upcycled_no_aux, scratch_no_aux | the same without the auxiliary losses |
 
+Scale: the `small` preset, batch 32; the dense model trains 600 steps,
+every arm 300 more; one seed by default (--seeds=N runs N of each arm).
 Every arm uses stage vit's learning rate (5e-4). Scores are on the
 validation split; nothing was tuned.
 """
@@ -76,4 +78,4 @@ def tables(settings: study.Settings) -> list[study.Table]:
 if __name__ == "__main__":
   app.run(functools.partial(
       study.main, runs, tables, TASKS,
-      "CuMo: co-upcycled MoE blocks vs MoE from scratch", 2))
+      "CuMo: co-upcycled MoE blocks vs MoE from scratch", 1))

@@ -14,6 +14,8 @@ narrower one with half its patch size (a finer grid of the same image).
 | two_added | mixer=add: the encoders' adapted tokens summed |
 | two_routed | the default: MoVE's soft router over the instruction |
 
+Scale: the `small` preset, 400 steps of batch 32 per arm; one seed by
+default (--seeds=N runs N).
 Scores are on the validation split; nothing was tuned.
 """
 import functools
@@ -24,7 +26,7 @@ from omnismola.data import mixtures
 from omnismola.experiments import study
 
 TASKS = tuple(mixtures.task_names(mixtures.SYNTHETIC_MIX))
-FULL = study.Scale(preset="small", batch_size=32, steps=500,
+FULL = study.Scale(preset="small", batch_size=32, steps=400,
                    eval_examples=256, max_new_tokens=32)
 ARMS = {
     "one_encoder": "encoders=1",
@@ -54,4 +56,4 @@ def tables(settings: study.Settings) -> list[study.Table]:
 if __name__ == "__main__":
   app.run(functools.partial(
       study.main, runs, tables, TASKS,
-      "MoME: a mixture of vision encoders", 2))
+      "MoME: a mixture of vision encoders", 1))

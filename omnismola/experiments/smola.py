@@ -23,11 +23,12 @@ top of smola's, as the paper's specialists start from its generalist.
 Ablations (smola's budget, base frozen): pools at 12 experts in all (all
 only; text + image; text + image + all) and experts per pool (1, 4, 16).
 
---seeds (default 3) applies to the generalists and specialists; the
-ablations take one seed. Learning rates are fixed, not tuned: 3e-4 for
-full fine-tuning, 1e-3 for adapters. Scores are on the validation split
-(256 examples per task). `--arms=full,specialists` measures task
-interference alone.
+Scale: the `small` preset; the base trains 600 steps of batch 48, every
+arm 200 steps of batch 48 (a specialist: batch 8). --seeds (default 3)
+applies to the generalists and specialists; the ablations take one seed.
+Learning rates are fixed, not tuned: 3e-4 for full fine-tuning, 1e-3 for
+adapters. Scores are on the validation split (256 examples per task).
+`--arms=full,specialists` measures task interference alone.
 """
 import functools
 
