@@ -320,27 +320,36 @@ def markdown_table(summaries: Sequence[ArmSummary],
 
 def plot(summaries: Sequence[ArmSummary], tasks: Sequence[str], title: str,
          path) -> None:
-  """Grouped bars: per task and the average, one bar per arm, sd whiskers."""
+  """One panel per task and one for the average (each on its own scale:
+  CIDEr dwarfs accuracies), a bar per arm, sd whiskers."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  groups = [short_task(t) for t in tasks] + ["average"]
-  figure = Figure(figsize=(1.2 + 1.1 * len(groups), 3.6))
-  axes = figure.subplots()
-  width = 0.8 / max(1, len(summaries))
-  for i, s in enumerate(summaries):
-    means = [s.mean.get(t, np.nan) for t in tasks] + [s.average]
-    sds = [s.sd.get(t, np.nan) for t in tasks] + [s.average_sd]
-    x = np.arange(len(groups)) + (i - (len(summaries) - 1) / 2) * width
-    axes.bar(x, means, width, yerr=np.nan_to_num(sds), label=s.arm,
-             capsize=2)
-  axes.set_xticks(np.arange(len(groups)), groups)
-  axes.set_ylabel("score (task metric)")
-  axes.set_title(title)
-  axes.legend(fontsize="small", ncols=2)
-  figure.tight_layout()
+  from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
+  panels = [(short_task(t), [s.mean.get(t, np.nan) for s in summaries],
+             [s.sd.get(t, np.nan) for s in summaries]) for t in tasks]
+  panels.append(("average", [s.average for s in summaries],
+                 [s.average_sd for s in summaries]))
+  figure = Figure(figsize=(2.0 * len(panels), 3.4))
+  axes = figure.subplots(1, len(panels))
+  colors = [f"C{i}" for i in range(len(summaries))]
+  for ax, (name, means, sds) in zip(axes, panels):
+    ax.bar(range(len(summaries)), means, yerr=np.nan_to_num(sds),
+           color=colors, capsize=2)
+    finite = [m for m in means if np.isfinite(m)]
+    if finite:  # Zoom on the differences between arms.
+      low, high = min(finite), max(finite)
+      pad = max(high - low, 0.05 * abs(high), 1e-3)
+      ax.set_ylim(max(0.0, low - pad), high + pad)
+    ax.set_title(name, fontsize="medium")
+    ax.set_xticks([])
+  figure.legend([Patch(color=c) for c in colors],
+                [s.arm for s in summaries], loc="lower center",
+                ncols=min(len(summaries), 6), fontsize="small")
+  figure.suptitle(title)
+  figure.tight_layout(rect=(0, 0.1, 1, 1))
   buffer = io.BytesIO()
-  figure.savefig(buffer, format="png", dpi=110)
+  figure.savefig(buffer, format="png", dpi=100)
   storage.path(path).write_bytes(buffer.getvalue())
 
 
