@@ -29,10 +29,8 @@ import functools
 import numpy as np
 from absl import app
 
-from omnismola.data import mixtures
 from omnismola.experiments import study
 
-TASKS = tuple(mixtures.task_names(mixtures.SYNTHETIC_MIX))
 FULL = study.Scale(preset="small", batch_size=32, steps=300,
                    eval_examples=256, max_new_tokens=32)
 # Stage I's final steps whose losses give the spread stage II is set
@@ -105,5 +103,5 @@ def continuity(results: list[dict]) -> str:
 
 if __name__ == "__main__":
   app.run(functools.partial(
-      study.main, runs, tables, TASKS,
+      study.main, runs, tables, study.TASKS,
       "Awaker2.5-VL: staged routed LoRA experts", 1, notes=continuity))

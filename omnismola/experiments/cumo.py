@@ -24,10 +24,8 @@ import functools
 
 from absl import app
 
-from omnismola.data import mixtures
 from omnismola.experiments import study
 
-TASKS = tuple(mixtures.task_names(mixtures.SYNTHETIC_MIX))
 FULL = study.Scale(preset="small", batch_size=32, steps=300,
                    eval_examples=256, max_new_tokens=32)
 # The dense model trains this many times an arm's steps.
@@ -77,5 +75,5 @@ def tables(settings: study.Settings) -> list[study.Table]:
 
 if __name__ == "__main__":
   app.run(functools.partial(
-      study.main, runs, tables, TASKS,
+      study.main, runs, tables, study.TASKS,
       "CuMo: co-upcycled MoE blocks vs MoE from scratch", 1))

@@ -34,11 +34,9 @@ import functools
 
 from absl import app
 
-from omnismola.data import mixtures
 from omnismola.experiments import study
 
-MIXTURE = mixtures.SYNTHETIC_MIX
-TASKS = tuple(mixtures.task_names(MIXTURE))
+TASKS = study.TASKS
 # Every linear layer of the decoder blocks (as configs/mix.py).
 DECODER_LINEARS = r"decoder/layers/\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))"
 ADAPTERS = r".*/adapters/.*"

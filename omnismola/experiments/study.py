@@ -38,7 +38,12 @@ from omnismola import config_lib
 from omnismola import errors
 from omnismola import row_layout
 from omnismola import storage
+from omnismola.data import mixtures
 from omnismola.train import flops
+
+# Every study trains and scores on the built-in synthetic suite.
+MIXTURE = mixtures.SYNTHETIC_MIX
+TASKS = tuple(mixtures.task_names(MIXTURE))
 
 # The repository's configs/: studies are the papers' configs plus changes.
 CONFIGS_DIR = os.path.join(
@@ -143,6 +148,18 @@ def load_config(name: str, arg: str = "") -> ml_collections.ConfigDict:
         "configs/, so run them from a clone installed with `pip install -e`.")
   return config_lib.load_config_file(f"{path}:{arg}" if arg else path
                                      ).unlock()
+
+
+def runs_from_arguments(settings: Settings, scale: Scale, config_file: str,
+                        shared: str, arms: dict[str, str]) -> list[Run]:
+  """One run from scratch per arm and seed: `config_file` with the scale's
+  preset, the `shared` arguments and the arm's own (config-file
+  arguments, e.g. "moe=text")."""
+  return [Run(f"{arm}/seed{seed}", arm, seed,
+              configure(load_config(config_file,
+                                    f"preset={scale.preset},{shared},{arg}"),
+                        scale, settings, seed=seed))
+          for seed in range(settings.seeds) for arm, arg in arms.items()]
 
 
 def cost(config) -> dict:

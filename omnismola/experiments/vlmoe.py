@@ -23,10 +23,8 @@ import functools
 
 from absl import app
 
-from omnismola.data import mixtures
 from omnismola.experiments import study
 
-TASKS = tuple(mixtures.task_names(mixtures.SYNTHETIC_MIX))
 FULL = study.Scale(preset="small", batch_size=32, steps=300,
                    eval_examples=256, max_new_tokens=32)
 ARMS = {
@@ -40,15 +38,9 @@ ARMS = {
 
 
 def runs(settings: study.Settings) -> list[study.Run]:
-  scale = study.QUICK if settings.quick else FULL
-  out = []
-  for seed in range(settings.seeds):
-    for arm, arg in ARMS.items():
-      c = study.load_config("vlmoe.py",
-                            f"preset={scale.preset},top_k=1,{arg}")
-      out.append(study.Run(f"{arm}/seed{seed}", arm, seed,
-                           study.configure(c, scale, settings, seed=seed)))
-  return out
+  return study.runs_from_arguments(
+      settings, study.QUICK if settings.quick else FULL, "vlmoe.py",
+      "top_k=1", ARMS)
 
 
 def tables(settings: study.Settings) -> list[study.Table]:
@@ -64,6 +56,6 @@ def tables(settings: study.Settings) -> list[study.Table]:
 
 if __name__ == "__main__":
   app.run(functools.partial(
-      study.main, runs, tables, TASKS,
+      study.main, runs, tables, study.TASKS,
       "VL-MoE: modality-specific sparse experts at equal activated compute",
       1))

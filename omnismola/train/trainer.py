@@ -487,99 +487,102 @@ def train_and_evaluate(config, workdir: str) -> dict:
   init_fn, abstract, parts = create_state(config, mesh, optimizer)
   _log_parameter_counts(abstract, check_replication(config, parts, mesh))
 
-  ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints",
-                                     keep=config.train.keep_checkpoints)
-  # A config that changes what the run trains stops it here, before
-  # anything is written.
-  restored = ckpt.restore_latest(
-      abstract, check_config=functools.partial(resume.resumed_config, config))
-  writer = log_lib.MetricWriter(workdir)
-  # Lines after the restored step (or all, without one) are a dead run's;
-  # process 0 alone writes the file.
-  if writer.enabled:
-    log_lib.truncate_after(writer.path, restored.step if restored else 0)
-  if restored is not None:
-    state, data_state = restored.state, restored.data
-    config = resume.resumed_config(config, restored.config, restored.step)
-    # Its schedule may start anew (train.extend); the optimizer state's
-    # structure does not depend on the schedule.
-    optimizer = optim.make_optimizer(config.train)
-    log_lib.print_line(f"Resuming from the checkpoint of step "
-                       f"{restored.step}.")
-  else:
-    state, data_state = init_fn(jax.random.key(config.seed)), None
-    if config.init.checkpoint:
-      state = init_lib.load_partial(
-          config.init.checkpoint, state, abstract,
-          upcycle=config.init.upcycle,
-          upcycle_noise_std=config.init.upcycle_noise_std, seed=config.seed)
+  # Closed however the run ends, so that no save or read is left to
+  # orbax's threads at exit (a failed start printed their traceback).
+  with contextlib.closing(checkpoint_lib.Checkpointer(
+      workdir / "checkpoints", keep=config.train.keep_checkpoints)) as ckpt:
+    # A config that changes what the run trains stops it here, before
+    # anything is written.
+    restored = ckpt.restore_latest(
+        abstract, check_config=functools.partial(resume.resumed_config, config))
+    writer = log_lib.MetricWriter(workdir)
+    # Lines after the restored step (or all, without one) are a dead run's;
+    # process 0 alone writes the file.
+    if writer.enabled:
+      log_lib.truncate_after(writer.path, restored.step if restored else 0)
+    if restored is not None:
+      state, data_state = restored.state, restored.data
+      config = resume.resumed_config(config, restored.config, restored.step)
+      # Its schedule may start anew (train.extend); the optimizer state's
+      # structure does not depend on the schedule.
+      optimizer = optim.make_optimizer(config.train)
+      log_lib.print_line(f"Resuming from the checkpoint of step "
+                         f"{restored.step}.")
+    else:
+      state, data_state = init_fn(jax.random.key(config.seed)), None
+      if config.init.checkpoint:
+        state = init_lib.load_partial(
+            config.init.checkpoint, state, abstract,
+            upcycle=config.init.upcycle,
+            upcycle_noise_std=config.init.upcycle_noise_std, seed=config.seed)
 
-  pipeline.prepare(config.data)
-  batch_size = config.train.batch_size
-  # Hosts holding the same batch rows read the same shard (host_shards.py).
-  shard = host_shards.host_shard(mesh, rules, batch_size)
-  train_iter = pipeline.make_train_iterator(
-      config.data, global_batch_size=batch_size, seed=config.seed,
-      shard_index=shard.index, shard_count=shard.count, state=data_state)
-  put_batch = make_put_batch(mesh, rules, shard)
-  train_step = jit_train_step(config, parts, optimizer, abstract,
-                              len(task_names))
+    pipeline.prepare(config.data)
+    batch_size = config.train.batch_size
+    # Hosts holding the same batch rows read the same shard (host_shards.py).
+    shard = host_shards.host_shard(mesh, rules, batch_size)
+    train_iter = pipeline.make_train_iterator(
+        config.data, global_batch_size=batch_size, seed=config.seed,
+        shard_index=shard.index, shard_count=shard.count, state=data_state)
+    put_batch = make_put_batch(mesh, rules, shard)
+    train_step = jit_train_step(config, parts, optimizer, abstract,
+                                len(task_names))
 
-  run_eval = _make_eval_runner(config, workdir, parts, mesh, pipeline)
-  guard = NonFiniteGuard(int(config.train.max_nonfinite_steps))
-  total = int(config.train.steps)
-  step = int(jax.device_get(state.step))
-  tokens, row_flops = row_cost(config)
-  progress = log_lib.Progress(
-      step, total, batch_size, tokens_per_row=tokens,
-      flops_per_row=row_flops, num_devices=jax.device_count(),
-      peak_flops=flops_lib.peak_flops(jax.devices()[0].device_kind))
-  trace = profiler.StepTrace(int(config.profile.first_step),
-                             int(config.profile.steps),
-                             workdir / "profile")
-  pending: list[dict] = []
-  # Saves the loop's current step and state (read when called).
-  save = lambda: ckpt.save(step, state, train_iter.get_state(),
-                           config.to_dict())
-  # Pending asynchronous saves complete however the loop ends. Activations
-  # are pinned to their logical sharding wherever the step is traced.
-  with (_StopSignal() as stop, contextlib.closing(ckpt),
-        contextlib.closing(writer), contextlib.closing(trace),
-        layers.activation_sharding(
-            partitioning.activation_sharding(mesh, rules))):
-    while step < total and not stop.requested:
-      trace.before_step(step + 1)
-      state, metrics = train_step(state, put_batch(next(train_iter)))
-      step += 1
-      trace.after_step(step, metrics)
-      guard.observe(step, metrics["nonfinite"])
-      pending.append(metrics)
-      if step == progress.first_step + 1:  # Exclude compilation from rates.
-        jax.block_until_ready(metrics)
-        progress.start(step)
-      if step % config.train.log_every == 0 or step == total:
-        scalars = summarize(pending, task_names)
-        scalars.update(progress.update(step, scalars["examples_per_step"]))
-        scalars.update(log_lib.peak_memory())
-        # Cumulative over-length counts of every host's input (a collective).
-        scalars.update(pipeline.over_length_metrics(
-            config.data, checkpoint_lib.all_process_states(
-                train_iter.get_state())))
-        pending = []
-        writer.write(step, scalars)
-        log_lib.print_line(progress.line(step, scalars["loss"],
-                                         scalars.get("examples_per_sec")))
-      if step % config.train.checkpoint_every == 0 or step == total:
+    run_eval = _make_eval_runner(config, workdir, parts, mesh, pipeline)
+    guard = NonFiniteGuard(int(config.train.max_nonfinite_steps))
+    total = int(config.train.steps)
+    step = int(jax.device_get(state.step))
+    tokens, row_flops = row_cost(config)
+    progress = log_lib.Progress(
+        step, total, batch_size, tokens_per_row=tokens,
+        flops_per_row=row_flops, num_devices=jax.device_count(),
+        peak_flops=flops_lib.peak_flops(jax.devices()[0].device_kind))
+    trace = profiler.StepTrace(int(config.profile.first_step),
+                               int(config.profile.steps),
+                               workdir / "profile")
+    pending: list[dict] = []
+    # Saves the loop's current step and state (read when called).
+    save = lambda: ckpt.save(step, state, train_iter.get_state(),
+                             config.to_dict())
+    # Activations are pinned to their logical sharding wherever the step
+    # is traced.
+    with (_StopSignal() as stop, contextlib.closing(writer),
+          contextlib.closing(trace),
+          layers.activation_sharding(
+              partitioning.activation_sharding(mesh, rules))):
+      while step < total and not stop.requested:
+        trace.before_step(step + 1)
+        state, metrics = train_step(state, put_batch(next(train_iter)))
+        step += 1
+        trace.after_step(step, metrics)
+        guard.observe(step, metrics["nonfinite"])
+        pending.append(metrics)
+        if step == progress.first_step + 1:  # Exclude compilation from rates.
+          jax.block_until_ready(metrics)
+          progress.start(step)
+        if step % config.train.log_every == 0 or step == total:
+          scalars = summarize(pending, task_names)
+          scalars.update(progress.update(step, scalars["examples_per_step"]))
+          scalars.update(log_lib.peak_memory())
+          # Cumulative over-length counts of every host's input (a collective).
+          scalars.update(pipeline.over_length_metrics(
+              config.data, checkpoint_lib.all_process_states(
+                  train_iter.get_state())))
+          pending = []
+          writer.write(step, scalars)
+          log_lib.print_line(progress.line(step, scalars["loss"],
+                                           scalars.get("examples_per_sec")))
+        if step % config.train.checkpoint_every == 0 or step == total:
+          save()
+        if config.eval.every and step % config.eval.every == 0 and step < total:
+          run_eval(step, state)
+      guard.flush()
+      if stop.requested and step < total:
         save()
-      if config.eval.every and step % config.eval.every == 0 and step < total:
-        run_eval(step, state)
-    guard.flush()
-    if stop.requested and step < total:
-      save()
-      log_lib.print_line(f"Stopped by SIGTERM at step {step}; checkpoint "
-                         "saved. Re-run the same command to resume.")
-      return {}
-  return run_eval(step, state) if config.eval.at_end else {}
+        ckpt.wait()
+        log_lib.print_line(f"Stopped by SIGTERM at step {step}; checkpoint "
+                           "saved. Re-run the same command to resume.")
+        return {}
+    return run_eval(step, state) if config.eval.at_end else {}
 
 
 def check_model_inputs(config, pipeline, checkpoint: str | None = None
