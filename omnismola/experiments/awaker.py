@@ -24,10 +24,7 @@ Scale: the `small` preset, batch 32, S = 300 steps; one seed by default
 (--seeds=N runs N). Scores are on the validation split; nothing was
 tuned.
 """
-import functools
-
 import numpy as np
-from absl import app
 
 from omnismola.experiments import study
 
@@ -102,6 +99,5 @@ def continuity(results: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-  app.run(functools.partial(
-      study.main, runs, tables, study.TASKS,
-      "Awaker2.5-VL: staged routed LoRA experts", 1, notes=continuity))
+  study.run_command(runs, tables, "Awaker2.5-VL: staged routed LoRA experts",
+                    1, notes=continuity)

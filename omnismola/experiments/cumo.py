@@ -20,9 +20,6 @@ every arm 300 more; one seed by default (--seeds=N runs N of each arm).
 Every arm uses stage vit's learning rate (5e-4). Scores are on the
 validation split; nothing was tuned.
 """
-import functools
-
-from absl import app
 
 from omnismola.experiments import study
 
@@ -74,6 +71,5 @@ def tables(settings: study.Settings) -> list[study.Table]:
 
 
 if __name__ == "__main__":
-  app.run(functools.partial(
-      study.main, runs, tables, study.TASKS,
-      "CuMo: co-upcycled MoE blocks vs MoE from scratch", 1))
+  study.run_command(runs, tables,
+                    "CuMo: co-upcycled MoE blocks vs MoE from scratch", 1)

@@ -18,9 +18,6 @@ Scale: the `small` preset, 400 steps of batch 32 per arm; one seed by
 default (--seeds=N runs N).
 Scores are on the validation split; nothing was tuned.
 """
-import functools
-
-from absl import app
 
 from omnismola.experiments import study
 
@@ -46,6 +43,4 @@ def tables(settings: study.Settings) -> list[study.Table]:
 
 
 if __name__ == "__main__":
-  app.run(functools.partial(
-      study.main, runs, tables, study.TASKS,
-      "MoME: a mixture of vision encoders", 1))
+  study.run_command(runs, tables, "MoME: a mixture of vision encoders", 1)

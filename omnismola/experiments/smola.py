@@ -30,9 +30,6 @@ Learning rates are fixed, not tuned: 3e-4 for full fine-tuning, 1e-3 for
 adapters. Scores are on the validation split (256 examples per task).
 `--arms=full,specialists` measures task interference alone.
 """
-import functools
-
-from absl import app
 
 from omnismola.experiments import study
 
@@ -145,6 +142,6 @@ def tables(settings: study.Settings) -> list[study.Table]:
 
 
 if __name__ == "__main__":
-  app.run(functools.partial(
-      study.main, runs, tables, TASKS,
-      "Omni-SMoLA: soft mixtures of low-rank experts on a frozen base", 3))
+  study.run_command(
+      runs, tables,
+      "Omni-SMoLA: soft mixtures of low-rank experts on a frozen base", 3)

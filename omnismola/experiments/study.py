@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import jax
 import ml_collections
 import numpy as np
+from absl import app
 from absl import flags
 from flax import nnx
 
@@ -49,22 +50,6 @@ TASKS = tuple(mixtures.task_names(MIXTURE))
 CONFIGS_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
         __file__)))), "configs")
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the study writes.")
-_QUICK = flags.DEFINE_bool(
-    "quick", False, "A few steps of the tiny preset: checks the machinery "
-    "(arms built, parameters matched, tables and plots written), not the "
-    "numbers.")
-_ARMS = flags.DEFINE_list(
-    "arms", [], "Arms to run (default: all); the runs they start from run "
-    "too.")
-_SEEDS = flags.DEFINE_integer(
-    "seeds", None, "Seeds of the arms that take several (default: the "
-    "study's; 1 with --quick).")
-_DATA_DIR = flags.DEFINE_string(
-    "tfds_data_dir", None, "config.data.tfds_data_dir of every run (default: "
-    "configs/mix.py's).")
-
 
 class Stopped(Exception):
   """A run was stopped (SIGTERM) with its checkpoint saved."""
@@ -402,35 +387,67 @@ def use_compilation_cache(workdir) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def main(make_runs: Callable[[Settings], list[Run]],
-         make_tables: Callable[[Settings], list[Table]],
-         tasks: Sequence[str], title: str, default_seeds: int,
-         argv: Sequence[str], *,
-         notes: Callable[[list[dict]], str] = lambda results: "") -> None:
+def _define_flags() -> dict:
+  """The study command's flags, defined when a study runs as a command
+  (not at import: omnismola.main defines --workdir too), listed by
+  --help as the command's own."""
+  options = dict(
+      workdir=flags.DEFINE_string("workdir", None, "Where the study writes."),
+      quick=flags.DEFINE_bool(
+          "quick", False, "A few steps of the tiny preset: checks the "
+          "machinery (arms built, parameters matched, tables and plots "
+          "written), not the numbers."),
+      arms=flags.DEFINE_list(
+          "arms", [], "Arms to run (default: all); the runs they start from "
+          "run too."),
+      seeds=flags.DEFINE_integer(
+          "seeds", None, "Seeds of the arms that take several (default: the "
+          "study's; 1 with --quick)."),
+      tfds_data_dir=flags.DEFINE_string(
+          "tfds_data_dir", None, "config.data.tfds_data_dir of every run "
+          "(default: configs/mix.py's)."))
+  for holder in options.values():
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0],
+                                             flags.FLAGS[holder.name])
+  return options
+
+
+def run_command(make_runs: Callable[[Settings], list[Run]],
+                make_tables: Callable[[Settings], list[Table]], title: str,
+                default_seeds: int, *,
+                notes: Callable[[list[dict]], str] = lambda results: ""
+                ) -> None:
   """A study's command: trains what --arms selects, writes the report
   (the tables, then what `notes` says of the results). Bad input and a
   stopped run end it with one line and status 1."""
-  del argv
-  settings = Settings(
-      quick=_QUICK.value,
-      seeds=_SEEDS.value or (1 if _QUICK.value else default_seeds),
-      tfds_data_dir=_DATA_DIR.value)
-  start = time.time()
-  try:
-    if not _WORKDIR.value:
-      raise errors.InputError("--workdir is required.")
-    runs = make_runs(settings)
-    if _ARMS.value:
-      runs = select(runs, _ARMS.value)
-    use_compilation_cache(_WORKDIR.value)
-    results = run_all(runs, _WORKDIR.value)
-  except (errors.InputError, Stopped) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  command = " ".join(["python -m", sys.modules["__main__"].__spec__.name,
-                      *sys.argv[1:]])
-  report = write_report(results, make_tables(settings), tasks,
-                        _WORKDIR.value, title, command, notes(results))
-  print("\n" + report)
-  print(f"\nStudy written to {_WORKDIR.value} in "
-        f"{(time.time() - start) / 60:.1f} minutes.")
+  options = _define_flags()
+
+  def main(argv: Sequence[str]) -> None:
+    del argv
+    value = {name: holder.value for name, holder in options.items()}
+    settings = Settings(
+        quick=value["quick"],
+        seeds=value["seeds"] or (1 if value["quick"] else default_seeds),
+        tfds_data_dir=value["tfds_data_dir"])
+    workdir = value["workdir"]
+    start = time.time()
+    try:
+      if not workdir:
+        raise errors.InputError("--workdir is required.")
+      runs = make_runs(settings)
+      if value["arms"]:
+        runs = select(runs, value["arms"])
+      use_compilation_cache(workdir)
+      results = run_all(runs, workdir)
+    except (errors.InputError, Stopped) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+    command = " ".join(["python -m", sys.modules["__main__"].__spec__.name,
+                        *sys.argv[1:]])
+    report = write_report(results, make_tables(settings), TASKS, workdir,
+                          title, command, notes(results))
+    print("\n" + report)
+    print(f"\nStudy written to {workdir} in "
+          f"{(time.time() - start) / 60:.1f} minutes.")
+
+  app.run(main)

@@ -19,9 +19,6 @@ Scale: the `small` preset, 300 steps of batch 32 per arm; one seed by
 default (--seeds=N runs N).
 Scores are on the validation split; nothing was tuned.
 """
-import functools
-
-from absl import app
 
 from omnismola.experiments import study
 
@@ -55,7 +52,7 @@ def tables(settings: study.Settings) -> list[study.Table]:
 
 
 if __name__ == "__main__":
-  app.run(functools.partial(
-      study.main, runs, tables, study.TASKS,
+  study.run_command(
+      runs, tables,
       "VL-MoE: modality-specific sparse experts at equal activated compute",
-      1))
+      1)
