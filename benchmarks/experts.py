@@ -50,7 +50,8 @@ def machine() -> str:
 
 
 def run(args) -> list[dict]:
-  """One row per (dispatch, pass): seconds and temporary bytes."""
+  """One row per (dispatch, pass): seconds, temporary bytes and the forward
+  loss (sum of squared outputs plus the routers' losses)."""
   batch = args.tokens // args.length
   x = jax.random.normal(jax.random.key(1), (batch, args.length, args.width))
   tokens = TokenInfo.image(batch, args.length)
@@ -72,7 +73,10 @@ def run(args) -> list[dict]:
     fns[kind, "forward"] = loss
     fns[kind, "fwd+bwd"] = jax.grad(loss, argnums=(0, 1))
   results = measure(fns, (params, x), args.repeats)
-  return [dict(dispatch=kind, passes=name, **result)
+  # The forward value beside each time: dropless forms must agree exactly
+  # enough that a faster one is not a wrong one.
+  return [dict(dispatch=kind, passes=name, **result,
+               loss=float(fns[kind, "forward"](params, x)))
           for (kind, name), result in results.items()]
 
 
@@ -92,12 +96,13 @@ def main():
   rows = run(args)
   print(f"machine: {machine()}")
   print("config: " + ", ".join(f"{k}={v}" for k, v in vars(args).items()))
-  print(f"{'dispatch':<10}{'pass':<9}{'ms':>12}{'temp MiB':>12}")
+  print(f"{'dispatch':<10}{'pass':<9}{'ms':>12}{'temp MiB':>12}"
+        f"{'loss':>14}")
   for row in rows:
     temp = row["temp_bytes"]
     temp = "n/a" if temp is None else f"{temp / 2**20:.1f}"
     print(f"{row['dispatch']:<10}{row['passes']:<9}"
-          f"{row['seconds'] * 1e3:>12.1f}{temp:>12}")
+          f"{row['seconds'] * 1e3:>12.1f}{temp:>12}{row['loss']:>14.6g}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Tasks, converter and pipeline on the small synthetic suite of conftest.py."""
 import hashlib
 import json
+import subprocess
+import sys
 import textwrap
 
 import ml_collections
@@ -42,7 +44,19 @@ def _rows(batch: dict) -> list[str]:
           for i in range(len(batch["text"]))]
 
 
-def test_tensorflow_sees_no_gpu():
+def test_importing_the_data_layer_hides_gpus_from_tensorflow():
+  """On a CPU-only machine TF sees no GPU anyway, so check the call: in a
+  fresh process, importing omnismola.data asks TF to see no GPU."""
+  probe = textwrap.dedent("""
+      import tensorflow as tf
+      calls = []
+      tf.config.set_visible_devices = lambda *args: calls.append(args)
+      import omnismola.data
+      assert calls == [([], "GPU")], calls
+      """)
+  result = subprocess.run([sys.executable, "-c", probe], capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
   assert not tf.config.get_visible_devices("GPU")
 
 

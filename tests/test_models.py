@@ -410,8 +410,9 @@ def test_compiled_program_does_not_grow_with_depth():
   size_24, seconds_24 = _train_step_hlo_and_compile_seconds(24)
   print(f"train-step compile: 2 layers {seconds_2:.2f} s, 24 layers "
         f"{seconds_24:.2f} s; HLO {size_2} vs {size_24} chars")
+  # The program's size is the claim; compile times (printed) vary with the
+  # machine's load too much to assert.
   assert size_24 < 1.05 * size_2
-  assert seconds_24 < 2 * seconds_2 + 1.0
 
 
 def test_remat_policies_keep_gradients():

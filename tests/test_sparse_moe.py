@@ -331,6 +331,52 @@ def test_losses_and_stats_equal_hand_computation(pools):
   assert float(aux.dropped_fraction) == 0.0
 
 
+def _aux_of(logits, experts, routed=None, allowed=None):
+  """routing_aux of one pool of E experts: logits [N, E], experts [N, k]."""
+  logits, experts = jnp.asarray(logits, jnp.float32), jnp.asarray(experts)
+  n, e = logits.shape
+  routed = jnp.ones(n, bool) if routed is None else jnp.asarray(routed)
+  allowed = jnp.ones((n, e), bool) if allowed is None else jnp.asarray(allowed)
+  probs = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+  pool_size = jnp.sum(allowed[0]) * jnp.ones(e)
+  return sparse.routing_aux(logits, probs, experts, routed, allowed, pool_size,
+                            kept=jnp.ones(experts.shape, bool))
+
+
+def test_uniform_routing_gives_balance_loss_one_and_known_values():
+  """Zero logits over 4 experts, tokens dealt round-robin: Switch's balance
+  4 * sum(1/4 * 1/4) = 1, z-loss log(4)^2, entropy log(4), no violation."""
+  aux = _aux_of(np.zeros((8, 4)), np.arange(8)[:, None] % 4)
+  np.testing.assert_allclose(aux.balance_loss, 1.0, rtol=1e-6)
+  np.testing.assert_allclose(aux.z_loss, 1.9218120556728056, rtol=1e-6)
+  np.testing.assert_allclose(aux.router_entropy, 1.3862943611198906, rtol=1e-6)
+  np.testing.assert_array_equal(aux.tokens_per_expert, [2, 2, 2, 2])
+  assert float(aux.max_violation) == 0.0
+
+
+def test_collapsed_routing_gives_balance_loss_e_and_known_values():
+  """Every token sure of expert 0: balance 4 * (1 * 1) = 4, and the
+  violation is 4 tokens over a mean load of 1: 3."""
+  logits = np.full((4, 4), -30.0)
+  logits[:, 0] = 0.0
+  aux = _aux_of(logits, np.zeros((4, 1), int))
+  np.testing.assert_allclose(aux.balance_loss, 4.0, rtol=1e-6)
+  np.testing.assert_allclose(aux.max_violation, 3.0, rtol=1e-6)
+  # logsumexp([0, -30, -30, -30]) = log(1 + 3 e^-30), squared: ~0.
+  np.testing.assert_allclose(aux.z_loss, 0.0, atol=1e-12)
+
+
+def test_z_loss_of_a_fixed_row_by_hand():
+  """Logits [1, 2, 3, 4]: logsumexp = 4 + log(1 + e^-1 + e^-2 + e^-3)
+  = 4.4401897, squared 19.715285; a pool of the first two experts:
+  2 + log(1 + e^-1) = 2.3132617, squared 5.3511797. Padding counts not."""
+  row = [1.0, 2.0, 3.0, 4.0]
+  full = _aux_of([row, [50.0] * 4], [[3], [0]], routed=[True, False])
+  np.testing.assert_allclose(full.z_loss, 19.715285, rtol=1e-6)
+  pool = _aux_of([row], [[1]], allowed=[[True, True, False, False]])
+  np.testing.assert_allclose(pool.z_loss, 5.3511797, rtol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["capacity", "blocked"])
 def test_experts_sharded_over_the_expert_axis_give_the_same_result(kind):
   graphdef, state = _moe(num_experts=8, dispatch=kind)
@@ -374,3 +420,8 @@ def test_dispatch_benchmark_runs_every_dispatch():
       (kind, name) for kind in experts.DISPATCHES
       for name in ("forward", "fwd+bwd")]
   assert all(r["seconds"] > 0 for r in rows)
+  # A huge capacity drops nothing, so all three compute the same loss.
+  args.capacity_factor = 8.0
+  losses = [r["loss"] for r in experts.run(args) if r["passes"] == "forward"]
+  np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
+  assert np.isfinite(losses[0]) and losses[0] > 0

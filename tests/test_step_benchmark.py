@@ -25,7 +25,13 @@ def test_tiny_step_benchmark(experts, capsys):
   assert machine.startswith("# machine: ") and "jax=" in machine
   fields = dict(kv.split("=", 1) for kv in line.split())
   assert set(FIELDS) <= set(fields)
-  assert float(fields["step_s"]) > 0 and float(fields["tokens_per_s"]) > 0
+  # tiny: 16 px in 8 px patches, 4 image tokens, then 8 text tokens; the
+  # rates are of 2 such rows a step.
+  assert fields["tokens"] == "12"
+  seconds = float(fields["step_s"])
+  assert float(fields["examples_per_s"]) * seconds == pytest.approx(2, rel=0.05)
+  assert float(fields["tokens_per_s"]) * seconds == pytest.approx(24, rel=0.05)
+  assert float(fields["compiled_mem_mb"]) >= 0
   assert fields["experts"] == experts
   assert fields["trained"] == ("all" if experts == "none" else "adapters")
   assert fields["mfu"] == "n/a"  # CPU without --peak_tflops.

@@ -7,13 +7,15 @@ is made too long to end by itself.
 """
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
 
 STEPS, CHECKPOINT_EVERY = 60, 5
+# Killed after this step at the earliest: between two checkpoints, so the
+# restart repeats the steps logged after the last one.
+KILL_AFTER = 2 * CHECKPOINT_EVERY + 2
 
 
 def _start(workdir, data_dir, steps=STEPS) -> subprocess.Popen:
@@ -62,17 +64,16 @@ def test_sigkill_then_restart_logs_bitwise_identical_losses(
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   _finish(_start(straight, synthetic_data_dir))
 
-  kill_after = random.randint(CHECKPOINT_EVERY + 1, STEPS // 2)
   process = _start(killed, synthetic_data_dir, steps=100 * STEPS)
   deadline = time.time() + 900  # Generous: a loaded CI machine is slow.
-  while len(_logged(killed)) < kill_after or not _has_checkpoint(killed):
+  while len(_logged(killed)) < KILL_AFTER or not _has_checkpoint(killed):
     assert process.poll() is None, _output(process)
     assert time.time() < deadline, "training did not progress"
     time.sleep(0.01)
   process.send_signal(signal.SIGKILL)
   process.wait(timeout=60)
   assert process.returncode == -signal.SIGKILL
-  assert len(_logged(killed)) < STEPS, f"killed too late (aimed at {kill_after})"
+  assert len(_logged(killed)) < STEPS, f"killed too late (aimed at {KILL_AFTER})"
 
   output = _finish(_start(killed, synthetic_data_dir))
   assert "Resuming from the checkpoint of step" in output

@@ -135,12 +135,13 @@ class Progress:
   ones (row_layout.py). `flops_per_row` (train/flops.py's count) gives
   `tflops_per_device`, the model TFLOP/s each device achieved; with the
   device's `peak_flops` also `mfu` (docs/performance.md). Either may be
-  None: not logged then.
+  None: not logged then. `clock` gives seconds (a fake one in tests).
   """
 
   def __init__(self, first_step: int, total_steps: int, global_batch: int, *,
                tokens_per_row: int, flops_per_row: float | None,
-               num_devices: int, peak_flops: float | None):
+               num_devices: int, peak_flops: float | None,
+               clock=time.perf_counter):
     self.first_step = first_step
     self.total_steps = total_steps
     self.global_batch = global_batch
@@ -149,6 +150,7 @@ class Progress:
                            flops_per_row * global_batch)
     self.num_devices = num_devices
     self.peak_flops = peak_flops
+    self._clock = clock
     self._start = None
     self._start_step = first_step
     self._last_time = None
@@ -156,14 +158,14 @@ class Progress:
 
   def start(self, step: int) -> None:
     """Called after the first (compiling) step so compile time is excluded."""
-    self._start = self._last_time = time.perf_counter()
+    self._start = self._last_time = self._clock()
     self._start_step = self._last_step = step
 
   def update(self, step: int,
              examples_per_step: float | None = None) -> dict[str, float]:
     """Throughput since the last update; `examples_per_step` (default: one
     per row) counts packed rows' examples."""
-    now = time.perf_counter()
+    now = self._clock()
     if self._last_time is None or step <= self._last_step:
       return {}
     rate = (step - self._last_step) / (now - self._last_time)
@@ -183,7 +185,7 @@ class Progress:
   def eta_seconds(self, step: int) -> float:
     if self._start is None or step <= self._start_step:
       return math.inf
-    rate = (step - self._start_step) / (time.perf_counter() - self._start)
+    rate = (step - self._start_step) / (self._clock() - self._start)
     return (self.total_steps - step) / rate
 
   def line(self, step: int, loss: float, examples_per_sec: float | None) -> str:
