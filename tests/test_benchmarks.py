@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,3 +21,39 @@ def test_smola_benchmark_runs_and_reports_both_forms():
   assert report["config"]["experts"] == 4
   # The two forms compute the same (slot and per-token paths both used).
   assert report["max_abs_difference"] < 1e-5
+
+
+def test_peer_benchmark_times_both_sides_at_the_same_shape(capsys):
+  """benchmarks/peer.py on its tiny shape: every side timed, the ratio is
+  of the printed rates, and the model FLOPs are the shape's."""
+  from benchmarks import peer  # pylint: disable=g-import-not-at-top
+  report = peer.main(["--shape=tiny", "--batch=2", "--text_len=8",
+                      "--rounds=2", "--steps=1", "--warmup=1"])
+  out = capsys.readouterr().out
+  assert set(report) == {"matmul_gflop_per_s", "omnismola_lora",
+                         "omnismola_smola", "hf_peft_lora", "lora_over_peer"}
+  for side in ("omnismola_lora", "omnismola_smola", "hf_peft_lora"):
+    line = report[side]
+    assert line["min_step_s"] <= line["step_s"] <= line["max_step_s"]
+    assert line["examples_per_s"] * line["step_s"] == pytest.approx(2)
+    assert f"{side} step_s=" in out
+  assert report["lora_over_peer"] == (
+      report["omnismola_lora"]["examples_per_s"] /
+      report["hf_peft_lora"]["examples_per_s"])
+  # SMoLA's 12 experts cost more FLOPs per step than one LoRA.
+  flop = lambda side: report[side]["gflop_per_s"] * report[side]["step_s"]
+  assert flop("omnismola_smola") > flop("omnismola_lora")
+  assert report["matmul_gflop_per_s"] > 0
+
+
+def test_peer_lora_targets_the_language_model_only():
+  """PEFT's regex hits the decoder's seven linears of every layer and none
+  of the vision tower's (whose q/k/v share the names)."""
+  import re  # pylint: disable=g-import-not-at-top
+  from benchmarks import peer  # pylint: disable=g-import-not-at-top
+  names = ["model.language_model.layers.0.self_attn.q_proj",
+           "model.language_model.layers.3.mlp.down_proj",
+           "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj",
+           "model.multi_modal_projector.linear"]
+  hits = [n for n in names if re.fullmatch(peer.HF_TARGETS, n)]
+  assert hits == names[:2]
