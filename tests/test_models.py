@@ -1,4 +1,6 @@
 """Backbone models: structure, masking, KV cache, training and sharding."""
+import functools
+
 import checks
 import jax
 import jax.numpy as jnp
@@ -541,3 +543,24 @@ def test_train_step_sharded_over_fsdp_and_tensor_equals_one_device():
   np.testing.assert_allclose(
       up, nnx.to_pure_dict(want_params)["decoder"]["layers"]["mlp"]["up"][
           "kernel"], atol=1e-5)
+
+
+def test_gelu_equals_jax_tanh_gelu_in_value_and_gradient():
+  """layers.gelu keeps only x for the backward pass: the same function."""
+  x = jnp.linspace(-8.0, 8.0, 4001)
+  loss = lambda f: lambda x: jnp.sum(f(x) * jnp.cos(3 * x))
+  reference = functools.partial(jax.nn.gelu, approximate=True)
+  np.testing.assert_array_equal(layers.gelu(x), reference(x))
+  np.testing.assert_allclose(jax.grad(loss(layers.gelu))(x),
+                             jax.grad(loss(reference))(x), atol=2e-6)
+
+
+def test_token_matmul_is_the_plain_product_with_its_gradients():
+  x = jax.random.normal(jax.random.key(0), (3, 5, 8))
+  w = jax.random.normal(jax.random.key(1), (8, 4))
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  np.testing.assert_allclose(layers.token_matmul(x, w), x @ w, rtol=1e-6)
+  got = jax.grad(loss(layers.token_matmul), argnums=(0, 1))(x, w)
+  want = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, w)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omnismola.models.layers import TokenInfo
+from omnismola.models.layers import TokenInfo, token_matmul
 
 
 class LoRA(nnx.Module):
@@ -30,4 +30,5 @@ class LoRA(nnx.Module):
 
   def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
     del tokens  # A single adapter treats every token alike.
-    return self.multiplier * (x @ self.a[...]) @ self.b[...]
+    return self.multiplier * token_matmul(token_matmul(x, self.a[...]),
+                                          self.b[...])

@@ -30,7 +30,7 @@ from flax import nnx
 
 from omnismola.experts import routing
 from omnismola.models import layers
-from omnismola.models.layers import TokenInfo
+from omnismola.models.layers import TokenInfo, token_matmul
 
 MODALITIES = ("text", "image", "all")
 
@@ -150,9 +150,9 @@ def mix_pools(pools, x: jax.Array, tokens: TokenInfo) -> jax.Array:
   b_cat = jnp.concatenate(
       [pool.b[...].reshape(-1, pool.b.shape[-1]) for pool in pools], axis=0)
   phi_cat = jnp.concatenate([pool.router_columns() for pool in pools], axis=1)
-  hz = jnp.dot(x, jnp.concatenate([a_cat, phi_cat.astype(a_cat.dtype)],
-                                  axis=1),
-               preferred_element_type=jnp.float32)
+  hz = token_matmul(x, jnp.concatenate([a_cat, phi_cat.astype(a_cat.dtype)],
+                                      axis=1),
+                    preferred_element_type=jnp.float32)
   h_cat = hz[..., :a_cat.shape[1]].astype(x.dtype)
   z_cat = hz[..., a_cat.shape[1]:] * routing.inverse_norm(
       x.astype(jnp.float32))
@@ -165,7 +165,7 @@ def mix_pools(pools, x: jax.Array, tokens: TokenInfo) -> jax.Array:
                  pool.mix(h, logits, tokens).reshape(batch, length, n * r))
     h_start += n * r
     z_start += n * p
-  return jnp.concatenate(mixed, axis=-1) @ b_cat
+  return token_matmul(jnp.concatenate(mixed, axis=-1), b_cat)
 
 
 class SMoLA(nnx.Module):

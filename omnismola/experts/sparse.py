@@ -35,6 +35,7 @@ from flax import nnx
 
 from omnismola.experts import dispatch as dispatch_lib
 from omnismola.experts import routing
+from omnismola.models import layers
 from omnismola.models.layers import Dense, TokenInfo, record_usage
 
 POOLS = ("all", "image", "text")
@@ -180,10 +181,9 @@ def expert_mlp(weights: dict, activation: str, h: jax.Array,
     linear: the dispatch's grouped linear map.
   """
   layer = lambda name, h: linear(h, *weights[name])
-  gelu = functools.partial(jax.nn.gelu, approximate=True)
   if activation == "geglu":
-    return layer("down", gelu(layer("gate", h)) * layer("up", h))
-  return layer("fc2", gelu(layer("fc1", h)))
+    return layer("down", layers.gelu(layer("gate", h)) * layer("up", h))
+  return layer("fc2", layers.gelu(layer("fc1", h)))
 
 
 def dense_linear(h: jax.Array, kernel: jax.Array,

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omnismola.models.layers import TokenInfo, record_usage
+from omnismola.models.layers import TokenInfo, record_usage, token_matmul
 
 ROUTINGS = ("instance", "token")
 ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {
@@ -186,12 +186,18 @@ class SparseLoRA(nnx.Module):
     act = ACTIVATIONS[self.activation]
     weights, global_weight = self.route(x, tokens)
     record_usage(self, weights)
-    h = act(jnp.einsum("btd,edr->bter", x, self.experts.a[...]))
+    # Every expert in one pair of wide products: [d, E*r], then [E*r, out].
+    a, b = self.experts.a[...], self.experts.b[...]
+    num_experts, rank = a.shape[0], a.shape[-1]
+    a_wide = jnp.swapaxes(a, 0, 1).reshape(a.shape[1], num_experts * rank)
+    h = act(token_matmul(x, a_wide)).reshape(
+        x.shape[:-1] + (num_experts, rank))
     h = h * weights[..., None].astype(h.dtype)
-    y = jnp.einsum("bter,ero->bto", h, self.experts.b[...])
+    y = token_matmul(h.reshape(x.shape[:-1] + (num_experts * rank,)),
+                     b.reshape(num_experts * rank, b.shape[-1]))
     if self.global_expert is not None:
-      h = act(x @ self.global_expert.a[...])
-      y = y + (h * global_weight[..., None].astype(h.dtype)
-               ) @ self.global_expert.b[...]
+      h = act(token_matmul(x, self.global_expert.a[...]))
+      y = y + token_matmul(h * global_weight[..., None].astype(h.dtype),
+                           self.global_expert.b[...])
     y = self.multiplier * y
     return y if self.scale is None else self.scale[...] * y
