@@ -29,7 +29,7 @@ import numpy as np
 from benchmarks.step import cpu_name
 from omnismola import config_lib
 from omnismola import row_layout
-from omnismola.train import trainer
+from omnismola.train import loss
 
 
 def pin_to_one_core() -> int:
@@ -72,7 +72,7 @@ def measure(config, *, batches: int, warmup: int, threads: int) -> dict:
   image_tokens = (vit.image_size // vit.patch_size) ** 2
   real_text = np.mean([b["mask_input"].sum(axis=1) for b in read])
   # Counted as the training log counts them.
-  examples = sum(int(trainer.count_examples(b)) for b in read)
+  examples = sum(int(loss.count_examples(b)) for b in read)
   examples_per_row = examples / (batches * batch_size)
   return dict(
       examples_per_s=examples / seconds, seconds=seconds,

@@ -11,17 +11,19 @@ what the compiled op computes (its fused computation's HLO):
   loss        the logits' softmax cross-entropy (log of a sum of exps)
   norm        RMS/LayerNorm (rsqrt)
   activation  GELU/GeGLU (tanh or erf)
-  layout      copies, transposes, slices, concatenations, pads, broadcasts:
-              data moved, nothing computed (includes the scan's per-layer
-              slicing of stacked weights and residuals)
+  scan        the layer scan's bookkeeping: each layer's slice of the
+              stacked weights and saved activations (forward and backward)
+              and their stacked buffers' writes and zero-initialisation
+  layout      other copies, transposes, slices, concatenations, pads,
+              broadcasts: data moved, nothing computed
   optimizer   AdamW's update (sqrt of the second moment, outside the scan)
   other       everything else (reductions, casts, small elementwise ops)
 
 Prints the time per step of each category and its share of the total op
 time (summed over XLA's threads), and the ten slowest ops with their share.
 
-  python -m benchmarks.profile --shape=cpu --experts=lora --batch=32
-  python -m benchmarks.profile --shape=small --experts=none --batch=32
+  python -m benchmarks.profile --shape=cpu --experts=lora --frozen_backbone
+  python -m benchmarks.profile --shape=small --experts=smola --text_len=80
 
 Shapes are benchmarks/peer.py's (`cpu`, `tiny`) or a model preset.
 """
@@ -38,8 +40,10 @@ import jax
 from benchmarks import peer
 from benchmarks import step as step_bench
 
-CATEGORIES = ("matmul", "attention", "loss", "norm", "activation", "layout",
-              "optimizer", "other")
+CATEGORIES = ("matmul", "attention", "loss", "norm", "activation", "scan",
+              "layout", "optimizer", "other")
+# Where jax's scan slices a layer's inputs and writes its stacked outputs.
+SCAN_OPS = re.compile(r"dynamic_(update_)?index_in_dim")
 # Profiler events that contain other events or are not work.
 CONTAINERS = re.compile(r"^(ThunkExecutor|SlinkyThreadPool|ThreadpoolListener"
                         r"|end: |while|conditional|call)")
@@ -81,6 +85,10 @@ def categorize(name: str, computations, instructions) -> str:
     return "matmul"
   if "rsqrt" in ops:
     return "norm"
+  if SCAN_OPS.search(line) or (
+      opcode == "fusion" and ops <= {"broadcast", "parameter", "constant"}
+      and "/while/body/closed_call" in line):
+    return "scan"
   if "sqrt" in ops and "/while/" not in line:
     return "optimizer"
   if "exponential" in ops and "log" in ops:
@@ -116,7 +124,7 @@ def profile(args) -> dict:
   shape = peer.SHAPES.get(args.shape) or step_bench.model_fields(args.shape)
   options = argparse.Namespace(experts=args.experts, pools=args.pools,
                                rank=args.rank, dtype=args.dtype,
-                               frozen_backbone=args.experts != "none")
+                               frozen_backbone=args.frozen_backbone)
   config = step_bench.experiment_config(options, shape)
   state, train_step, put_batch = step_bench.trainer_step(config)
   batch = put_batch(step_bench.synthetic_batch(shape, args.batch,
@@ -155,6 +163,8 @@ def parse_args(argv=None):
                       choices=("none", "lora", "smola"))
   parser.add_argument("--pools", type=int, default=4)
   parser.add_argument("--rank", type=int, default=4)
+  parser.add_argument("--frozen_backbone", action="store_true",
+                      help="train the adapters only")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--text_len", type=int, default=32)
   parser.add_argument("--dtype", default="float32",
@@ -169,7 +179,9 @@ def main(argv=None) -> dict:
   result = profile(args)
   total = sum(result["categories"].values())
   print(step_bench.machine_line())
-  print(f"# shape={args.shape} experts={args.experts} batch={args.batch} "
+  trained = "adapters" if args.frozen_backbone else "all"
+  print(f"# shape={args.shape} experts={args.experts} trained={trained} "
+        f"batch={args.batch} "
         f"text_len={args.text_len} dtype={args.dtype}: "
         f"{result['wall_s'] * 1e3:.0f} ms a step (wall), "
         f"{total * 1e3:.0f} ms of op time over XLA's threads")

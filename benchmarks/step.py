@@ -109,15 +109,13 @@ def trainer_step(config):
 
   Kept to this function so a change of the trainer's API is one edit here.
   """
-  mesh = partitioning.make_mesh(dict(config.mesh))
-  optimizer = optim.make_optimizer(config.train)
-  init_fn, _, parts = trainer.create_state(config, mesh, optimizer)
+  built = trainer.setup(config)
   step = trainer.make_train_step(
-      parts, optimizer, optim.learning_rate_schedule(config.train),
-      num_tasks=1, compute_dtype=jnp.dtype(config.train.compute_dtype))
-  put_batch = trainer.make_put_batch(
-      mesh, [tuple(r) for r in config.sharding_rules])
-  return init_fn(jax.random.key(config.seed)), step, put_batch
+      built.parts, built.optimizer,
+      optim.learning_rate_schedule(config.train), num_tasks=1,
+      compute_dtype=jnp.dtype(config.train.compute_dtype))
+  put_batch = trainer.make_put_batch(built.mesh, built.rules)
+  return built.init_fn(jax.random.key(config.seed)), step, put_batch
 
 
 def synthetic_batch(model: dict, batch: int, text_len: int) -> dict:

@@ -29,7 +29,6 @@ from ml_collections import config_flags
 
 from omnismola import row_layout
 from omnismola.models import layers
-from omnismola.train import optim
 from omnismola.train import partitioning
 from omnismola.train import trainer
 
@@ -75,7 +74,7 @@ class Report:
 
 def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
   """A training batch's shapes, dtypes and shardings (row_layout.py)."""
-  rules = [tuple(r) for r in config.sharding_rules]
+  rules = partitioning.config_rules(config)
   shapes = row_layout.batch_shapes(row_layout.row_layout(config.data),
                                    int(config.train.batch_size),
                                    int(config.model.vit.image_size))
@@ -94,18 +93,16 @@ def _nbytes(tree, per_device: bool) -> int:
 
 def compile_train_step(config):
   """(compiled step, Report) of `config`'s train step on `config.mesh`."""
-  mesh = partitioning.make_mesh(dict(config.mesh))
-  rules = [tuple(r) for r in config.sharding_rules]
-  optimizer = optim.make_optimizer(config.train)
-  _, abstract, parts = trainer.create_state(config, mesh, optimizer)
-  replicated = trainer.check_replication(config, parts, mesh)
+  built = trainer.setup(config)
+  mesh, abstract = built.mesh, built.abstract
+  replicated = trainer.check_replication(config, built)
   # Per-task loss sums are [num_tasks] floats: one task changes nothing
   # measurable and keeps the mixture (TensorFlow) out of this check.
-  step = trainer.jit_train_step(config, parts, optimizer, abstract,
-                                num_tasks=1)
+  step = trainer.jit_train_step(config, built.parts, built.optimizer,
+                                abstract, num_tasks=1)
   batch = abstract_batch(config, mesh)
   with layers.activation_sharding(
-      partitioning.activation_sharding(mesh, rules)):
+      partitioning.activation_sharding(mesh, built.rules)):
     start = time.perf_counter()
     lowered = step.lower(abstract, batch)
     lowered_at = time.perf_counter()

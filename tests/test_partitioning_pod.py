@@ -62,10 +62,12 @@ def test_inconsistent_dcn_sizes_are_clear_errors():
     partitioning.make_mesh(dict(data=8, dcn=dict(data=2)))
 
 
-def _parts(config, mesh):
-  _, _, parts = trainer.create_state(config, mesh,
-                                     optim.make_optimizer(config.train))
-  return parts
+def _built(config, mesh):
+  """trainer.setup's result on `mesh` (setup builds config.mesh's)."""
+  optimizer = optim.make_optimizer(config.train)
+  init_fn, abstract, parts = trainer.create_state(config, mesh, optimizer)
+  return trainer.Setup(mesh, partitioning.config_rules(config), optimizer,
+                       init_fn, abstract, parts)
 
 
 def test_replication_check_passes_fsdp_and_names_replicated_parameters():
@@ -74,12 +76,11 @@ def test_replication_check_passes_fsdp_and_names_replicated_parameters():
   # ZeRO-3 by the default rules: only the ViT's few q/k/v/fc1 biases (their
   # one axis maps to `tensor`, size 1 here) stay whole.
   mesh = partitioning.make_mesh(dict(data=1, fsdp=8))
-  assert 0 < trainer.check_replication(config, _parts(config, mesh),
-                                       mesh) < 0.01
+  assert 0 < trainer.check_replication(config, _built(config, mesh)) < 0.01
   # Pure data parallelism holds every byte on every device.
   mesh = partitioning.make_mesh(dict(data=8))
   with pytest.raises(ValueError) as error:
-    trainer.check_replication(config, _parts(config, mesh), mesh)
+    trainer.check_replication(config, _built(config, mesh))
   message = str(error.value)
   assert "100.0% of the parameter bytes" in message
   assert "max_replicated_fraction=0.01" in message
@@ -90,4 +91,4 @@ def test_replication_check_passes_fsdp_and_names_replicated_parameters():
   assert "config.sharding_rules" in message
   # One device: nothing is replicated *across* devices.
   mesh = partitioning.make_mesh(dict(data=1), devices=jax.devices()[:1])
-  assert trainer.check_replication(config, _parts(config, mesh), mesh) == 0
+  assert trainer.check_replication(config, _built(config, mesh)) == 0

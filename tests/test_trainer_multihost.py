@@ -114,7 +114,7 @@ def _check_rows_come_back(config) -> None:
   from omnismola.train import partitioning  # pylint: disable=g-import-not-at-top
   from omnismola.train import trainer  # pylint: disable=g-import-not-at-top
   mesh = partitioning.make_mesh(dict(config.mesh))
-  put = trainer.make_put_batch(mesh, [tuple(r) for r in config.sharding_rules])
+  put = trainer.make_put_batch(mesh, partitioning.config_rules(config))
   rows = np.arange(12, dtype=np.int32).reshape(4, 3) + 100 * (
       jax.process_index() + 1)
   global_rows = put({"text": rows})["text"]

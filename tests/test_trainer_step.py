@@ -9,6 +9,7 @@ import pytest
 
 from omnismola.train import checkpoint as checkpoint_lib
 from omnismola.train import optim
+from omnismola.train import partitioning
 from omnismola.train import trainer
 import checks
 from test_trainer import tiny_config
@@ -33,7 +34,7 @@ def _setup(config, optimizer=None, num_tasks=2, **step_kwargs):
   step = jax.jit(trainer.make_train_step(
       parts, optimizer, optim.learning_rate_schedule(config.train),
       num_tasks=num_tasks, **step_kwargs))
-  put = trainer.make_put_batch(mesh, [tuple(r) for r in config.sharding_rules])
+  put = trainer.make_put_batch(mesh, partitioning.config_rules(config))
   return init_fn(jax.random.key(0)), step, put
 
 

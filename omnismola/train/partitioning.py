@@ -35,6 +35,12 @@ DEFAULT_RULES = (
 )
 
 
+def config_rules(config) -> list[tuple]:
+  """config.sharding_rules as (logical axis, mesh axes) tuples, the form
+  every function here takes."""
+  return [tuple(rule) for rule in config.sharding_rules]
+
+
 def make_mesh(axis_sizes: dict, devices: Sequence[Any] | None = None) -> Mesh:
   """A mesh with axes (data, fsdp, tensor, expert), possibly over slices.
 

@@ -1,8 +1,10 @@
 """The training loop: sharded init or resume, jitted steps, checkpoints, evals.
 
 Reading order: `TrainState` and `ModelParts` (what is trained and how the
-model is rebuilt from arrays), `create_state` (sharded init from shapes),
-`make_train_step` (loss, gradients, update), then `train_and_evaluate`.
+model is rebuilt from arrays), `create_state` (sharded init from shapes) and
+`setup` (everything an entry point builds first), `make_train_step`
+(gradients and update of train/loss.py's objective), then
+`train_and_evaluate`.
 """
 import contextlib
 import dataclasses
@@ -26,12 +28,12 @@ from omnismola.eval import decode as decode_lib
 from omnismola.eval import evaluator
 from omnismola.experts import stats
 from omnismola.models import layers
-from omnismola.models import vlm
 from omnismola.train import checkpoint as checkpoint_lib
 from omnismola.train import flops as flops_lib
 from omnismola.train import host_shards
 from omnismola.train import init as init_lib
 from omnismola.train import logging as log_lib
+from omnismola.train import loss as loss_lib
 from omnismola.train import optim
 from omnismola.train import partitioning
 from omnismola.train import profiler
@@ -100,7 +102,7 @@ def create_state(config, mesh, optimizer):
   `eval_shape`, shardings from the logical axes, and `init_fn` is jitted with
   those out_shardings, so no device ever holds the whole model first.
   """
-  rules = config.sharding_rules
+  rules = partitioning.config_rules(config)
   abstract_model = nnx.eval_shape(lambda: build.build_model(config))
   graphdef, params_t, frozen_t = split_model(abstract_model,
                                              config.train.trainable)
@@ -127,44 +129,29 @@ def create_state(config, mesh, optimizer):
   return init_fn, abstract, parts
 
 
-def target_weights(mask_loss):
-  """float [B, L-1]: 1 where position i's prediction of token i+1 counts."""
-  return mask_loss[:, 1:].astype(jnp.float32)
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What training, evaluation and the compile check build first from a
+  config: the device mesh, its sharding rules, the optimizer and the
+  model's sharded state (`create_state`)."""
+  mesh: jax.sharding.Mesh
+  rules: list[tuple]
+  optimizer: optax.GradientTransformation
+  init_fn: Callable[[jax.Array], TrainState]
+  abstract: TrainState
+  parts: ModelParts
 
 
-def target_nll(logits, text, mask_loss):
-  """(nll [B, L-1] of each target token, 0 elsewhere; its weights).
-
-  Position i predicts token i + 1; `mask_loss` marks the targets. Packed
-  rows need nothing more: an example's last token is never followed by a
-  target of the next example (a prefix comes first).
-  """
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets, weights = text[:, 1:], target_weights(mask_loss)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  return nll * weights, weights
-
-
-def target_tasks(batch) -> jax.Array:
-  """int [B, L-1]: the task of the target token each position predicts.
-
-  Rows of one example carry task_id [B]; packed rows carry it per slot,
-  task_id [B, M], and segment_ids (slot + 1) per token.
-  """
-  if "segment_ids" not in batch:
-    return jnp.broadcast_to(batch["task_id"][:, None],
-                            batch["text"][:, 1:].shape)
-  slot = jnp.maximum(batch["segment_ids"][:, 1:] - 1, 0)
-  return jnp.take_along_axis(batch["task_id"], slot, axis=1)
-
-
-def count_examples(batch) -> jax.Array:
-  """The examples in a batch: one per row, or the filled slots of packed
-  rows."""
-  if "segment_ids" not in batch:
-    return jnp.asarray(batch["task_id"].shape[0], jnp.int32)
-  return jnp.sum(vlm.filled_slots(batch["segment_ids"],
-                                  batch["task_id"].shape[1]), dtype=jnp.int32)
+def setup(config, optimizer: optax.GradientTransformation | None = None
+          ) -> Setup:
+  """The Setup of `config`; its optimizer is config.train's unless given
+  (e.g. optax.identity() where nothing is trained)."""
+  mesh = partitioning.make_mesh(dict(config.mesh))
+  if optimizer is None:
+    optimizer = optim.make_optimizer(config.train)
+  init_fn, abstract, parts = create_state(config, mesh, optimizer)
+  return Setup(mesh, partitioning.config_rules(config), optimizer, init_fn,
+               abstract, parts)
 
 
 def cast_floats(tree, dtype):
@@ -226,7 +213,7 @@ def make_train_step(parts: ModelParts, optimizer, schedule, num_tasks: int, *,
     logits, aux = model.forward(batch["image"].astype(compute_dtype),
                                 batch["text"], batch["mask_ar"],
                                 batch["mask_input"], batch.get("segment_ids"))
-    nll, count = target_nll(logits, batch["text"], batch["mask_loss"])
+    nll, count = loss_lib.target_nll(logits, batch["text"], batch["mask_loss"])
     aux_loss = stats.weighted_aux_loss(aux, aux_loss_weights)
     return (jnp.sum(nll) + aux_scale * aux_loss,
             (nll, count, aux_loss, stats.routing_metrics(aux)))
@@ -243,7 +230,7 @@ def make_train_step(parts: ModelParts, optimizer, schedule, num_tasks: int, *,
 
   def train_step(state: TrainState, batch):
     micro = split_microbatches(batch, microbatches)
-    tokens = jnp.maximum(jnp.sum(target_weights(batch["mask_loss"])), 1.0)
+    tokens = jnp.maximum(jnp.sum(loss_lib.target_weights(batch["mask_loss"])), 1.0)
     # Gradients are divided by `tokens` below: scaled so, each microbatch's
     # auxiliary loss enters the step as its mean over microbatches.
     grads, (nll, count, aux_loss, routing) = accumulate(
@@ -255,13 +242,13 @@ def make_train_step(parts: ModelParts, optimizer, schedule, num_tasks: int, *,
     finite = all_finite((loss, grads, params))
     keep_if_finite = lambda new, old: jax.tree.map(
         lambda n, o: jnp.where(finite, n, o), new, old)
-    task = jax.vmap(target_tasks)(micro).reshape(-1)
+    task = jax.vmap(loss_lib.target_tasks)(micro).reshape(-1)
     metrics = {
         "loss": loss,
         "grad_norm": optax.global_norm(grads),
         "learning_rate": schedule(state.step),
         "target_tokens": jnp.sum(count),
-        "examples": count_examples(batch),
+        "examples": loss_lib.count_examples(batch),
         "aux_loss": jnp.mean(aux_loss),
         **{k: jnp.mean(v) for k, v in routing.items()},
         "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
@@ -295,14 +282,14 @@ def jit_train_step(config, parts: ModelParts, optimizer, abstract: TrainState,
                  out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def check_replication(config, parts: ModelParts, mesh) -> float:
+def check_replication(config, built: Setup) -> float:
   """Share of parameter bytes every device holds whole; an error above
   `config.train.max_replicated_fraction` (partitioning.check_replication)."""
   parameters = partitioning.parameter_layouts(
-      [parts.params_template, parts.frozen_template],
-      [tuple(r) for r in config.sharding_rules], mesh)
+      [built.parts.params_template, built.parts.frozen_template],
+      built.rules, built.mesh)
   return partitioning.check_replication(
-      parameters, mesh, float(config.train.max_replicated_fraction))
+      parameters, built.mesh, float(config.train.max_replicated_fraction))
 
 
 def summarize(step_metrics: list[dict], task_names: list[str]) -> dict:
@@ -478,14 +465,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   check_model_inputs(config, pipeline)
   workdir = storage.path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh = partitioning.make_mesh(dict(config.mesh))
-  rules = [tuple(r) for r in config.sharding_rules]
+  built = setup(config)
+  mesh, rules, optimizer = built.mesh, built.rules, built.optimizer
+  abstract, parts = built.abstract, built.parts
   logging.info("Mesh: %s", dict(mesh.shape))
   task_names = pipeline.mixture_task_names(config.data)
-
-  optimizer = optim.make_optimizer(config.train)
-  init_fn, abstract, parts = create_state(config, mesh, optimizer)
-  _log_parameter_counts(abstract, check_replication(config, parts, mesh))
+  _log_parameter_counts(abstract, check_replication(config, built))
 
   # Closed however the run ends, so that no save or read is left to
   # orbax's threads at exit (a failed start printed their traceback).
@@ -509,7 +494,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       log_lib.print_line(f"Resuming from the checkpoint of step "
                          f"{restored.step}.")
     else:
-      state, data_state = init_fn(jax.random.key(config.seed)), None
+      state, data_state = built.init_fn(jax.random.key(config.seed)), None
       if config.init.checkpoint:
         state = init_lib.load_partial(
             config.init.checkpoint, state, abstract,
@@ -527,7 +512,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     train_step = jit_train_step(config, parts, optimizer, abstract,
                                 len(task_names))
 
-    run_eval = _make_eval_runner(config, workdir, parts, mesh, pipeline)
+    run_eval = _make_eval_runner(config, workdir, built, pipeline)
     guard = NonFiniteGuard(int(config.train.max_nonfinite_steps))
     total = int(config.train.steps)
     step = int(jax.device_get(state.step))
@@ -611,27 +596,26 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   workdir = storage.path(workdir)
   # The model is the workdir's when it has a checkpoint, else init's.
   check_model_inputs(config, pipeline, init_lib.find_step_dir(workdir))
-  mesh = partitioning.make_mesh(dict(config.mesh))
   pipeline.prepare(config.data)
   # No optimizer state unless a training state is restored: nothing is
   # trained here.
-  init_fn, abstract, parts = create_state(config, mesh, optax.identity())
-  run_eval = _make_eval_runner(config, workdir, parts, mesh, pipeline)
+  built = setup(config, optax.identity())
+  run_eval = _make_eval_runner(config, workdir, built, pipeline)
   latest, ckpt = _latest_checkpoint(config, workdir)
   if latest is None:
     log_lib.print_line(f"No checkpoint in {workdir}: evaluating "
                        f"config.init.checkpoint={config.init.checkpoint} "
                        "as it is (zero-shot, step 0).")
     state = init_lib.load_partial(
-        config.init.checkpoint, init_fn(jax.random.key(config.seed)),
-        abstract, upcycle=config.init.upcycle,
+        config.init.checkpoint, built.init_fn(jax.random.key(config.seed)),
+        built.abstract, upcycle=config.init.upcycle,
         upcycle_noise_std=config.init.upcycle_noise_std, seed=config.seed)
     return run_eval(0, state)
   if config.init.checkpoint:
     log_lib.print_line(f"Evaluating the workdir's checkpoint of step {latest}"
                        "; it takes precedence over config.init.checkpoint="
                        f"{config.init.checkpoint}.")
-  _, abstract, _ = create_state(config, mesh,
+  _, abstract, _ = create_state(config, built.mesh,
                                 optim.make_optimizer(config.train))
   # The newest checkpoint every process reads, as training resumes from.
   restored = ckpt.restore_latest(abstract)
@@ -665,7 +649,7 @@ def _latest_checkpoint(config, workdir: str):
   return None, None
 
 
-def _make_eval_runner(config, workdir, parts, mesh, pipeline):
+def _make_eval_runner(config, workdir, built: Setup, pipeline):
   """run_eval(step, state): evaluates every task of config.eval.split,
   writes the metrics and predictions, prints a table.
 
@@ -674,11 +658,11 @@ def _make_eval_runner(config, workdir, parts, mesh, pipeline):
   eval tasks and their split are checked here, before any training.
   """
   vocabulary = pipeline.get_vocabulary(config.data)
-  rules = [tuple(r) for r in config.sharding_rules]
   # config.eval.batch_size is global, as train.batch_size is; hosts whose
   # devices hold the same rows decode the same shard (host_shards.py).
-  shard = host_shards.host_shard(mesh, rules, config.eval.batch_size)
-  decode_fn = make_decode_fn(parts, mesh, rules, shard,
+  shard = host_shards.host_shard(built.mesh, built.rules,
+                                 config.eval.batch_size)
+  decode_fn = make_decode_fn(built.parts, built.mesh, built.rules, shard,
                              config.eval.max_new_tokens, vocabulary.eos_id)
   detokenize = functools.partial(pipeline.detokenize, vocabulary=vocabulary)
   split = config.eval.get("split", "validation")
