@@ -15,6 +15,7 @@ stacked [depth, ...]); `__call__` returns the logits only. Cached decoding
 (`prefill`, `extend`) drops aux: nothing trains there.
 """
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +185,15 @@ def resize_image(image: jax.Array, size: int) -> jax.Array:
                           method="bilinear", antialias=True)
 
 
+class DecoderRun(NamedTuple):
+  """What one run of the decoder over [image tokens, text] gives back."""
+  hidden: jax.Array        # [B, M N + L, width], the final hidden states.
+  tokens: TokenInfo        # Each token's kind, validity and instance vector.
+  positions: jax.Array     # int [B, M N + L], RoPE positions.
+  kv: Any                  # (k, v) of the filled cache, or None.
+  aux: dict                # {module path: auxiliary outputs} (`forward`).
+
+
 class VLM(nnx.Module):
   """PaliGemma-style VLM with every linear layer built by `make_linear` and
   every MLP block by `make_mlp`."""
@@ -260,8 +270,7 @@ class VLM(nnx.Module):
     the cache from slot 0 and queries also "see" `free_slots` empty slots
     after it (masked out).
 
-    Returns:
-      (h [B, M N + L, width], tokens, positions, (k, v) or None, aux).
+    Returns: a `DecoderRun`.
     """
     packed = segment_ids is not None
     if image.ndim != (5 if packed else 4):
@@ -302,7 +311,8 @@ class VLM(nnx.Module):
     h, kv, decoder_aux = self.decoder(x, tokens, mask, positions,
                                       sliding_mask=sliding_mask, kv=kv,
                                       index=0)
-    return h, tokens, positions, kv, {**image_aux, **decoder_aux}
+    return DecoderRun(hidden=h, tokens=tokens, positions=positions, kv=kv,
+                      aux={**image_aux, **decoder_aux})
 
   def forward(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array,
               mask_input: jax.Array, segment_ids: jax.Array | None = None):
@@ -323,12 +333,11 @@ class VLM(nnx.Module):
     weights as {'<router path>/usage': [depth, B, T, E] in a stack, [B, T,
     E] outside one} (`omnismola.analyze`); otherwise nothing more.
     """
-    h, _, _, _, aux = self._run_sequence(image, text, mask_ar, mask_input,
-                                         segment_ids)
+    run = self._run_sequence(image, text, mask_ar, mask_input, segment_ids)
     # Stacks hand out their layers' usage; the other routers (connector)
     # keep theirs on the module until popped here.
-    return (self.decoder.logits(h[:, -text.shape[1]:]),
-            {**aux, **layers.pop_usage(self)})
+    return (self.decoder.logits(run.hidden[:, -text.shape[1]:]),
+            {**run.aux, **layers.pop_usage(self)})
 
   def __call__(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array,
                mask_input: jax.Array) -> jax.Array:
@@ -354,11 +363,12 @@ class VLM(nnx.Module):
     free = cache_length - length
     empty = KVCache.empty(self.config.decoder, batch, cache_length,
                           self.decoder.embedder.embedding.dtype)
-    h, tokens, positions, (k, v), _ = self._run_sequence(
-        image, text, mask_ar, mask_input, free_slots=free,
-        kv=(empty.k, empty.v))
+    run = self._run_sequence(image, text, mask_ar, mask_input,
+                             free_slots=free, kv=(empty.k, empty.v))
+    tokens, positions, (k, v) = run.tokens, run.positions, run.kv
     last = jnp.max(jnp.where(tokens.valid, jnp.arange(length), -1), axis=1)
-    h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+    h_last = jnp.take_along_axis(run.hidden, last[:, None, None],
+                                 axis=1)[:, 0]
     cache = KVCache(
         k=k, v=v, valid=jnp.pad(tokens.valid, ((0, 0), (0, free))),
         key_positions=jnp.pad(positions, ((0, 0), (0, free))),
