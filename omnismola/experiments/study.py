@@ -114,7 +114,8 @@ def configure(c: ml_collections.ConfigDict, scale: Scale,
                  lr=lr or c.train.lr, warmup_steps=max(1, steps // 10),
                  log_every=max(1, steps // 6), checkpoint_every=steps,
                  keep_checkpoints=1)
-  c.eval.update(max_examples=scale.eval_examples,
+  # Each run is scored once, at its end, whatever the config's default.
+  c.eval.update(every=0, at_end=True, max_examples=scale.eval_examples,
                 max_new_tokens=scale.max_new_tokens)
   return c
 
