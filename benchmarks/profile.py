@@ -85,10 +85,6 @@ def categorize(name: str, computations, instructions) -> str:
     return "matmul"
   if "rsqrt" in ops:
     return "norm"
-  if SCAN_OPS.search(line) or (
-      opcode == "fusion" and ops <= {"broadcast", "parameter", "constant"}
-      and "/while/body/closed_call" in line):
-    return "scan"
   if "sqrt" in ops and "/while/" not in line:
     return "optimizer"
   if "exponential" in ops and "log" in ops:
@@ -97,6 +93,11 @@ def categorize(name: str, computations, instructions) -> str:
     return "attention"
   if {"tanh", "erf"} & ops:
     return "activation"
+  # Computing nothing of the above: the scan's slicing and stacking.
+  if SCAN_OPS.search(line) or (
+      opcode == "fusion" and ops <= {"broadcast", "parameter", "constant"}
+      and "/while/body/closed_call" in line):
+    return "scan"
   if ops and ops <= LAYOUT_OPS:
     return "layout"
   return "other"
