@@ -6,8 +6,9 @@ ProfileData) and sums every executed op's time into a category decided by
 what the compiled op computes (its fused computation's HLO):
 
   matmul      dot products (XLA's ynn/oneDNN fusions and plain dots)
-  attention   softmax and masking inside the attention block (exp with a
-              max-reduce over keys)
+  attention   softmax and masking of the attention scores, where XLA keeps
+              them apart (on CPU it fuses the exp into the scores' matmul
+              fusion, counted as matmul)
   loss        the logits' softmax cross-entropy (log of a sum of exps)
   norm        RMS/LayerNorm (rsqrt)
   activation  GELU/GeGLU (tanh or erf)

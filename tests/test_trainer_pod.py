@@ -78,3 +78,18 @@ def test_profile_window_fields_are_checked():
     trainer.profiler.StepTrace(0, 1, "/tmp/unused")
   with pytest.raises(ValueError, match="config.profile.steps must be"):
     trainer.profiler.StepTrace(1, -1, "/tmp/unused")
+
+
+def test_time_inside_pause_counts_neither_in_rates_nor_in_the_eta():
+  """An evaluation of 100 s between steps 2 and 4: 2 steps in 2 s of
+  training are 1 step/s, and 6 steps left take 6 s."""
+  progress = log_lib.Progress(0, 10, 4, tokens_per_row=100,
+                              flops_per_row=None, num_devices=1,
+                              peak_flops=None,
+                              clock=_fake_clock(0.0, 1.0, 101.0, 102.0,
+                                                102.0))
+  progress.start(2)                 # t = 0
+  with progress.pause():            # t = 1 .. 101
+    pass
+  assert progress.update(4)["steps_per_sec"] == 1.0   # t = 102
+  assert progress.eta_seconds(4) == 6.0              # t = 102

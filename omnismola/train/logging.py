@@ -161,6 +161,11 @@ class Progress:
     self._start = self._last_time = self._clock()
     self._start_step = self._last_step = step
 
+  def pause(self):
+    """A context in which time does not count (evaluation mid-run): rates
+    and the ETA stay those of training steps."""
+    return _Paused(self)
+
   def update(self, step: int,
              examples_per_step: float | None = None) -> dict[str, float]:
     """Throughput since the last update; `examples_per_step` (default: one
@@ -195,6 +200,23 @@ class Progress:
       parts.append(f"{examples_per_sec:,.1f} ex/s")
     parts.append(f"ETA {format_duration(self.eta_seconds(step))}")
     return " | ".join(parts)
+
+
+class _Paused:
+  """Progress.pause(): shifts the clock marks by the time spent inside."""
+
+  def __init__(self, progress: Progress):
+    self.progress = progress
+
+  def __enter__(self):
+    self.entered = self.progress._clock()  # pylint: disable=protected-access
+
+  def __exit__(self, *exc):
+    p = self.progress
+    spent = p._clock() - self.entered  # pylint: disable=protected-access
+    if p._start is not None:  # pylint: disable=protected-access
+      p._start += spent  # pylint: disable=protected-access
+      p._last_time += spent  # pylint: disable=protected-access
 
 
 def peak_memory() -> dict[str, float]:

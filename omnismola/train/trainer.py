@@ -559,7 +559,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if step % config.train.checkpoint_every == 0 or step == total:
           save()
         if config.eval.every and step % config.eval.every == 0 and step < total:
-          run_eval(step, state)
+          with progress.pause():  # Rates and ETA are of training steps.
+            run_eval(step, state)
       guard.flush()
       if stop.requested and step < total:
         save()
