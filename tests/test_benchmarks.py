@@ -57,3 +57,19 @@ def test_peer_lora_targets_the_language_model_only():
            "model.multi_modal_projector.linear"]
   hits = [n for n in names if re.fullmatch(peer.HF_TARGETS, n)]
   assert hits == names[:2]
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_on_tiny_shapes(tmp_path):
+  """benchmarks/gpu.sh with TINY=1: both of its commands run and write
+  their outputs (on a GPU it runs them at PaliGemma-3B-224)."""
+  env = dict(os.environ, TINY="1", JAX_PLATFORMS="cpu",
+             PYTHON=sys.executable)
+  result = subprocess.run(["bash", "benchmarks/gpu.sh", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  peer_out = (tmp_path / "peer.txt").read_text()
+  assert "omnismola_lora_over_hf_peft_examples_per_s=" in peer_out
+  suite_out = (tmp_path / "step_suite.txt").read_text()
+  assert "smola_over_lora_step_s=" in suite_out

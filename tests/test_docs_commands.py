@@ -85,6 +85,8 @@ COVERED_BY = {
         "tests/test_launch.py::test_slurm_dry_run_prints_what_runs",
     r"srun (--\S+ )*launch/gpu_multinode\.sh .*":
         "tests/test_launch.py::test_multinode_per_process",
+    r"bash benchmarks/gpu\.sh( \S+)?":
+        "tests/test_benchmarks.py::test_gpu_script_runs_on_tiny_shapes",
     # docs/finetune.md's pod commands, run with --dry-run in the guide's
     # order (the forwarded main command then runs on a local folder).
     r"launch/tpu_vm\.sh (create|install|run|logs)( (?!--dry-run)\S+)*( -- .*)?":
