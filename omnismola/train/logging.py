@@ -1,4 +1,5 @@
 """Metric writers (JSON lines + TensorBoard) and the progress line."""
+import contextlib
 import io
 import json
 import math
@@ -161,10 +162,16 @@ class Progress:
     self._start = self._last_time = self._clock()
     self._start_step = self._last_step = step
 
+  @contextlib.contextmanager
   def pause(self):
     """A context in which time does not count (evaluation mid-run): rates
     and the ETA stay those of training steps."""
-    return _Paused(self)
+    entered = self._clock()
+    yield
+    if self._start is not None:
+      spent = self._clock() - entered
+      self._start += spent
+      self._last_time += spent
 
   def update(self, step: int,
              examples_per_step: float | None = None) -> dict[str, float]:
@@ -200,23 +207,6 @@ class Progress:
       parts.append(f"{examples_per_sec:,.1f} ex/s")
     parts.append(f"ETA {format_duration(self.eta_seconds(step))}")
     return " | ".join(parts)
-
-
-class _Paused:
-  """Progress.pause(): shifts the clock marks by the time spent inside."""
-
-  def __init__(self, progress: Progress):
-    self.progress = progress
-
-  def __enter__(self):
-    self.entered = self.progress._clock()  # pylint: disable=protected-access
-
-  def __exit__(self, *exc):
-    p = self.progress
-    spent = p._clock() - self.entered  # pylint: disable=protected-access
-    if p._start is not None:  # pylint: disable=protected-access
-      p._start += spent  # pylint: disable=protected-access
-      p._last_time += spent  # pylint: disable=protected-access
 
 
 def peak_memory() -> dict[str, float]:
