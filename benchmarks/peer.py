@@ -35,8 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import step as step_bench
-from omnismola import build
-from omnismola.train import flops
+from omnismola import flops
 
 # Width 256, 4 ViT and 4 decoder layers, 64x64 images in 8x8 patches (64
 # image tokens), vocabulary 512, multi-query attention: a model a 2-core
@@ -66,7 +65,7 @@ MATMUL = (3072, 256, 1024)
 def omnismola_step(shape: dict, experts: str, batch: int, text_len: int,
                    dtype: str):
   """run() -> loss of one donated train step of omnismola's trainer, and
-  its training FLOPs per example (train/flops.py)."""
+  its model FLOPs per example (counted in its traced program, flops.py)."""
   args = argparse.Namespace(experts=experts, pools=SMOLA_EXPERTS, rank=RANK,
                             frozen_backbone=True, dtype=dtype)
   config = step_bench.experiment_config(args, shape)
@@ -80,9 +79,7 @@ def omnismola_step(shape: dict, experts: str, batch: int, text_len: int,
     holder[0], metrics = compiled(holder[0], batch_arrays)
     return float(metrics["loss"])  # Waits for the step.
 
-  count = flops.train_flops(build.vlm_config(shape), config.experts,
-                            config.train.trainable, text_len)
-  return run, float(count.total)
+  return run, flops.count(train_step, state, batch_arrays).required / batch
 
 
 def hf_peft_step(shape: dict, batch: int, text_len: int, dtype: str,
@@ -243,7 +240,7 @@ def main(argv=None) -> dict:
     step_s = statistics.median(times)
     line = {"step_s": step_s, "examples_per_s": args.batch / step_s,
             "min_step_s": min(times), "max_step_s": max(times)}
-    # train/flops.py's count of omnismola's model; the peer's is LoRA's.
+    # omnismola's model FLOPs (flops.py); the peer's are its LoRA step's.
     flop = model_flops.get(name, model_flops["omnismola_lora"])
     line["gflop_per_s"] = flop * args.batch / step_s / 1e9
     line["matmul_rate_share"] = line["gflop_per_s"] * 1e9 / rate

@@ -4,8 +4,8 @@ Runs the trainer's own jitted step (`trainer.make_train_step`, state donated
 as in training) on random batches: no data pipeline, so neither TensorFlow nor
 SeqIO is imported and the numbers are the model's alone. Prints one
 `key=value` line per configuration: median step time after warm-up,
-examples/s, tokens/s (image + text), model TFLOP/s and MFU from
-`train/flops.py`, and memory (XLA's compiled estimate; on GPU also the
+examples/s, tokens/s (image + text), model TFLOP/s and MFU from the
+step's own traced program (`omnismola/flops.py`), and memory (XLA's compiled estimate; on GPU also the
 allocator's peak).
 
   python -m benchmarks.step --preset=small --experts=smola --pools=4 \
@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 
 from omnismola import build
-from omnismola.train import flops
+from omnismola import flops
 from omnismola.train import optim
 from omnismola.train import partitioning
 from omnismola.train import trainer
@@ -189,10 +189,11 @@ def benchmark(args) -> str:
   config = experiment_config(args, model)
   state, step, put_batch = trainer_step(config)
   batch = put_batch(synthetic_batch(model, args.batch, args.text_len))
+  # The model FLOPs of the very program timed (flops.py), per example.
+  example_flops = flops.count(step, state, batch).required / args.batch
+  tokens = build.vlm_config(model).num_image_tokens + args.text_len
   seconds, compiled = time_steps(step, state, batch, args.steps, args.warmup)
-  count = flops.train_flops(build.vlm_config(model), config.experts,
-                            config.train.trainable, args.text_len)
-  step_flops = count.total * args.batch
+  step_flops = example_flops * args.batch
   peak = (args.peak_tflops * 1e12 if args.peak_tflops else
           flops.peak_flops(jax.devices()[0].device_kind))
   mfu = ("n/a" if peak is None or jax.devices()[0].platform == "cpu"
@@ -201,10 +202,10 @@ def benchmark(args) -> str:
   trained = "adapters" if config.train.trainable != ".*" else "all"
   return (f"preset={args.preset} experts={args.experts} pools={args.pools} "
           f"rank={args.rank} trained={trained} dtype={args.dtype} "
-          f"batch={args.batch} text_len={args.text_len} tokens={count.tokens} "
+          f"batch={args.batch} text_len={args.text_len} tokens={tokens} "
           f"step_s={seconds:.4f} examples_per_s={args.batch / seconds:.1f} "
-          f"tokens_per_s={args.batch * count.tokens / seconds:.0f} "
-          f"gflop_per_example={count.total / 1e9:.4g} "
+          f"tokens_per_s={args.batch * tokens / seconds:.0f} "
+          f"gflop_per_example={example_flops / 1e9:.4g} "
           f"tflop_per_s={step_flops / seconds / 1e12:.3f} mfu={mfu} "
           f"compiled_mem_mb={mb(compiled_bytes(compiled))} "
           f"peak_mem_mb={mb(allocator_peak_bytes())}")

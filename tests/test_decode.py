@@ -1,4 +1,5 @@
 """KV-cached decoding against re-running the full forward (uncached)."""
+import dataclasses
 import itertools
 
 import jax
@@ -142,6 +143,16 @@ def test_greedy_decode_equals_uncached_argmax(model, prompt):
   np.testing.assert_array_equal(
       decode.greedy_decode(model, prompt, max_new_tokens=NEW, eos_id=NEVER),
       tokens)
+
+
+def test_unrolled_layers_decode_as_scanned_ones(model, prompt):
+  config = dataclasses.replace(model.config, scan_layers=False)
+  unrolled = nnx.merge(nnx.graphdef(VLM(config, rngs=nnx.Rngs(0))),
+                       nnx.state(model))
+  np.testing.assert_array_equal(
+      decode.greedy_decode(unrolled, prompt, max_new_tokens=NEW,
+                           eos_id=NEVER),
+      decode.greedy_decode(model, prompt, max_new_tokens=NEW, eos_id=NEVER))
 
 
 def test_tokens_after_eos_are_padding(model, prompt):

@@ -1,26 +1,18 @@
-"""train/flops.py against the FLOPs XLA counts in a compiled training step.
+"""flops.py: FLOPs counted in the traced program, against XLA's own count.
 
-XLA's `cost_analysis()['flops']` counts every matrix product of the step
-(2 per multiply-add, after dead-code elimination) and also every elementwise
-operation (norms, softmax, GELU, RoPE, the loss, AdamW), about one FLOP per
-element, which the formula leaves out on purpose. So XLA's count must be at
-least the formula's (a formula above XLA counts a gradient nobody computes,
-e.g. backward through a frozen ViT) and above it by no more than the
+XLA's `cost_analysis()['flops']` counts every matrix product of a compiled
+step (2 per multiply-add, after dead-code elimination) and also every
+elementwise operation (norms, softmax, GELU, RoPE, the loss, AdamW), about
+one FLOP per element, which flops.py leaves out on purpose. So XLA's count
+must be at least the program's products and above them by no more than the
 elementwise share. That share shrinks as the widths grow: measured 3-5% at
 the `small` preset's width 128, 10-11% at `tiny`'s width 32, where a softmax
-element costs as much as a 16-wide dot product. Hence the bounds below:
-7% for `small`, 12% for `tiny`.
+element costs as much as a 16-wide dot product. Hence the bounds below: 7%
+for `small`, 12% for `tiny`.
 
-Sparse MoE is compared at `small` only: at `tiny`'s width its routing
-(softmax, top-k, one-hots, aux losses) alone is about the elementwise slack.
-Its blocked dispatch runs tiles of one row (`tile=1`), so padding rows,
-which the formula leaves out with the rest of dispatch, cost nothing; routed
-LoRA experts use top_k = num_experts, so every expert the module computes
-is one the formula counts.
-
-XLA counts the body of a loop once, whatever its trip count, and each tower's
-layers run as one scanned loop; so the comparison uses one layer per tower
-(the formula's layers add up linearly, checked separately).
+XLA counts the body of a loop once, whatever its trip count; so the
+comparison runs one unrolled layer per tower (`scan_layers=False`), and the
+scan's multiplication is checked separately.
 """
 import jax
 import jax.numpy as jnp
@@ -30,8 +22,10 @@ import pytest
 from flax import nnx
 
 from omnismola import build
-from omnismola.train import flops
+from omnismola import config_lib
+from omnismola import flops
 from omnismola.train import optim
+from omnismola.train import trainer
 
 DECODER_LINEARS = r"decoder/layers/\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))"
 DECODER_QV = r"decoder/layers/\d+/attn/(q|v)"
@@ -48,6 +42,11 @@ SETTINGS = {
     "sparse_moe": ([dict(kind="sparse_moe", targets=MLP_BLOCKS,
                          num_experts=4, top_k=2, tile=1)],
                    r".*/mlp/(router|layers/.*)"),
+    # Capacity dispatch is not causal: the ViT's blocks only.
+    "sparse_moe_capacity": ([dict(kind="sparse_moe",
+                                  targets=r"vit/layers/\d+/mlp",
+                                  num_experts=4, top_k=2,
+                                  dispatch="capacity")], r".*"),
     # VL-MoE's text-only MoE: image tokens through the dense MLP beside.
     "sparse_moe_dense_fallback": (
         [dict(kind="sparse_moe", targets=r"decoder/layers/\d+/mlp",
@@ -55,37 +54,34 @@ SETTINGS = {
         r".*"),
     "sparse_lora_instance": ([dict(kind="sparse_lora",
                                    targets=r"decoder/layers/\d+/mlp",
-                                   num_experts=4, top_k=4, rank=4,
+                                   num_experts=4, top_k=1, rank=4,
                                    global_expert=True)], ADAPTERS_ONLY),
     "sparse_lora_token": ([dict(kind="sparse_lora", targets=DECODER_QV,
-                                routing="token", num_experts=4, top_k=4,
+                                routing="token", num_experts=4, top_k=2,
                                 rank=4)], ADAPTERS_ONLY),
 }
 MAX_EXCESS = {"tiny": 0.12, "small": 0.07}
 CASES = ([(preset, setting) for preset in sorted(MAX_EXCESS)
           for setting in ("full", "lora", "smola")] +
-         [("small", "sparse_moe"), ("small", "sparse_moe_dense_fallback"),
-          ("tiny", "sparse_lora_instance"),
-          ("tiny", "sparse_lora_token")])
+         [("small", "sparse_moe"), ("small", "sparse_moe_capacity"),
+          ("small", "sparse_moe_dense_fallback"),
+          ("tiny", "sparse_lora_instance"), ("tiny", "sparse_lora_token")])
 BATCH, TEXT_LEN = 8, 24
 
 
 def _one_layer_per_tower(preset: str) -> dict:
   fields = build.model_config_to_dict(preset)
   fields["vit"]["depth"] = fields["decoder"]["depth"] = 1
+  fields["scan_layers"] = False
   return fields
 
 
-def xla_flops_per_example(preset: str, experts, trainable: str,
-                          images: int = 1) -> float:
-  """XLA's FLOPs of one jitted AdamW step on the trained parameters only,
-  per row (packed rows of `images` examples when above 1).
-
-  Frozen parameters are closed over, not differentiated, as in the trainer:
-  they get neither gradients nor optimizer state.
-  """
-  config = ml_collections.ConfigDict(
-      dict(model=_one_layer_per_tower(preset), experts=experts))
+def adamw_step(model_fields: dict, experts, trainable: str, images: int = 1):
+  """(step, its arguments): one AdamW step on the trained parameters only,
+  frozen ones closed over as in the trainer, on BATCH rows (packed rows of
+  `images` examples when above 1)."""
+  config = ml_collections.ConfigDict(dict(model=model_fields,
+                                          experts=experts))
   model = build.build_model(config)
   graphdef, params, frozen = nnx.split(
       model, optim.trainable_filter(trainable), ...)
@@ -112,138 +108,143 @@ def xla_flops_per_example(preset: str, experts, trainable: str,
                  segment_ids=jnp.broadcast_to(
                      1 + jnp.arange(TEXT_LEN) * images // TEXT_LEN,
                      text.shape))
-  compiled = jax.jit(step).lower(params, optimizer.init(params), frozen,
-                                 batch).compile()
-  cost = compiled.cost_analysis()
+  return step, (params, optimizer.init(params), frozen, batch)
+
+
+def xla_flops(step, args) -> float:
+  cost = jax.jit(step).lower(*args).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost  # Older jax: a list.
-  return cost["flops"] / BATCH
+  return cost["flops"]
 
 
 @pytest.mark.parametrize("preset,setting", CASES)
-def test_formula_matches_xla(preset, setting):
+def test_count_matches_xla(preset, setting):
   experts, trainable = SETTINGS[setting]
-  config = build.vlm_config(_one_layer_per_tower(preset))
-  formula = flops.train_flops(config, experts, trainable, TEXT_LEN).total
-  measured = xla_flops_per_example(preset, experts, trainable)
-  assert formula <= measured <= formula * (1 + MAX_EXCESS[preset]), (
-      f"{preset}/{setting}: XLA {measured:.4g}, formula {formula:.4g}")
+  step, args = adamw_step(_one_layer_per_tower(preset), experts, trainable)
+  count, measured = flops.count(step, *args), xla_flops(step, args)
+  assert count.computed <= measured <= count.computed * (
+      1 + MAX_EXCESS[preset]), (f"{preset}/{setting}: XLA {measured:.4g}, "
+                                f"counted {count.computed:.4g}")
+  if setting in ("full", "lora", "smola"):  # Nothing computed in vain.
+    assert count.required == count.computed
+  else:
+    assert 0 < count.required < count.computed
 
 
-@pytest.mark.parametrize("preset,setting", [("small", "smola"),
-                                            ("tiny", "full")])
-def test_formula_matches_xla_on_packed_rows(preset, setting):
-  experts, trainable = SETTINGS[setting]
-  config = build.vlm_config(_one_layer_per_tower(preset))
-  formula = flops.train_flops(config, experts, trainable, TEXT_LEN,
-                              images=3).total
-  measured = xla_flops_per_example(preset, experts, trainable, images=3)
-  assert formula <= measured <= formula * (1 + MAX_EXCESS[preset]), (
-      f"{preset}/{setting} packed: XLA {measured:.4g}, formula "
-      f"{formula:.4g}")
+def test_count_matches_xla_on_packed_rows():
+  experts, trainable = SETTINGS["smola"]
+  step, args = adamw_step(_one_layer_per_tower("small"), experts, trainable,
+                          images=3)
+  count, measured = flops.count(step, *args), xla_flops(step, args)
+  assert count.computed <= measured <= count.computed * 1.07
+  step, args = adamw_step(_one_layer_per_tower("small"), experts, trainable)
   # Three images' work on the same text: more than one image's.
-  assert formula > flops.train_flops(config, experts, trainable,
-                                     TEXT_LEN).total
+  assert count.computed > flops.count(step, *args).computed
 
 
-def test_frozen_backbone_has_no_backward_through_the_vit():
-  config = build.vlm_config(build.model_config_to_dict("small"))
+def _config(preset="small", experts=(), trainable=r".*", **model):
+  config = config_lib.load_config_file(f"configs/mix.py:preset={preset}")
+  config.experts = list(experts)
+  config.train.trainable = trainable
+  config.train.batch_size = BATCH
+  config.model.update(model)
+  return config
+
+
+def test_scanned_layers_count_their_trip_count():
   experts, trainable = SETTINGS["lora"]
-  for op in flops.train_matmuls(config, experts, trainable, TEXT_LEN):
-    if op.name.startswith(("vit/", "connector/")):
-      assert op.grads == 0, op
-    if op.name == "decoder/layers/0/attn/q":
-      assert op.grads == 0, op  # Its input, the embeddings, is frozen.
-    if op.name == "decoder/layers/0/attn/o":
-      assert op.grads == 1, op  # Downstream of the q/k/v adapters.
+
+  def train_flops(depth, scan_layers=True):
+    config = _config(experts=experts, trainable=trainable,
+                     scan_layers=scan_layers)
+    config.model.decoder.depth = depth
+    return trainer.step_flops(config)[0].computed
+
+  assert train_flops(3) - train_flops(2) == pytest.approx(
+      train_flops(2) - train_flops(1))
+  assert train_flops(2) > train_flops(1)
+  # Unrolled, the first layer's gradient towards the (frozen) embeddings is
+  # dead code; a scan computes it in every trip: a little more.
+  unrolled = train_flops(3, scan_layers=False)
+  assert unrolled < train_flops(3) < 1.02 * unrolled
 
 
-def _ops(experts, trainable, text_len=TEXT_LEN, preset="small"):
-  """{name: Matmul} of one training example."""
-  config = build.vlm_config(build.model_config_to_dict(preset))
-  return {op.name: op for op in flops.train_matmuls(config, experts,
-                                                    trainable, text_len)}
+def test_remat_recomputation_is_computed_not_required():
+  plain, _ = trainer.step_flops(_config())
+  remat, _ = trainer.step_flops(_config(remat_policy="full"))
+  assert remat.required == pytest.approx(plain.required)
+  # The forward pass again in the backward: about a third more.
+  assert 1.2 < remat.computed / plain.computed < 1.4
 
 
-def test_sparse_moe_costs_router_and_top_k_dense_mlps():
-  config = build.vlm_config(build.model_config_to_dict("small"))
-  tokens = config.num_image_tokens + TEXT_LEN
-  moe = dict(kind="sparse_moe", targets=MLP_BLOCKS, num_experts=4, top_k=2)
-  dense, routed = _ops([], r".*"), _ops([moe], r".*")
-  for block, layer_names in (("vit/layers/0/mlp", ("fc1", "fc2")),
-                             ("decoder/layers/0/mlp", ("gate", "up",
-                                                       "down"))):
-    for name in layer_names:
-      op = f"{block}/{name}"
-      assert routed[op].forward == 2 * dense[op].forward, op
-    width = (config.vit if block.startswith("vit") else config.decoder).width
-    block_tokens = (config.vit.num_patches if block.startswith("vit")
-                    else tokens)
-    assert routed[f"{block}/router"].forward == 2 * block_tokens * width * 4
-  # The dense MLP beside one modality's pool runs on every token, once.
-  fallback = _ops([dict(moe, pools=dict(text=4), num_experts=None,
-                        dense_fallback=True)], r".*")
-  for name in ("gate", "up", "down"):
-    op = f"decoder/layers/0/mlp/{name}"
-    assert fallback[op] == routed[op]
-    assert fallback[f"decoder/layers/0/mlp/dense/{name}"].forward == (
-        dense[op].forward)
-  # The capacity factor changes nothing: dispatch is not counted.
-  capacity = _ops([dict(moe, targets=r"vit/layers/\d+/mlp",
-                        dispatch="capacity", capacity_factor=2.0)], r".*")
-  assert capacity["vit/layers/0/mlp/fc1"] == routed["vit/layers/0/mlp/fc1"]
-
-
-def test_sparse_moe_with_only_the_router_trained():
-  moe = dict(kind="sparse_moe", targets=r"decoder/layers/\d+/mlp",
-             num_experts=4, top_k=2)
-  ops = _ops([moe], r".*/mlp/router")
-  assert ops["decoder/layers/0/mlp/router"].grads == 1  # Its weight only.
-  for name in ("gate", "up", "down"):  # Frozen, on frozen inputs.
-    assert ops[f"decoder/layers/0/mlp/{name}"].grads == 0
-  assert ops["decoder/logits"].grads == 1  # Downstream of the gates.
-
-
-def test_sparse_lora_counts_active_experts_and_routes_once_per_example():
-  entry = dict(kind="sparse_lora", targets=r"decoder/layers/\d+/mlp",
-               num_experts=4, rank=8, global_expert=True)
-  config = build.vlm_config(build.model_config_to_dict("small"))
-  width, path = config.decoder.width, "decoder/layers/0/mlp/adapters/"
-  top1, top2 = _ops([entry], ADAPTERS_ONLY), _ops([dict(entry, top_k=2)],
-                                                  ADAPTERS_ONLY)
-  for matrix in ("a", "b"):
-    op = f"{path}sparse_lora_0/experts/{matrix}"
-    assert top2[op].forward == 2 * top1[op].forward
-    # One active expert costs what the always-on global expert costs.
-    assert top1[op].forward == top1[
-        f"{path}sparse_lora_0/global_expert/{matrix}"].forward
-  # Instance routing: one router product per example, whatever its length;
-  # its input (the prompt embedding) is frozen, so only the weight gradient.
-  for text_len in (TEXT_LEN, 2 * TEXT_LEN):
-    router = _ops([entry], ADAPTERS_ONLY, text_len)[
-        f"{path}sparse_lora_0/router"]
-    assert router.forward == 2 * width * 4 and router.grads == 1
-  token = _ops([dict(entry, routing="token")], ADAPTERS_ONLY)
-  tokens = config.num_image_tokens + TEXT_LEN
-  assert token[f"{path}sparse_lora_0/router"].forward == (
-      2 * tokens * width * 4)
-
-
-def test_full_training_costs_about_three_forwards():
-  config = build.vlm_config(build.model_config_to_dict("small"))
-  count = flops.train_flops(config, [], r".*", TEXT_LEN)
+def test_full_training_costs_about_three_forwards_and_adapters_about_two():
+  train, forward = trainer.step_flops(_config())
   # Only the patch embedding has no input gradient (its input is pixels).
-  assert 2.9 < count.total / count.forward <= 3.0
-  assert count.per_token == count.total / (64 + TEXT_LEN)
+  assert 2.9 < train.required / forward.required <= 3.0
+  # Frozen backbone, LoRA in the decoder: no backward through the ViT or
+  # the connector, and no weight gradients for the decoder's base weights.
+  experts, trainable = SETTINGS["lora"]
+  train, forward = trainer.step_flops(_config(experts=experts,
+                                              trainable=trainable))
+  assert 1.7 < train.required / forward.required < 2.0
 
 
-def test_layers_add_up_linearly():
-  fields = build.model_config_to_dict("small")
-  count = lambda depth: flops.train_flops(
-      build.vlm_config(dict(fields, decoder=dict(fields["decoder"],
-                                                 depth=depth))),
-      [], r".*", TEXT_LEN).total
-  assert count(3) - count(2) == pytest.approx(count(2) - count(1))
-  assert count(2) > count(1)
+def test_sparse_lora_requires_its_chosen_experts_only():
+  entry = dict(kind="sparse_lora", targets=r"decoder/layers/\d+/mlp",
+               num_experts=4, rank=8)
+  counts = {k: trainer.step_flops(_config(experts=[dict(entry, top_k=k)],
+                                          trainable=ADAPTERS_ONLY))[0]
+            for k in (1, 2, 4)}
+  # Every expert is computed whatever top_k (the gates' products aside) ...
+  assert counts[1].computed == pytest.approx(counts[4].computed, rel=1e-6)
+  assert counts[4].required == counts[4].computed
+  # ... and each chosen one adds the same to what is required.
+  assert counts[2].required - counts[1].required == pytest.approx(
+      (counts[4].required - counts[2].required) / 2)
+  assert counts[1].required < counts[2].required
+
+
+def test_capacity_buffers_are_computed_not_required():
+  entry = dict(kind="sparse_moe", targets=r"vit/layers/\d+/mlp",
+               num_experts=4, top_k=2, dispatch="capacity")
+  count = lambda factor: trainer.step_flops(_config(experts=[dict(
+      entry, capacity_factor=factor)]))[0]
+  tight, roomy = count(1.0), count(2.0)
+  assert roomy.computed > tight.computed
+  # Empty slots and the one-hot moves are not model FLOPs: the same
+  # requirement whatever the room.
+  assert roomy.required == pytest.approx(tight.required)
+
+
+def test_required_share_scales_and_nests():
+  x = jnp.ones((4, 8))
+  w = jnp.ones((8, 16))
+
+  def fn(x, w):
+    y = x @ w  # 2 * 4 * 8 * 16 = 1024 FLOPs.
+    with flops.required_share(0.5):
+      y = y + x @ w
+      with flops.required_share(0.5):
+        y = y + x @ w
+    return y
+
+  assert flops.count(fn, x, w) == flops.Count(3 * 1024, 1024 * 1.75)
+  # Gradients keep their forward product's share. (fn is linear in w: its
+  # gradient needs one product per forward product, and no forward.)
+  grad = jax.grad(lambda w: jnp.sum(fn(x, w)))
+  assert flops.count(grad, w) == flops.Count(3 * 1024, 1024 * 1.75)
+  with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+    with flops.required_share(1.5):
+      pass
+
+
+def test_loops_and_branches():
+  w = jnp.ones((8, 8))
+  scanned = lambda w: jax.lax.scan(lambda h, _: (h @ w, None),
+                                   jnp.ones((2, 8)), None, length=5)[0]
+  assert flops.count(scanned, w).computed == 5 * 2 * 2 * 8 * 8
+  branch = lambda p, w: jax.lax.cond(p, lambda: w @ w, lambda: w)
+  assert flops.count(branch, True, w).computed == 2 * 8 * 8 * 8
 
 
 def test_mfu_and_peaks():

@@ -3,6 +3,7 @@ import functools
 
 import checks
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -10,6 +11,7 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from omnismola import build
 from omnismola.models import connectors, layers, presets, stack, vit
 from omnismola.models.layers import Dense, TokenInfo
 from omnismola.models.vlm import VLM, sequence_layout
@@ -417,24 +419,49 @@ def test_compiled_program_does_not_grow_with_depth():
   assert size_24 < 1.05 * size_2
 
 
-def test_remat_policies_keep_gradients():
+def test_remat_policies_and_unrolled_layers_keep_gradients():
   model = _model(decoder_depth=2)
   batch = dict(zip(("image", "text", "mask_ar", "mask_input"),
                    _masking_batch(model)))
   _, params = nnx.split(model)
 
-  def grads(policy):
-    config = presets.get_preset("tiny", decoder_depth=2, remat_policy=policy)
+  def grads(**loop):
+    config = presets.get_preset("tiny", decoder_depth=2, **loop)
     graphdef = nnx.graphdef(VLM(config, rngs=nnx.Rngs(0)))
     return jax.jit(jax.grad(
         lambda p: checks.next_token_loss(nnx.merge(graphdef, p), batch)))(params)
 
-  reference = grads("none")
-  for policy in sorted(set(stack.REMAT_POLICIES) - {"none"}):
+  reference = grads(remat_policy="none")
+  loops = [dict(remat_policy=policy) for policy in
+           sorted(set(stack.REMAT_POLICIES) - {"none"})]
+  loops += [dict(scan_layers=False), dict(scan_layers=False,
+                                          remat_policy="full")]
+  for loop in loops:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-                 grads(policy), reference)
+                 grads(**loop), reference)
   with pytest.raises(ValueError, match="remat_policy"):
     _model(remat_policy="sometimes")
+
+
+def test_unrolled_layers_return_what_scanned_ones_do():
+  """Two segments (MoE MLPs in decoder layers 0-1 of 3): the same logits,
+  routers' aux and recorded usage, stacked per segment alike."""
+  def forward(scan_layers):
+    fields = build.model_config_to_dict("tiny")
+    fields.update(scan_layers=scan_layers,
+                  decoder=dict(fields["decoder"], depth=3))
+    model = build.build_model(ml_collections.ConfigDict(dict(
+        model=fields, experts=[dict(kind="sparse_moe", num_experts=4,
+                                    top_k=2,
+                                    targets=r"decoder/layers/[01]/mlp")])))
+    with layers.recording_usage():
+      return model.forward(*_masking_batch(model))
+
+  scanned, unrolled = forward(True), forward(False)
+  assert "decoder/layers_0_2/mlp" in scanned[1]
+  assert "decoder/layers_0_2/mlp/usage" in scanned[1]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+               unrolled, scanned)
 
 
 # --- Training and sharding -------------------------------------------------

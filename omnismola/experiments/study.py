@@ -37,10 +37,8 @@ from flax import nnx
 from omnismola import build
 from omnismola import config_lib
 from omnismola import errors
-from omnismola import row_layout
 from omnismola import storage
 from omnismola.data import mixtures
-from omnismola.train import flops
 
 # Every study trains and scores on the built-in synthetic suite.
 MIXTURE = mixtures.SYNTHETIC_MIX
@@ -149,20 +147,19 @@ def runs_from_arguments(settings: Settings, scale: Scale, config_file: str,
 
 
 def cost(config) -> dict:
-  """Parameters (trained, all) and FLOPs of one example (training step,
+  """Parameters (trained, all) and model FLOPs of one train row (training step,
   forward alone), for the tables."""
   from omnismola.train import trainer  # pylint: disable=g-import-not-at-top
   abstract = nnx.eval_shape(lambda: build.build_model(config))
   _, trained, frozen = trainer.split_model(abstract, config.train.trainable)
   count = lambda state: sum(int(np.prod(x.shape)) for x in
                             jax.tree.leaves(nnx.to_pure_dict(state)))
-  layout = row_layout.row_layout(config.data)
-  step = flops.train_flops(build.vlm_config(config.model),
-                           list(config.experts), config.train.trainable,
-                           layout.text_length, images=layout.images)
+  train, forward = trainer.step_flops(config)
+  rows = int(config.train.batch_size)
   return dict(trainable_params=count(trained),
               params=count(trained) + count(frozen),
-              train_flops=step.total, forward_flops=step.forward)
+              train_flops=train.required / rows,
+              forward_flops=forward.required / rows)
 
 
 def _config_record(config) -> dict:

@@ -32,6 +32,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from omnismola import flops
+
 # linear(h, w [E, in, out], b [E, out] | None) -> h @ w[expert of row] + b.
 GroupedLinear = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 # expert_fn(h, linear): every expert's MLP on the rows of h (in the layout
@@ -104,17 +106,23 @@ def capacity_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array,
   expert_hot = jax.nn.one_hot(experts, num_experts, dtype=x.dtype)
   slot_hot = jax.nn.one_hot(jnp.where(kept, positions, slots), slots,
                             dtype=x.dtype)                    # Dropped: none.
-  dispatch = jnp.einsum("gske,gskc->gsec", expert_hot, slot_hot)
-  combine = jnp.einsum("gske,gskc,gsk->gsec", expert_hot, slot_hot,
-                       gates.astype(x.dtype))
+  # Moving tokens by one-hot products is data movement, not model FLOPs;
+  # the buffers' empty slots are padding (as if no copy were dropped).
+  with flops.required_share(0.0):
+    dispatch = jnp.einsum("gske,gskc->gsec", expert_hot, slot_hot)
+    combine = jnp.einsum("gske,gskc,gsk->gsec", expert_hot, slot_hot,
+                         gates.astype(x.dtype))
+    expert_in = jnp.einsum("gsec,gsd->gecd", dispatch, x)
 
   def linear(h, w, b):
     out = jnp.einsum("gecd,edm->gecm", h, w)
     return out if b is None else out + b[None, :, None]
 
-  expert_in = jnp.einsum("gsec,gsd->gecd", dispatch, x)
-  expert_out = expert_fn(expert_in, linear)
-  return jnp.einsum("gsec,gecd->gsd", combine, expert_out), kept
+  with flops.required_share(min(1.0, experts[0].size
+                                / (num_experts * slots))):
+    expert_out = expert_fn(expert_in, linear)
+  with flops.required_share(0.0):
+    return jnp.einsum("gsec,gecd->gsd", combine, expert_out), kept
 
 
 def _grouped_rows(experts: jax.Array, mask: jax.Array, num_experts: int,
@@ -218,6 +226,8 @@ def blocked_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array,
 
   def run(buffer):
     tiles = buffer.reshape(num_tiles, tile, -1)
-    return expert_fn(tiles, linear).reshape(num_tiles * tile, -1)
+    # Rows past each expert's copies are padding.
+    with flops.required_share(experts.size / (num_tiles * tile)):
+      return expert_fn(tiles, linear).reshape(num_tiles * tile, -1)
 
   return _scatter_gather(x, rows, gates, num_tiles * tile, run)

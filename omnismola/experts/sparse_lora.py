@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omnismola.models.layers import TokenInfo, record_usage, token_matmul
+from omnismola import flops
 
 ROUTINGS = ("instance", "token")
 ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {
@@ -190,11 +191,13 @@ class SparseLoRA(nnx.Module):
     a, b = self.experts.a[...], self.experts.b[...]
     num_experts, rank = a.shape[0], a.shape[-1]
     a_wide = jnp.swapaxes(a, 0, 1).reshape(a.shape[1], num_experts * rank)
-    h = act(token_matmul(x, a_wide)).reshape(
-        x.shape[:-1] + (num_experts, rank))
-    h = h * weights[..., None].astype(h.dtype)
-    y = token_matmul(h.reshape(x.shape[:-1] + (num_experts * rank,)),
-                     b.reshape(num_experts * rank, b.shape[-1]))
+    # The unchosen experts' blocks are computed and weighed 0: not needed.
+    with flops.required_share(self.top_k / num_experts):
+      h = act(token_matmul(x, a_wide)).reshape(
+          x.shape[:-1] + (num_experts, rank))
+      h = h * weights[..., None].astype(h.dtype)
+      y = token_matmul(h.reshape(x.shape[:-1] + (num_experts * rank,)),
+                       b.reshape(num_experts * rank, b.shape[-1]))
     if self.global_expert is not None:
       h = act(token_matmul(x, self.global_expert.a[...]))
       y = y + token_matmul(h * global_weight[..., None].astype(h.dtype),

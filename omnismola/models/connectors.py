@@ -158,7 +158,7 @@ def adaptive_avg_pool(x: jax.Array, grid: int, side: int) -> jax.Array:
   batch, _, channels = x.shape
   pool = jnp.asarray(adaptive_pool_matrix(grid, side), x.dtype)
   y = x.reshape(batch, grid, grid, channels)
-  # Rows, then columns: two small products (train/flops.py counts them).
+  # Rows, then columns: two small products.
   y = jnp.einsum("ih,bhwc->biwc", pool, y)
   y = jnp.einsum("jw,biwc->bijc", pool, y)
   return y.reshape(batch, side * side, channels)

@@ -187,10 +187,9 @@ class Decoder(nnx.Module):
   def __init__(self, config: DecoderConfig, *, path: str = "decoder",
                make_linear: LinearFactory = make_dense,
                make_mlp: MlpFactory = layers.make_mlp,
-               remat_policy: str = "none", rngs: nnx.Rngs):
-    stack.check_remat_policy(remat_policy)
+               loop: stack.LayerLoop = stack.LayerLoop(), rngs: nnx.Rngs):
     self.config = config
-    self.remat_policy = remat_policy
+    self.loop = loop
     self.embedder = Embedder(config.vocab_size, config.width, rngs=rngs)
     self.segments = stack.add_tower_layers(
         self, DecoderLayer, f"{path}/layers", config,
@@ -244,7 +243,7 @@ class Decoder(nnx.Module):
     x = layers.constrain(x, ("batch", "length", "embed"))
     x, new_kv, aux = stack.scan_tower(self, self.segments, body, x,
                                       (jnp.asarray(sliding), kv),
-                                      remat_policy=self.remat_policy)
+                                      loop=self.loop)
     return self.final_norm(x), new_kv, aux
 
 

@@ -37,8 +37,14 @@ A checkpoint written with another segmentation (a converted PaliGemma, a
 dense run) loads through `restack`, which slices and joins its stacked
 arrays into the segments a model has.
 
-Rematerialisation trades compute for memory per layer; the policy is a
-config field (`model.remat_policy`).
+How a tower runs its layers is a `LayerLoop` (config fields
+`model.remat_policy` and `model.scan_layers`): rematerialisation trades
+compute for memory per layer; scanning keeps one layer body in the
+program, while unrolling (`scan_layers=False`, as MaxText's switch) lets
+XLA optimise across layers and skip the bookkeeping of a loop (slicing
+each layer's parameters, stacking its outputs and gradients): faster on
+CPU at small widths, compile time growing with depth. Parameters are
+stacked either way, so checkpoints do not depend on it.
 """
 import dataclasses
 import functools
@@ -63,10 +69,17 @@ REMAT_POLICIES: dict[str, Any] = {
 LAYER_AXIS = "layers"
 
 
-def check_remat_policy(name: str) -> None:
-  if name not in REMAT_POLICIES:
-    raise ValueError(f"Unknown remat_policy {name!r}; choose one of "
-                     f"{sorted(REMAT_POLICIES)}.")
+@dataclasses.dataclass(frozen=True)
+class LayerLoop:
+  """How a tower runs its stacked layers: what the backward pass may keep
+  of each (a key of REMAT_POLICIES), and scanned or unrolled."""
+  remat_policy: str = "none"
+  scan: bool = True
+
+  def __post_init__(self):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"Unknown remat_policy {self.remat_policy!r}; choose "
+                       f"one of {sorted(REMAT_POLICIES)}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +216,7 @@ def add_tower_layers(owner: nnx.Module, layer_cls, prefix: str, config, *,
 
 
 def scan_stack(stack: nnx.Module, body: Callable, carry, xs, *, path: str,
-               remat_policy: str = "none"):
+               loop: LayerLoop = LayerLoop()):
   """Runs `carry, y, aux = body(layer, carry, x)` over the layers of `stack`.
 
   Args:
@@ -216,21 +229,21 @@ def scan_stack(stack: nnx.Module, body: Callable, carry, xs, *, path: str,
     path: the stack's module path. While `layers.recording_usage()`, the
       routers' recorded usage is popped from each layer and returned in aux
       as {'<path>/<router path>/usage': weights}; nothing otherwise.
-    remat_policy: a key of REMAT_POLICIES.
+    loop: remat policy, scanned or unrolled.
 
   Returns:
     (final carry, ys, aux), ys and every aux leaf stacked along a leading
     layer axis.
   """
-  check_remat_policy(remat_policy)
-  policy = REMAT_POLICIES[remat_policy]
+  policy = REMAT_POLICIES[loop.remat_policy]
   # A plain lax.scan over the split state rather than nnx.scan: callers run
   # stacks inside their own loops (decoding's while_loop) under traces the
   # module was not created in, which NNX's transforms refuse. Layers are
   # therefore stateless in the forward pass (no mutated variables).
   graphdef, state = nnx.split(stack)
 
-  def apply(layer_state, carry, x):
+  def apply(carry, layer_xs):
+    layer_state, x = layer_xs
     layer = nnx.merge(graphdef, layer_state)
     carry, y, aux = body(layer, carry, x)
     # Usage sown inside the scan must leave it as an output (scan's layer
@@ -239,19 +252,25 @@ def scan_stack(stack: nnx.Module, body: Callable, carry, xs, *, path: str,
 
   if policy is not None:
     apply = jax.checkpoint(apply, policy=policy, prevent_cse=False)
-  carry, (ys, aux) = jax.lax.scan(
-      lambda carry, xs: apply(xs[0], carry, xs[1]), carry, (state, xs))
+  if loop.scan:
+    carry, (ys, aux) = jax.lax.scan(apply, carry, (state, xs))
+    return carry, ys, aux
+  outputs = []
+  for i in range(jax.tree.leaves(state)[0].shape[0]):
+    carry, out = apply(carry, jax.tree.map(lambda a, i=i: a[i], (state, xs)))
+    outputs.append(out)
+  ys, aux = jax.tree.map(lambda *o: jnp.stack(o), *outputs)
   return carry, ys, aux
 
 
 def scan_tower(owner: nnx.Module, segments: tuple[Segment, ...],
-               body: Callable, carry, xs, *, remat_policy: str = "none"):
+               body: Callable, carry, xs, *, loop: LayerLoop = LayerLoop()):
   """`scan_stack` over the segments of a tower, one after the other.
 
   Args:
     owner: the module `add_tower_layers` set the stacks on.
     segments: what it returned.
-    body, carry, remat_policy: as for `scan_stack`.
+    body, carry, loop: as for `scan_stack`.
     xs: per-layer inputs with a leading axis over the whole tower, sliced
       per segment.
 
@@ -264,7 +283,7 @@ def scan_tower(owner: nnx.Module, segments: tuple[Segment, ...],
     carry, ys, segment_aux = scan_stack(
         getattr(owner, segment.attribute), body, carry,
         jax.tree.map(lambda x: x[segment.start:segment.stop], xs),
-        path=segment.path, remat_policy=remat_policy)
+        path=segment.path, loop=loop)
     parts.append(ys)
     aux.update(segment_aux)
   if len(parts) == 1:

@@ -99,10 +99,9 @@ class ViT(nnx.Module):
   def __init__(self, config: ViTConfig, *, path: str = "vit",
                make_linear: LinearFactory = make_dense,
                make_mlp: MlpFactory = layers.make_mlp,
-               remat_policy: str = "none", rngs: nnx.Rngs):
-    stack.check_remat_policy(remat_policy)
+               loop: stack.LayerLoop = stack.LayerLoop(), rngs: nnx.Rngs):
     self.config = config
-    self.remat_policy = remat_policy
+    self.loop = loop
     patch_pixels = config.patch_size**2 * 3
     self.embedding = make_linear(f"{path}/embedding", patch_pixels,
                                  config.width, axes=("patch", "embed"),
@@ -136,5 +135,5 @@ class ViT(nnx.Module):
       return x, None, aux
 
     x, _, aux = stack.scan_tower(self, self.segments, body, x, (),
-                                 remat_policy=self.remat_policy)
+                                 loop=self.loop)
     return self.norm(x), aux

@@ -25,6 +25,7 @@ from omnismola.models.connectors import MoVEConfig, make_connector
 from omnismola.models.decoder import (Decoder, DecoderConfig, KVCache,
                                       sliding_window_mask)
 from omnismola.models import layers
+from omnismola.models import stack
 from omnismola.models.layers import (LinearFactory, MlpFactory, TokenInfo,
                                      make_dense)
 from omnismola.models.vit import ViT, ViTConfig
@@ -39,17 +40,24 @@ class VLMConfig:
   `extra_vits` are more encoders (modules `vit_1`, `vit_2`, ...) that only
   the `move` connector mixes, with `move` its options. Every encoder sees
   the same image, resized to its own `image_size` when that differs from
-  the primary's (the data pipeline resizes to the primary's). `remat_policy`
-  (a key of `stack.REMAT_POLICIES`) applies to the layers of every tower.
+  the primary's (the data pipeline resizes to the primary's).
+  `remat_policy` (a key of `stack.REMAT_POLICIES`) and `scan_layers`
+  (scanned or unrolled layers) apply to every tower (`stack.LayerLoop`).
   """
   vit: ViTConfig
   decoder: DecoderConfig
   connector: str = "linear"
   remat_policy: str = "none"
+  scan_layers: bool = True
   extra_vits: tuple[ViTConfig, ...] = ()
   move: MoVEConfig = MoVEConfig()
 
+  @property
+  def layer_loop(self) -> stack.LayerLoop:
+    return stack.LayerLoop(self.remat_policy, self.scan_layers)
+
   def __post_init__(self):
+    stack.LayerLoop(self.remat_policy, self.scan_layers)  # Checks both.
     if self.connector == "move" and not self.extra_vits:
       raise ValueError("model.connector='move' mixes two or more vision "
                        "encoders, but model.extra_vits is empty: add at "
@@ -205,14 +213,14 @@ class VLM(nnx.Module):
     for name, encoder in config.encoders.items():
       setattr(self, name, ViT(encoder, path=name, make_linear=make_linear,
                               make_mlp=make_mlp,
-                              remat_policy=config.remat_policy, rngs=rngs))
+                              loop=config.layer_loop, rngs=rngs))
     self.connector = make_connector(
         config.connector, "connector", config.encoders, config.decoder.width,
         move=config.move, make_linear=make_linear, make_mlp=make_mlp,
         rngs=rngs)
     self.decoder = Decoder(config.decoder, path="decoder",
                            make_linear=make_linear, make_mlp=make_mlp,
-                           remat_policy=config.remat_policy, rngs=rngs)
+                           loop=config.layer_loop, rngs=rngs)
 
   @property
   def num_image_tokens(self) -> int:

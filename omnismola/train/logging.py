@@ -11,7 +11,7 @@ import jax
 from absl import logging
 
 from omnismola import storage
-from omnismola.train import flops
+from omnismola import flops
 
 
 class MetricWriter:
@@ -133,22 +133,22 @@ class Progress:
 
   A step trains `global_batch` rows of `tokens_per_row` tokens (image and
   text, padding included) each; a row is one example, or several packed
-  ones (row_layout.py). `flops_per_row` (train/flops.py's count) gives
-  `tflops_per_device`, the model TFLOP/s each device achieved; with the
-  device's `peak_flops` also `mfu` (docs/performance.md). Either may be
-  None: not logged then. `clock` gives seconds (a fake one in tests).
+  ones (row_layout.py). `flops_per_row` (the model FLOPs flops.py counts
+  in the traced step) gives `tflops_per_device`, the model TFLOP/s each
+  device achieved; with the device's `peak_flops` (None: unknown, not
+  logged) also `mfu` (docs/performance.md). `clock` gives seconds (a fake
+  one in tests).
   """
 
   def __init__(self, first_step: int, total_steps: int, global_batch: int, *,
-               tokens_per_row: int, flops_per_row: float | None,
+               tokens_per_row: int, flops_per_row: float,
                num_devices: int, peak_flops: float | None,
                clock=time.perf_counter):
     self.first_step = first_step
     self.total_steps = total_steps
     self.global_batch = global_batch
     self.tokens_per_row = tokens_per_row
-    self.flops_per_step = (None if flops_per_row is None else
-                           flops_per_row * global_batch)
+    self.flops_per_step = flops_per_row * global_batch
     self.num_devices = num_devices
     self.peak_flops = peak_flops
     self._clock = clock
@@ -185,13 +185,12 @@ class Progress:
     out = {"steps_per_sec": rate,
            "examples_per_sec": rate * (examples_per_step or
                                        self.global_batch),
-           "tokens_per_sec": rate * self.global_batch * self.tokens_per_row}
-    if self.flops_per_step is not None:
-      out["tflops_per_device"] = (self.flops_per_step * rate /
-                                  self.num_devices / 1e12)
-      if self.peak_flops is not None:
-        out["mfu"] = flops.mfu(self.flops_per_step, 1 / rate,
-                               self.num_devices, self.peak_flops)
+           "tokens_per_sec": rate * self.global_batch * self.tokens_per_row,
+           "tflops_per_device": (self.flops_per_step * rate /
+                                 self.num_devices / 1e12)}
+    if self.peak_flops is not None:
+      out["mfu"] = flops.mfu(self.flops_per_step, 1 / rate, self.num_devices,
+                             self.peak_flops)
     return out
 
   def eta_seconds(self, step: int) -> float:

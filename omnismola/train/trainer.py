@@ -29,7 +29,7 @@ from omnismola.eval import evaluator
 from omnismola.experts import stats
 from omnismola.models import layers
 from omnismola.train import checkpoint as checkpoint_lib
-from omnismola.train import flops as flops_lib
+from omnismola import flops as flops_lib
 from omnismola.train import host_shards
 from omnismola.train import init as init_lib
 from omnismola.train import logging as log_lib
@@ -691,26 +691,45 @@ def _make_eval_runner(config, workdir, built: Setup, pipeline):
   return run_eval
 
 
-def row_cost(config) -> tuple[int, float | None]:
-  """(tokens, training FLOPs) of one train row, for throughput and MFU.
+def step_flops(config) -> tuple[flops_lib.Count, flops_lib.Count]:
+  """FLOPs of one train step of `config` (config.train.batch_size rows) and
+  of the forward pass on that batch, counted from the traced programs
+  (flops.py); nothing is compiled or run."""
+  abstract_model = nnx.eval_shape(lambda: build.build_model(config))
+  graphdef, params_t, frozen_t = split_model(abstract_model,
+                                             config.train.trainable)
+  parts = ModelParts(graphdef, params_t, frozen_t)
+  params, frozen = nnx.to_pure_dict(params_t), nnx.to_pure_dict(frozen_t)
+  optimizer = optim.make_optimizer(config.train)
+  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                     frozen=frozen,
+                     opt_state=jax.eval_shape(optimizer.init, params))
+  shapes = row_layout.batch_shapes(row_layout.row_layout(config.data),
+                                   int(config.train.batch_size),
+                                   int(config.model.vit.image_size))
+  batch = {key: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+           for key, (shape, dtype) in shapes.items()}
+  train_step = make_train_step(
+      parts, optimizer, optim.learning_rate_schedule(config.train),
+      num_tasks=1, compute_dtype=jnp.dtype(config.train.compute_dtype),
+      microbatches=int(config.train.microbatches),
+      aux_loss_weights=dict(config.train.aux_loss_weights))
+  forward = lambda params, frozen, batch: parts.merge(params, frozen).forward(
+      batch["image"], batch["text"], batch["mask_ar"], batch["mask_input"],
+      batch.get("segment_ids"))
+  return (flops_lib.count(train_step, state, batch),
+          flops_lib.count(forward, params, frozen, batch))
 
-  Tokens are the image tokens plus the text length (padding included: the
-  model computes on it), for every image slot of a packed row. FLOPs are
-  `flops.train_flops`'s count, or None for a model it cannot count (said
-  once here; the log then lacks TFLOP/s and MFU).
-  """
+
+def row_cost(config) -> tuple[int, float]:
+  """(tokens, required training FLOPs) of one train row, for throughput and
+  MFU. Tokens are the image tokens plus the text length (padding included:
+  the model computes on it), for every image slot of a packed row."""
   model = build.vlm_config(config.model)
   layout = row_layout.row_layout(config.data)
-  try:
-    count = flops_lib.train_flops(model, list(config.experts),
-                                  config.train.trainable, layout.text_length,
-                                  images=layout.images)
-  except (ValueError, NotImplementedError) as e:
-    log_lib.print_line(f"No FLOP count for this model ({e}): the log has "
-                       "tokens/s but no TFLOP/s or MFU.")
-    return (layout.images * model.num_image_tokens + layout.text_length,
-            None)
-  return count.tokens, float(count.total)
+  train, _ = step_flops(config)
+  return (layout.images * model.num_image_tokens + layout.text_length,
+          train.required / int(config.train.batch_size))
 
 
 def _log_parameter_counts(abstract: TrainState, replicated: float) -> None:
