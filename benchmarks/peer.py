@@ -67,7 +67,8 @@ def omnismola_step(shape: dict, experts: str, batch: int, text_len: int,
   """run() -> loss of one donated train step of omnismola's trainer, and
   its model FLOPs per example (counted in its traced program, flops.py)."""
   args = argparse.Namespace(experts=experts, pools=SMOLA_EXPERTS, rank=RANK,
-                            frozen_backbone=True, dtype=dtype)
+                            frozen_backbone=True, dtype=dtype,
+                            unrolled_layers=False)
   config = step_bench.experiment_config(args, shape)
   state, train_step, put_batch = step_bench.trainer_step(config)
   batch_arrays = put_batch(step_bench.synthetic_batch(shape, batch, text_len))

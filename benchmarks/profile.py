@@ -126,7 +126,8 @@ def profile(args) -> dict:
   shape = peer.SHAPES.get(args.shape) or step_bench.model_fields(args.shape)
   options = argparse.Namespace(experts=args.experts, pools=args.pools,
                                rank=args.rank, dtype=args.dtype,
-                               frozen_backbone=args.frozen_backbone)
+                               frozen_backbone=args.frozen_backbone,
+                               unrolled_layers=args.unrolled_layers)
   config = step_bench.experiment_config(options, shape)
   state, train_step, put_batch = step_bench.trainer_step(config)
   batch = put_batch(step_bench.synthetic_batch(shape, args.batch,
@@ -167,6 +168,8 @@ def parse_args(argv=None):
   parser.add_argument("--rank", type=int, default=4)
   parser.add_argument("--frozen_backbone", action="store_true",
                       help="train the adapters only")
+  parser.add_argument("--unrolled_layers", action="store_true",
+                      help="model.scan_layers=False: layers unrolled.")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--text_len", type=int, default=32)
   parser.add_argument("--dtype", default="float32",

@@ -93,7 +93,7 @@ def experiment_config(args, model: dict) -> ml_collections.ConfigDict:
   frozen = args.frozen_backbone and args.experts != "none"
   return ml_collections.ConfigDict(dict(
       seed=0,
-      model=model,
+      model=dict(model, scan_layers=not args.unrolled_layers),
       experts=expert_entries(args.experts, args.pools, args.rank),
       mesh=dict(data=-1, fsdp=1, tensor=1, expert=1),
       sharding_rules=[list(r) for r in partitioning.DEFAULT_RULES],
@@ -202,7 +202,8 @@ def benchmark(args) -> str:
   trained = "adapters" if config.train.trainable != ".*" else "all"
   return (f"preset={args.preset} experts={args.experts} pools={args.pools} "
           f"rank={args.rank} trained={trained} dtype={args.dtype} "
-          f"batch={args.batch} text_len={args.text_len} tokens={tokens} "
+          f"scan_layers={not args.unrolled_layers} batch={args.batch} "
+          f"text_len={args.text_len} tokens={tokens} "
           f"step_s={seconds:.4f} examples_per_s={args.batch / seconds:.1f} "
           f"tokens_per_s={args.batch * tokens / seconds:.0f} "
           f"gflop_per_example={example_flops / 1e9:.4g} "
@@ -259,6 +260,8 @@ def suite(args) -> None:
   common = [f"--preset={preset or args.preset}", f"--batch={args.batch}",
             f"--text_len={args.text_len}", f"--steps={args.steps}",
             f"--warmup={args.warmup}", f"--dtype={args.dtype}"]
+  if args.unrolled_layers:
+    common.append("--unrolled_layers")
   if args.peak_tflops:
     common.append(f"--peak_tflops={args.peak_tflops}")
   lines = {}
@@ -295,6 +298,8 @@ def parse_args(argv=None):
   parser.add_argument("--rank", type=int, default=4)
   parser.add_argument("--frozen_backbone", action="store_true",
                       help="train the adapters only")
+  parser.add_argument("--unrolled_layers", action="store_true",
+                      help="model.scan_layers=False: layers unrolled.")
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--text_len", type=int, default=80)
   parser.add_argument("--steps", type=int, default=10)

@@ -16,11 +16,15 @@ FIELDS = ("step_s", "examples_per_s", "tokens_per_s", "tflop_per_s", "mfu",
           "compiled_mem_mb", "peak_mem_mb")
 
 
-@pytest.mark.parametrize("experts", ["none", "lora", "smola"])
-def test_tiny_step_benchmark(experts, capsys):
+@pytest.mark.parametrize("experts,unrolled", [("none", False),
+                                              ("lora", False),
+                                              ("smola", False),
+                                              ("lora", True)])
+def test_tiny_step_benchmark(experts, unrolled, capsys):
   step.main(["--preset=tiny", f"--experts={experts}", "--pools=2",
              "--rank=2", "--batch=2", "--text_len=8", "--steps=2",
-             "--warmup=1", "--frozen_backbone"])
+             "--warmup=1", "--frozen_backbone"] +
+            (["--unrolled_layers"] if unrolled else []))
   machine, line = capsys.readouterr().out.strip().splitlines()
   assert machine.startswith("# machine: ") and "jax=" in machine
   fields = dict(kv.split("=", 1) for kv in line.split())
@@ -33,6 +37,7 @@ def test_tiny_step_benchmark(experts, capsys):
   assert float(fields["tokens_per_s"]) * seconds == pytest.approx(24, rel=0.05)
   assert float(fields["compiled_mem_mb"]) >= 0
   assert fields["experts"] == experts
+  assert fields["scan_layers"] == str(not unrolled)
   assert fields["trained"] == ("all" if experts == "none" else "adapters")
   assert fields["mfu"] == "n/a"  # CPU without --peak_tflops.
 
