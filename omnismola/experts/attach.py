@@ -5,8 +5,9 @@ The backbone creates every linear layer through a LinearFactory
 match_paths)` and every MLP block through an MlpFactory `make_mlp(path,
 width, mlp_dim, *, activation, make_linear, rngs, match_paths, out_features,
 causal)` (models/layers.py). `make_factory(config.experts)` returns an
-`ExpertFactory` providing both. Each kind (`KINDS`) says what it attaches
-to, linear layers and/or MLP blocks, and how:
+`ExpertFactory` providing both. Each kind is a module of this package
+declaring a `KIND` (experts/kind.py; `KINDS` collects them), which says
+what it attaches to, linear layers and/or MLP blocks, and how:
 
 * adapters (`lora`, `smola` on linear layers; `sparse_lora` on linear
   layers and MLP blocks) go beside the module: its output is the module's
@@ -38,51 +39,37 @@ One factory builds one model: it records what it built (for
 """
 import dataclasses
 import functools
+import importlib
+import pkgutil
 import re
 from typing import Any, Callable
 
 from flax import nnx
 
-from omnismola.experts.lora import LoRA
-from omnismola.experts.smola import SMoLA
-from omnismola.experts.sparse import SparseMoE
-from omnismola.experts.sparse_lora import SparseLoRA
+from omnismola import experts as experts_package
+from omnismola.experts.kind import BLOCK, LINEAR, SORTS, Kind
 from omnismola.models import layers
 from omnismola.models.layers import Dense
 
-# The sorts of module experts attach to, as error messages name them.
-LINEAR = "linear layer"
-BLOCK = "MLP block"
-SORTS = (LINEAR, BLOCK)
 
 
-@dataclasses.dataclass(frozen=True)
-class Kind:
-  """How an expert kind attaches.
-
-  Attributes:
-    cls: the kind's module.
-    attaches_to: the sorts of module (LINEAR, BLOCK) it attaches to.
-    replaces: False for an adapter, built as cls(in, out, **options, axes,
-      rngs) beside the module; True for a replacement of the MLP block,
-      built as cls(path, width, mlp_dim, **options, activation,
-      out_features, causal, rngs).
-    routed: the adapter also takes `instance_features` (the width of
-      `TokenInfo.instance`) and `share_in_block` (modules an entry shares
-      between the layers of one block).
-  """
-  cls: Callable[..., nnx.Module]
-  attaches_to: tuple[str, ...]
-  replaces: bool = False
-  routed: bool = False
+def find_kinds() -> dict[str, Kind]:
+  """{name: Kind} of every module of this package that declares a `KIND`."""
+  kinds = {}
+  for module_info in pkgutil.iter_modules(experts_package.__path__):
+    module = importlib.import_module(
+        f"{experts_package.__name__}.{module_info.name}")
+    kind = getattr(module, "KIND", None)
+    if kind is None:
+      continue
+    if kind.name in kinds:
+      raise ValueError(f"Two expert kinds are called {kind.name!r}: "
+                       f"{kinds[kind.name].cls} and {kind.cls}.")
+    kinds[kind.name] = kind
+  return kinds
 
 
-KINDS: dict[str, Kind] = {
-    "lora": Kind(LoRA, (LINEAR,)),
-    "smola": Kind(SMoLA, (LINEAR,)),
-    "sparse_lora": Kind(SparseLoRA, (LINEAR, BLOCK), routed=True),
-    "sparse_moe": Kind(SparseMoE, (BLOCK,), replaces=True),
-}
+KINDS: dict[str, Kind] = find_kinds()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omnismola.models.layers import TokenInfo, token_matmul
+from omnismola.experts.kind import LINEAR, Kind
+from omnismola.models.layers import Base, TokenInfo, token_matmul
 
 
 class LoRA(nnx.Module):
@@ -28,7 +29,11 @@ class LoRA(nnx.Module):
     self.b = nnx.Param(jnp.zeros((rank, out_features)),
                        logical_axes=("lora_rank", out_axis))
 
-  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
-    del tokens  # A single adapter treats every token alike.
+  def __call__(self, x: jax.Array, tokens: TokenInfo,
+               base: Base | None = None) -> jax.Array:
+    del tokens, base  # Every token alike; x alone decides.
     return self.multiplier * token_matmul(token_matmul(x, self.a[...]),
                                           self.b[...])
+
+
+KIND = Kind("lora", LoRA, (LINEAR,))

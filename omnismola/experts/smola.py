@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omnismola.experts import routing
+from omnismola.experts.kind import LINEAR, Kind
 from omnismola.models import layers
 from omnismola.models.layers import TokenInfo, token_matmul
 
@@ -191,5 +192,10 @@ class SMoLA(nnx.Module):
         for modality in sorted(pools) if pools[modality] > 0
     })
 
-  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
+  def __call__(self, x: jax.Array, tokens: TokenInfo,
+               base: layers.Base | None = None) -> jax.Array:
+    del base  # x and its tokens alone decide.
     return mix_pools(list(self.pools.values()), x, tokens)
+
+
+KIND = Kind("smola", SMoLA, (LINEAR,))

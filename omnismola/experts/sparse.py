@@ -35,6 +35,7 @@ from flax import nnx
 
 from omnismola.experts import dispatch as dispatch_lib
 from omnismola.experts import routing
+from omnismola.experts.kind import BLOCK, Kind
 from omnismola.models import layers
 from omnismola.models.layers import Dense, TokenInfo, record_usage
 
@@ -407,3 +408,6 @@ class SparseMoE(nnx.Module):
       y = dispatch_lib.blocked_dispatch(*args, num_experts=self.num_experts,
                                         tile=tile, expert_fn=expert_fn)
     return y.reshape(batch, length, -1)
+
+
+KIND = Kind("sparse_moe", SparseMoE, (BLOCK,), replaces=True)

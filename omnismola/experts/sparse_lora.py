@@ -40,7 +40,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omnismola.models.layers import TokenInfo, record_usage, token_matmul
+from omnismola.experts.kind import BLOCK, LINEAR, Kind
+from omnismola.models.layers import (Base, TokenInfo, record_usage,
+                                     token_matmul)
 from omnismola import flops
 
 ROUTINGS = ("instance", "token")
@@ -183,7 +185,9 @@ class SparseLoRA(nnx.Module):
     return (jnp.where(valid[..., None], weights, 0.0),
             jnp.where(valid, 1.0 - top_gate, 0.0))
 
-  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
+  def __call__(self, x: jax.Array, tokens: TokenInfo,
+               base: Base | None = None) -> jax.Array:
+    del base  # x and its tokens (or its instance) alone decide.
     act = ACTIVATIONS[self.activation]
     weights, global_weight = self.route(x, tokens)
     record_usage(self, weights)
@@ -204,3 +208,6 @@ class SparseLoRA(nnx.Module):
                            self.global_expert.b[...])
     y = self.multiplier * y
     return y if self.scale is None else self.scale[...] * y
+
+
+KIND = Kind("sparse_lora", SparseLoRA, (LINEAR, BLOCK), routed=True)

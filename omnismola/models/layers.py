@@ -223,9 +223,10 @@ class Dense(nnx.Module):
   parameters live once at `decoder/layers/attn/q` with a leading layer axis.
 
   Adapters (see `experts/attach.py`) are modules called as
-  `adapter(x, tokens)` whose outputs are added to the layer's; they live in
-  `<path>/adapters/<name>`, so the layer's own parameters keep the same path
-  with or without them and pretrained checkpoints load either way.
+  `adapter(x, tokens, base)` whose outputs are added to the layer's (before
+  its bias); they live in `<path>/adapters/<name>`, so the layer's own
+  parameters keep the same path with or without them and pretrained
+  checkpoints load either way.
   """
 
   def __init__(self, path: str, in_features: int, out_features: int, *,
@@ -247,18 +248,39 @@ class Dense(nnx.Module):
 
   def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
     kernel = self.kernel[...]
-    y = token_matmul(x.astype(kernel.dtype), kernel)
+    y = add_adapters(token_matmul(x.astype(kernel.dtype), kernel),
+                     self.adapters, x, tokens, kernel)
     if self.bias is not None:
       y = y + self.bias[...]
-    return add_adapters(y, self.adapters, x, tokens)
+    return y
+
+
+@flax.struct.dataclass
+class Base:
+  """What an adapter sees of the module it is beside, besides its input.
+
+  Attributes:
+    y: the module's output: x W for a linear layer (without its bias), the
+      block's output for an MLP block.
+    kernel: the linear layer's kernel W [in, out]; None beside a block.
+  """
+  y: jax.Array
+  kernel: jax.Array | None = None
 
 
 def add_adapters(y: jax.Array, adapters: nnx.Dict | None, x: jax.Array,
-                 tokens: TokenInfo) -> jax.Array:
-  """y plus every adapter's output on the module's input x (None: y)."""
-  if adapters is not None:
-    for adapter in adapters.values():
-      y = y + adapter(x, tokens).astype(y.dtype)
+                 tokens: TokenInfo, kernel: jax.Array | None = None
+                 ) -> jax.Array:
+  """y plus every adapter's output on the module's input x (None: y).
+
+  Adapters are called as `adapter(x, tokens, Base(y, kernel))`: most need x
+  alone; some reweigh what the module computes (DoRA needs W and x W).
+  """
+  if adapters is None:
+    return y
+  base = Base(y, kernel)
+  for adapter in adapters.values():
+    y = y + adapter(x, tokens, base).astype(y.dtype)
   return y
 
 

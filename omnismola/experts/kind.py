@@ -1,0 +1,39 @@
+"""What an expert kind declares so that configs can attach it.
+
+A module of this package that defines `KIND = Kind(...)` is an expert kind:
+`config.experts` entries name it by `Kind.name`, and experts/attach.py finds
+it there. A new kind is one new module.
+"""
+import dataclasses
+from typing import Callable
+
+from flax import nnx
+
+# The sorts of module experts attach to, as error messages name them.
+LINEAR = "linear layer"
+BLOCK = "MLP block"
+SORTS = (LINEAR, BLOCK)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  """How an expert kind attaches.
+
+  Attributes:
+    name: what `config.experts` entries call it (`kind='lora'`).
+    cls: the kind's module.
+    attaches_to: the sorts of module (LINEAR, BLOCK) it attaches to.
+    replaces: False for an adapter, built as cls(in, out, **options, axes,
+      rngs) beside the module and called as `adapter(x, tokens, base)`
+      (`layers.add_adapters`); True for a replacement of the MLP block,
+      built as cls(path, width, mlp_dim, **options, activation,
+      out_features, causal, rngs).
+    routed: the adapter also takes `instance_features` (the width of
+      `TokenInfo.instance`) and `share_in_block` (modules an entry shares
+      between the layers of one block).
+  """
+  name: str
+  cls: Callable[..., nnx.Module]
+  attaches_to: tuple[str, ...]
+  replaces: bool = False
+  routed: bool = False
