@@ -33,7 +33,9 @@ def _tokens(instance=True) -> TokenInfo:
   return TokenInfo(
       is_image=jnp.zeros((B, T), bool), valid=jnp.asarray(valid),
       bidirectional=jnp.asarray(bidirectional & valid),
-      instance=(jax.random.normal(jax.random.key(7), (B, D_INSTANCE))
+      # Each token's example vector; they differ within a row as in a
+      # packed row.
+      instance=(jax.random.normal(jax.random.key(7), (B, T, D_INSTANCE))
                 if instance else None))
 
 
@@ -52,7 +54,7 @@ def _reference(params, x, tokens, *, routing, top_k=1, activation=None,
     for t in range(x.shape[1]):
       y = jnp.zeros(experts["b"].shape[-1])
       if valid[b, t]:
-        u = tokens.instance[b] if routing == "instance" else x[b, t]
+        u = tokens.instance[b, t] if routing == "instance" else x[b, t]
         probs = jax.nn.softmax(u @ kernel)
         for e in range(kernel.shape[-1]):
           chosen = jnp.sum(probs > probs[e]) < top_k
@@ -117,13 +119,13 @@ def test_global_expert_takes_one_minus_the_top_gate(top_k):
   x = jax.random.normal(jax.random.key(2), (B, T, D_IN))
   probs = np.asarray(jax.nn.softmax(
       tokens.instance @ adapter.router.kernel[...]))
-  gates = np.sort(probs, axis=-1)[:, ::-1][:, :top_k]
-  scale = gates.sum(-1) + 1 - gates[:, 0]
-  want = scale[:, None, None] * np.asarray(x @ a @ b)
+  gates = np.sort(probs, axis=-1)[..., ::-1][..., :top_k]   # [B, T, k]
+  scale = gates.sum(-1) + 1 - gates[..., 0]
+  want = scale[..., None] * np.asarray(x @ a @ b)
   want[~np.asarray(tokens.valid)] = 0
   np.testing.assert_allclose(adapter(x, tokens), want, rtol=1e-5, atol=1e-5)
   if top_k == 1:
-    np.testing.assert_array_equal(scale, 1.0)
+    np.testing.assert_allclose(scale, 1.0, rtol=1e-6)
 
 
 def test_instance_routing_without_an_instance_fails_clearly():

@@ -179,7 +179,7 @@ class SparseLoRA(nnx.Module):
           "vision tower; this call has none (a tower run on its own?). Use "
           "routing='token' here.")
     else:
-      probs = self.router(tokens.instance_by_token)   # [B, 1 or T, E]
+      probs = self.router(tokens.instance)   # [B, T, E]
     weights, top_gate = top_k_weights(probs, self.top_k)
     valid = tokens.valid
     return (jnp.where(valid[..., None], weights, 0.0),

@@ -225,7 +225,8 @@ class MoVEBranch(nnx.Module):
   def __call__(self, features: jax.Array, tokens: TokenInfo):
     """[B, N_i, d_i] -> ([B, L, d_dec], aux stacked [adt_depth, ...])."""
     feature_tokens = TokenInfo.image(features.shape[0], features.shape[1],
-                                     tokens.instance, rows=tokens.valid[:, 0])
+                                     example_instance(tokens),
+                                     rows=tokens.valid[:, 0])
     x = adaptive_avg_pool(features, self.grid, self.side)
 
     def body(layer, x, _):
@@ -234,6 +235,12 @@ class MoVEBranch(nnx.Module):
 
     x, _, aux = stack.scan_tower(self, self.segments, body, x, ())
     return self.proj(self.norm(x), tokens), aux
+
+
+def example_instance(tokens: TokenInfo) -> jax.Array | None:
+  """[B, D]: the instance vector of each row of image tokens, which holds
+  one image of one example (so its first token's is every token's)."""
+  return None if tokens.instance is None else tokens.instance[:, 0]
 
 
 class InstanceRouter(nnx.Module):
@@ -257,7 +264,7 @@ class InstanceRouter(nnx.Module):
     # a text summary of the bidirectional prefix.
     ones = jnp.ones((instance.shape[0], 1), bool)
     tokens = TokenInfo.text(valid=ones, bidirectional=ones).replace(
-        instance=instance)
+        instance=instance[:, None])
     hidden = jax.nn.gelu(self.hidden(instance[:, None], tokens))
     logits = self.out(hidden, tokens)[:, 0]
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
@@ -308,7 +315,7 @@ class MoVEConnector(nnx.Module):
     if tokens.instance is None:
       raise ValueError("connector='move' routes by TokenInfo.instance (the "
                        "prompt's mean embedding); embed_image needs it.")
-    weights = self.router(tokens.instance)  # [B, encoders]
+    weights = self.router(example_instance(tokens))  # [B, encoders]
     record_usage(self, jnp.broadcast_to(
         weights[:, None], (weights.shape[0], tokens.valid.shape[1],
                            weights.shape[1])))

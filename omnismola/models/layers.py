@@ -113,6 +113,14 @@ def pop_usage(module: nnx.Module, prefix: str = "") -> dict[str, jax.Array]:
   return usage
 
 
+def per_token(instance: jax.Array | None, length: int) -> jax.Array | None:
+  """One vector per example [B, D] as every token's copy [B, length, D]."""
+  if instance is None:
+    return None
+  return jnp.broadcast_to(instance[:, None],
+                          (instance.shape[0], length, instance.shape[-1]))
+
+
 @flax.struct.dataclass
 class TokenInfo:
   """What each position of a [B, T] token sequence is.
@@ -123,12 +131,12 @@ class TokenInfo:
     bidirectional: bool [B, T], the token belongs to the bidirectional group
       (vision encoder tokens; the decoder's image + prefix). Causal tokens are
       valid tokens that are not bidirectional.
-    instance: float [B, D] or None, one vector per example for
-      instance-level routers: the mean embedding of the example's prompt
-      (see `VLM`). It is fixed before the first generated token, so
-      instance routing decides once per example and never changes while
-      decoding. In packed rows (several examples per row) it is [B, T, D]
-      instead: each token carries its own example's vector.
+    instance: float [B, T, D] or None: each token's copy of its example's
+      vector for instance-level routers, the mean embedding of the
+      example's prompt (see `VLM`). It is fixed before the first generated
+      token, so instance routing decides once per example and never
+      changes while decoding. Per token, so that packed rows (several
+      examples per row) need no other shape.
     segment: int [B, T] or None: the example (1 to `num_segments`; 0 on
       padding) each token belongs to; a row holds one example unless
       packed. None: one example per row (e.g. a decoding step).
@@ -155,25 +163,18 @@ class TokenInfo:
   def is_text(self) -> jax.Array:
     return self.valid & ~self.is_image
 
-  @property
-  def instance_by_token(self) -> jax.Array | None:
-    """`instance` as [B, 1, D] (one vector per row) or [B, T, D] (packed
-    rows): broadcastable against the tokens either way."""
-    if self.instance is None or self.instance.ndim == 3:
-      return self.instance
-    return self.instance[:, None]
-
   @classmethod
   def image(cls, batch: int, length: int, instance: jax.Array | None = None,
             rows: jax.Array | None = None) -> "TokenInfo":
     """Image tokens, all in one bidirectional group; valid in the rows
     where `rows` (bool [B]) holds, all rows by default (an empty image slot
-    of a packed row is a row without a valid token)."""
+    of a packed row is a row without a valid token). `instance` [B, D] is
+    each row's example vector (one image, one example)."""
     valid = jnp.ones((batch, length), bool)
     if rows is not None:
       valid = valid & rows[:, None]
     return cls(is_image=jnp.ones((batch, length), bool), valid=valid,
-               bidirectional=valid, instance=instance)
+               bidirectional=valid, instance=per_token(instance, length))
 
   @classmethod
   def text(cls, valid: jax.Array, bidirectional: jax.Array) -> "TokenInfo":
@@ -185,20 +186,20 @@ class TokenInfo:
   @classmethod
   def decode_step(cls, batch: int,
                   instance: jax.Array | None = None) -> "TokenInfo":
-    """One generated token per example: text, valid, causal."""
+    """One generated token per example (`instance` [B, D]): text, valid,
+    causal."""
     return cls.text(valid=jnp.ones((batch, 1), bool),
                     bidirectional=jnp.zeros((batch, 1), bool)).replace(
-                        instance=instance)
+                        instance=per_token(instance, 1))
 
   @classmethod
-  def concat(cls, parts: "list[TokenInfo]",
-             instance: jax.Array | None = None) -> "TokenInfo":
-    """Sequences placed one after the other along the length axis, with the
-    given per-example `instance` vector."""
+  def concat(cls, parts: "list[TokenInfo]") -> "TokenInfo":
+    """Sequences without instance vectors placed one after the other along
+    the length axis."""
     join = lambda name: jnp.concatenate([getattr(p, name) for p in parts],
                                         axis=1)
     return cls(is_image=join("is_image"), valid=join("valid"),
-               bidirectional=join("bidirectional"), instance=instance)
+               bidirectional=join("bidirectional"))
 
 
 def token_matmul(x: jax.Array, w: jax.Array, **dot_options) -> jax.Array:

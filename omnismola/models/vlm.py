@@ -303,14 +303,11 @@ class VLM(nnx.Module):
                          text_x], axis=1)
     # The decoder's instance routers see the embedded prompt: image tokens
     # and prefix text, never the suffix (Awaker2.5-VL's routing input).
+    # Each token gets its own example's vector (zeros on padding).
     means = segment_means(x, prompt, slots)
-    if packed:  # Each token gets its own example's vector.
-      instance = jnp.take_along_axis(
-          jnp.pad(means, ((0, 0), (1, 0), (0, 0))), tokens.segment[..., None],
-          axis=1)
-    else:
-      instance = means[:, 0]
-    tokens = tokens.replace(instance=instance)
+    tokens = tokens.replace(instance=jnp.take_along_axis(
+        jnp.pad(means, ((0, 0), (1, 0), (0, 0))), tokens.segment[..., None],
+        axis=1))
     pad = lambda y: jnp.pad(y, ((0, 0),) * (y.ndim - 1) + ((0, free_slots),))
     mask = pad(mask)
     sliding_mask = self._sliding_mask(mask, positions, pad(positions),
@@ -381,7 +378,9 @@ class VLM(nnx.Module):
         k=k, v=v, valid=jnp.pad(tokens.valid, ((0, 0), (0, free))),
         key_positions=jnp.pad(positions, ((0, 0), (0, free))),
         positions=jnp.sum(tokens.valid, axis=1, dtype=jnp.int32),
-        index=jnp.asarray(length, jnp.int32), instance=tokens.instance)
+        index=jnp.asarray(length, jnp.int32),
+        # One example per row: its first (image) token's vector is its own.
+        instance=tokens.instance[:, 0])
     return self.decoder.logits(h_last), cache
 
   def extend(self, tokens: jax.Array, cache: KVCache):
