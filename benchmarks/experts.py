@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchmarks.smola import measure
 from omnismola.experts.sparse import SparseMoE
+from omnismola.models import layers
 from omnismola.models.layers import TokenInfo
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -67,7 +68,9 @@ def run(args) -> list[dict]:
     def loss(p, x, graphdef=graphdef, state=state):
       filled = jax.tree.map(lambda v: v, state)
       nnx.replace_by_pure_dict(filled, p)
-      y, aux = nnx.merge(graphdef, filled)(x, tokens)
+      moe = nnx.merge(graphdef, filled)
+      y = moe(x, tokens)
+      aux = layers.pop_reports(moe)[""]["routing"]
       return jnp.sum(y**2) + aux.balance_loss + aux.z_loss
 
     fns[kind, "forward"] = loss

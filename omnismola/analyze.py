@@ -40,7 +40,6 @@ from omnismola.models import layers
 from omnismola.train import logging as log_lib
 
 MODALITIES = ("image", "prefix", "suffix")
-_USAGE = "/usage"
 
 
 def load_model(config, workdir: str) -> nnx.Module:
@@ -93,18 +92,18 @@ def make_usage_fn(graphdef, num_image_tokens: int):
   def usage_fn(state, batch):
     model = nnx.merge(graphdef, state)
     with layers.recording_usage():
-      _, aux = model.forward(batch["image"], batch["text"], batch["mask_ar"],
-                             batch["mask_input"])
+      _, reports = model.forward(batch["image"], batch["text"],
+                                 batch["mask_ar"], batch["mask_input"])
     sequence = token_modalities(num_image_tokens, batch)
     # Routers before the decoder see the image tokens of each example only.
     image = jnp.where(batch["example_mask"][:, None] == 1, 0, -1)
     out = {}
-    for key, weights in aux.items():
-      if key.endswith(_USAGE):
-        length = weights.shape[-2]
+    for router, report in reports.items():
+      if "usage" in report:
+        length = report["usage"].shape[-2]
         modality = (sequence if length == sequence.shape[1] else
                     jnp.broadcast_to(image, (image.shape[0], length)))
-        out[key[:-len(_USAGE)]] = usage_sums(weights, modality)
+        out[router] = usage_sums(report["usage"], modality)
     return out
 
   return usage_fn

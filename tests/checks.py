@@ -7,6 +7,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from omnismola.models import layers
+
 
 def assert_values_and_grads_close(fused, reference, params, x, *,
                                   tol: float = 1e-4) -> None:
@@ -54,9 +56,17 @@ def assert_matches_reference(module, reference, tokens, *, in_features: int,
 def apply_with(graphdef, state, params, *args):
   """The module (graphdef, state) with `params` (a pure dict, e.g. being
   differentiated) in place of its parameters, called on `args`."""
+  return apply_reporting(graphdef, state, params, *args)[0]
+
+
+def apply_reporting(graphdef, state, params, *args):
+  """(output, reports) of `apply_with`: what the module's routers reported
+  ({router path relative to the module: {name: value}},
+  `layers.pop_reports`)."""
   filled = jax.tree.map(lambda v: v, state)
   nnx.replace_by_pure_dict(filled, params)
-  return nnx.merge(graphdef, filled)(*args)
+  module = nnx.merge(graphdef, filled)
+  return module(*args), layers.pop_reports(module)
 
 
 def next_token_loss(model, batch):

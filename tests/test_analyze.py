@@ -103,16 +103,15 @@ def _smola_path(pool):
 
 
 def test_every_router_records_per_layer_weights(model, recorded):
-  _, aux = recorded
+  _, reports = recorded
   n, length = model.num_image_tokens, model.num_image_tokens + PREFIX + SUFFIX
-  shapes = {key: value.shape for key, value in aux.items()
-            if key.endswith("/usage")}
+  shapes = {router: report["usage"].shape
+            for router, report in reports.items() if "usage" in report}
   assert shapes == {
-      **{f"{_smola_path(p)}/usage": (2, B, length, e)
-         for p, e in SMOLA_POOLS.items()},
-      "decoder/layers/mlp/usage": (2, B, length, NUM_EXPERTS),
-      "vit/layers/mlp/usage": (1, B, n, NUM_EXPERTS),
-      "connector/mlp/usage": (B, n, NUM_EXPERTS),
+      **{_smola_path(p): (2, B, length, e) for p, e in SMOLA_POOLS.items()},
+      "decoder/layers/mlp": (2, B, length, NUM_EXPERTS),
+      "vit/layers/mlp": (1, B, n, NUM_EXPERTS),
+      "connector/mlp": (B, n, NUM_EXPERTS),
   }
 
 
@@ -120,7 +119,7 @@ def test_smola_usage_is_each_tokens_combine_weight_per_expert(model, batch,
                                                               recorded):
   """Layer 0's recorded weights equal softmax over all slots of the cosine
   logits of the layer's q input, summed per expert, on served tokens."""
-  _, aux = recorded
+  _, reports = recorded
   tokens, _, _ = sequence_layout(model.num_image_tokens, batch["mask_ar"],
                                  batch["mask_input"])
   graphdef, state = nnx.split(model.decoder.layers)
@@ -144,7 +143,7 @@ def test_smola_usage_is_each_tokens_combine_weight_per_expert(model, batch,
     combine = np.exp(flat - flat.max(-1, keepdims=True))
     combine = (combine / combine.sum(-1, keepdims=True)).reshape(logits.shape)
     want = combine.sum(-1) * np.asarray(serves[name])[..., None]
-    got = np.asarray(aux[f"{_smola_path(name)}/usage"])
+    got = np.asarray(reports[_smola_path(name)]["usage"])
     np.testing.assert_allclose(got[0], want, atol=1e-5)
     # Layer 1 has its own weights (the stack is not one layer repeated).
     assert not np.allclose(got[1], got[0], atol=1e-3)
@@ -153,7 +152,7 @@ def test_smola_usage_is_each_tokens_combine_weight_per_expert(model, batch,
 def test_sparse_usage_is_the_renormalised_top_k_gates(model, batch, recorded):
   """The connector's router (outside any stack) on the ViT's output: the
   top-2 of its softmax, divided by their sum, on every image token."""
-  _, aux = recorded
+  _, reports = recorded
   tokens = layers.TokenInfo.image(B, model.num_image_tokens)
   features, _ = nnx.jit(lambda vit, image: vit(image, tokens))(
       model.vit, batch["image"])
@@ -163,9 +162,10 @@ def test_sparse_usage_is_the_renormalised_top_k_gates(model, batch, recorded):
   want = np.zeros_like(probs)
   np.put_along_axis(want, top, np.take_along_axis(probs, top, -1), -1)
   want /= want.sum(-1, keepdims=True)
-  np.testing.assert_allclose(aux["connector/mlp/usage"], want, atol=1e-5)
+  np.testing.assert_allclose(reports["connector/mlp"]["usage"], want,
+                             atol=1e-5)
   # Decoder: exactly top_k experts per real token, none for padding.
-  decoder = np.asarray(aux["decoder/layers/mlp/usage"])
+  decoder = np.asarray(reports["decoder/layers/mlp"]["usage"])
   valid = np.asarray(sequence_layout(model.num_image_tokens, batch["mask_ar"],
                                      batch["mask_input"])[0].valid)
   valid = np.broadcast_to(valid, decoder.shape[:-1])
@@ -178,10 +178,15 @@ def test_not_recording_adds_nothing(model, batch):
   recording = _forward(model, batch, record=True, shapes_only=True)
   routed = ["connector/mlp", "decoder/layers/mlp", "vit/layers/mlp"]
   assert sorted(outputs[1]) == routed
-  assert all(isinstance(v, MoEAux) for v in outputs[1].values())
-  # Recording only adds the usage entries.
-  without_usage = {k: v for k, v in recording[1].items()
-                   if not k.endswith("/usage")}
+  assert all(set(report) == {"routing"} and
+             isinstance(report["routing"], MoEAux)
+             for report in outputs[1].values())
+  # Recording only adds the usage reports.
+  without_usage = {router: {name: value for name, value in report.items()
+                            if name != "usage"}
+                   for router, report in recording[1].items()}
+  without_usage = {router: report for router, report in without_usage.items()
+                   if report}
   assert jax.tree.structure(outputs) == jax.tree.structure(
       (recording[0], without_usage))
 

@@ -1,4 +1,4 @@
-"""Sparse MoE blocks attached by config: paths, aux outputs, causality,
+"""Sparse MoE blocks attached by config: paths, routing reports, causality,
 cached decoding and upcycling from a dense parent."""
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from omnismola.experts import attach
+from omnismola.experts import stats
 from omnismola.experts import upcycle
 from omnismola.experts.sparse import MoEAux, SparseMoE
 from omnismola.models import layers, presets
@@ -117,10 +118,12 @@ def test_capacity_dispatch_is_refused_in_the_decoder_only():
   assert model.vit.layers.mlp.dispatch == "capacity"
 
 
-def test_forward_returns_aux_per_block_stacked_over_layers():
+def test_forward_returns_routing_reports_per_block_stacked_over_layers():
   model = _model([_moe(EVERY_MLP)])
   batch = _batch(model)
-  logits, aux = _forward(model, *batch)
+  logits, reports = _forward(model, *batch)
+  assert all(set(report) == {"routing"} for report in reports.values())
+  aux = stats.routing_reports(reports)
   np.testing.assert_allclose(logits, model(*batch), rtol=0, atol=1e-5)
   shapes = {path: jax.tree.map(jnp.shape, a) for path, a in aux.items()}
   expected = lambda lead: MoEAux(  # lead: the layer axis of a stack, or ().
@@ -212,12 +215,12 @@ def test_upcycled_moe_vlm_computes_its_dense_parent(overrides):
   moe = _model([_moe(EVERY_MLP)], seed=1, **overrides)
   batch = _batch(dense)
   want = _forward(dense, *batch)[0]
-  got, aux = _forward(_upcycled(dense, moe), *batch)
+  got, reports = _forward(_upcycled(dense, moe), *batch)
   # Padding is never routed (the MoE gives it 0, the dense MLP does not);
   # no real token attends to it.
   valid = np.asarray(batch[3], bool)
   np.testing.assert_allclose(got[valid], want[valid], rtol=0, atol=1e-5)
-  assert len(aux) == 3  # The routers did run.
+  assert len(reports) == 3  # The routers did run.
   noisy = _forward(_upcycled(dense, moe, noise_std=0.1,
                              key=jax.random.key(0)), *batch)[0]
   assert np.abs(noisy - want).max() > 1e-3

@@ -196,8 +196,8 @@ def test_router_is_instance_level_and_its_weights_sum_to_one():
   model = VLM(_two_encoder_config(), rngs=nnx.Rngs(0))
   batch = _batch(model.config)
   with layers.recording_usage():
-    _, aux = nnx.jit(lambda m, b: m.forward(**b))(model, batch)
-  usage = np.asarray(aux["connector/usage"])
+    _, reports = nnx.jit(lambda m, b: m.forward(**b))(model, batch)
+  usage = np.asarray(reports["connector"]["usage"])
   assert usage.shape == (3, model.num_image_tokens, 2)
   # One weight vector per example, the same for all its tokens.
   np.testing.assert_array_equal(usage,
@@ -282,9 +282,9 @@ def test_expert_regexes_reach_the_second_encoder_and_its_branch():
            nnx.to_flat_state(nnx.state(model, nnx.Param))}
   assert "vit_1/layers/mlp/router" in paths
   assert "connector/vit_1/layers/cross_attn/q/adapters/lora_1/a" in paths
-  _, aux = nnx.jit(lambda m, b: m.forward(**b))(model,
-                                                _batch(model.config))
-  assert set(aux) == {"vit_1/layers/mlp"}
+  _, reports = nnx.jit(lambda m, b: m.forward(**b))(model,
+                                                    _batch(model.config))
+  assert set(reports) == {"vit_1/layers/mlp"}
 
 
 # --- Config ----------------------------------------------------------------

@@ -70,8 +70,9 @@ def test_experts_on_some_layers_split_the_towers_into_segments():
   assert model.decoder.layers_2_3.attn.q.match_paths == (
       "decoder/layers/2/attn/q",)
   assert model.decoder.layers_1_2.attn.q.adapters is None
-  _, aux = _forward(model, *_masking_batch(model))
-  assert {path: block.balance_loss.shape for path, block in aux.items()} == {
+  _, reports = _forward(model, *_masking_batch(model))
+  assert {path: report["routing"].balance_loss.shape
+          for path, report in reports.items()} == {
       "vit/layers_0_1/mlp": (1,), "decoder/layers_0_1/mlp": (1,)}
 
 
@@ -156,9 +157,9 @@ def test_segmented_moe_upcycled_from_a_one_stack_checkpoint_computes_it(
 
   batch = _masking_batch(dense)
   want, _ = _forward(dense, *batch)
-  got, aux = _forward(parts.merge(state.params, state.frozen), *batch)
+  got, reports = _forward(parts.merge(state.params, state.frozen), *batch)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-  assert sorted(aux) == ["decoder/layers_0_1/mlp", "vit/layers_0_1/mlp"]
+  assert sorted(reports) == ["decoder/layers_0_1/mlp", "vit/layers_0_1/mlp"]
 
 
 def test_from_pretrained_loads_a_one_stack_checkpoint_into_segments(

@@ -30,6 +30,12 @@ def _tokens():
                    bidirectional=jnp.asarray(valid))
 
 
+def _apply(graphdef, state, params, x, tokens):
+  """(y, MoEAux): the block's output and what its router reported."""
+  y, reports = checks.apply_reporting(graphdef, state, params, x, tokens)
+  return y, reports[""]["routing"]
+
+
 def _moe(seed=0, **options):
   """A SparseMoE with every parameter random (biases included)."""
   options = dict(dict(num_experts=4, top_k=2), **options)
@@ -139,7 +145,7 @@ def test_dispatch_matches_loop_reference_outputs_and_gradients(kind,
   w = jax.random.normal(jax.random.key(3), (B, T, WIDTH))
 
   def fused(params, x):
-    return jnp.sum(checks.apply_with(graphdef, state, params, x, tokens)[0] * w)
+    return jnp.sum(_apply(graphdef, state, params, x, tokens)[0] * w)
 
   def reference(params, x):
     return jnp.sum(_reference(params, x, routes, kept, activation) * w)
@@ -159,7 +165,7 @@ def test_capacity_drops_exactly_what_the_reference_drops(batch_priority):
                          not batch_priority)
   assert (kept != other_kept).any(), "priority must matter for this batch"
 
-  y, aux = checks.apply_with(graphdef, state, params, x, tokens)
+  y, aux = _apply(graphdef, state, params, x, tokens)
   np.testing.assert_allclose(y, _reference(params, x, routes, kept, "geglu"),
                              rtol=1e-4, atol=1e-4)
   routed = np.asarray(tokens.valid)[..., None]
@@ -186,7 +192,7 @@ def test_dropless_equals_capacity_with_a_huge_capacity_factor():
   outputs = []
   for kind in ("capacity", "blocked", "ragged"):
     graphdef, state = _moe(dispatch=kind, capacity_factor=100.0)
-    outputs.append(checks.apply_with(graphdef, state, params, _x(), _tokens()))
+    outputs.append(_apply(graphdef, state, params, _x(), _tokens()))
   for y, aux in outputs[1:]:
     np.testing.assert_allclose(y, outputs[0][0], rtol=1e-5, atol=1e-5)
     for got, want in zip(jax.tree.leaves(aux), jax.tree.leaves(outputs[0][1])):
@@ -229,11 +235,11 @@ def test_padding_gets_no_expert_and_does_not_count(kind):
   graphdef, state = _moe(dispatch=kind, capacity_factor=1.0)
   params = nnx.to_pure_dict(state)
   tokens, x = _tokens(), _x()
-  y, aux = checks.apply_with(graphdef, state, params, x, tokens)
+  y, aux = _apply(graphdef, state, params, x, tokens)
   np.testing.assert_array_equal(y[1, 6:], 0)
   assert float(jnp.sum(aux.tokens_per_expert)) == 2 * int(tokens.valid.sum())
   # Whatever the padding holds, nothing else changes.
-  y2, aux2 = checks.apply_with(graphdef, state, params, x.at[1, 6:].set(7.0), tokens)
+  y2, aux2 = _apply(graphdef, state, params, x.at[1, 6:].set(7.0), tokens)
   np.testing.assert_allclose(y2, y, atol=1e-6)
   for got, want in zip(jax.tree.leaves(aux2), jax.tree.leaves(aux)):
     np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -244,7 +250,7 @@ def test_modality_pools_route_only_within_their_pool():
   graphdef, state = _moe(num_experts=None, pools=pools, top_k=2)
   params = nnx.to_pure_dict(state)
   tokens, x = _tokens(), _x()
-  y, aux = checks.apply_with(graphdef, state, params, x, tokens)
+  y, aux = _apply(graphdef, state, params, x, tokens)
   routes, kept = _route(params, x, tokens, pools, 2)
   np.testing.assert_allclose(y, _reference(params, x, routes, kept, "geglu"),
                              rtol=1e-4, atol=1e-4)
@@ -255,7 +261,7 @@ def test_modality_pools_route_only_within_their_pool():
   changed = jax.tree.map(lambda a: a, params)
   changed["layers"]["down"]["kernel"] = params["layers"]["down"][
       "kernel"].at[3:].add(1.0)
-  y2, _ = checks.apply_with(graphdef, state, changed, x, tokens)
+  y2, _ = _apply(graphdef, state, changed, x, tokens)
   is_image = np.asarray(tokens.is_image)
   np.testing.assert_array_equal(y2[is_image], y[is_image])
   assert not np.allclose(y2[np.asarray(tokens.is_text)],
@@ -277,7 +283,7 @@ def test_dense_fallback_serves_the_modality_without_a_pool(modality,
   dense_names = {"geglu": {"gate", "up", "down"}, "gelu": {"fc1", "fc2"}}
   assert set(params) == {"router", "layers"} | dense_names[activation]
   tokens, x = _tokens(), _x()
-  y, aux = checks.apply_with(graphdef, state, params, x, tokens)
+  y, aux = _apply(graphdef, state, params, x, tokens)
   routes, kept = _route(params, x, tokens, pools, 2)
   routed = np.zeros((B, T), bool)
   routed[tuple(np.array(list(routes)).T)] = True
@@ -286,7 +292,7 @@ def test_dense_fallback_serves_the_modality_without_a_pool(modality,
   dense_graphdef, dense_state = nnx.split(layers.make_mlp(
       "mlp", WIDTH, MLP, activation=activation, make_linear=layers.make_dense,
       rngs=nnx.Rngs(0)))
-  dense_y, _ = checks.apply_with(
+  dense_y = checks.apply_with(
       dense_graphdef, dense_state,
       {name: params[name] for name in dense_names[activation]}, x, tokens)
   np.testing.assert_allclose(y[~routed], dense_y[~routed], rtol=1e-4,
@@ -296,7 +302,7 @@ def test_dense_fallback_serves_the_modality_without_a_pool(modality,
   # The same module without the fallback: 0 where no pool serves.
   plain_graphdef, plain_state = _moe(**options)
   plain = {k: params[k] for k in ("router", "layers")}
-  plain_y, _ = checks.apply_with(plain_graphdef, plain_state, plain, x, tokens)
+  plain_y, _ = _apply(plain_graphdef, plain_state, plain, x, tokens)
   np.testing.assert_array_equal(plain_y[~routed], 0.0)
   np.testing.assert_allclose(plain_y[routed], y[routed], rtol=1e-6)
 
@@ -306,7 +312,7 @@ def test_losses_and_stats_equal_hand_computation(pools):
   graphdef, state = _moe(num_experts=None, pools=pools)
   params = nnx.to_pure_dict(state)
   tokens, x = _tokens(), _x()
-  _, aux = checks.apply_with(graphdef, state, params, x, tokens)
+  _, aux = _apply(graphdef, state, params, x, tokens)
   routes, _ = _route(params, x, tokens, pools, 2)
 
   w, xs = np.asarray(params["router"], np.float64), np.asarray(x, np.float64)
@@ -382,7 +388,7 @@ def test_experts_sharded_over_the_expert_axis_give_the_same_result(kind):
   graphdef, state = _moe(num_experts=8, dispatch=kind)
   tokens, x = _tokens(), _x()
   params = nnx.to_pure_dict(state)
-  want_y, want_aux = checks.apply_with(graphdef, state, params, x, tokens)
+  want_y, want_aux = _apply(graphdef, state, params, x, tokens)
 
   mesh = partitioning.make_mesh(dict(data=2, expert=4))
   shardings = partitioning.state_shardings(
@@ -390,7 +396,7 @@ def test_experts_sharded_over_the_expert_axis_give_the_same_result(kind):
   assert shardings["layers"]["gate"]["kernel"].spec[0] == "expert"
   assert shardings["router"].spec[1] == "expert"
   sharded = jax.device_put(params, shardings)
-  y, aux = jax.jit(lambda p, x: checks.apply_with(graphdef, state, p, x, tokens))(
+  y, aux = jax.jit(lambda p, x: _apply(graphdef, state, p, x, tokens))(
       sharded, x)
   np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
   for got, want in zip(jax.tree.leaves(aux), jax.tree.leaves(want_aux)):

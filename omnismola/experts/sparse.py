@@ -21,9 +21,9 @@ overflow dropped, optional batch-priority fill order) or `dropless`, which
 is `ragged` (jax.lax.ragged_dot) on GPU/TPU and `blocked` (tiled batched
 einsum) on CPU, where XLA's ragged_dot is slow.
 
-The router's auxiliary losses and statistics come back as `MoEAux` beside
-the output, so scanned layers can stack them and the trainer can weight each
-loss once. Padding never routes and never counts.
+The router reports its auxiliary losses and statistics as `routing`, a
+`MoEAux` (`layers.report`), so scanned layers can stack them and the
+trainer can weight each loss once. Padding never routes and never counts.
 """
 import functools
 
@@ -245,7 +245,8 @@ class ExpertLinear(nnx.Module):
 
 
 class SparseMoE(nnx.Module):
-  """Top-k routed MLP experts: `y, aux = moe(x [B, T, width], tokens)`.
+  """Top-k routed MLP experts: `y = moe(x [B, T, width], tokens)`; the
+  router reports its losses and statistics as `routing` (a `MoEAux`).
 
   Built by `experts/attach.py` in place of a backbone MLP block (a
   `sparse_moe` entry of `config.experts`), with the block's widths and
@@ -380,9 +381,10 @@ class SparseMoE(nnx.Module):
                          self.activation, x, dense_linear)
       y = jnp.where(routed[..., None], y, dense)
     probs = probs * routed[..., None]
-    aux = routing_aux(logits, probs, experts, routed, allowed,
-                      jnp.asarray(self.pool_size, jnp.float32), kept)
-    return y.astype(x.dtype), aux
+    layers.report(self, "routing", routing_aux(
+        logits, probs, experts, routed, allowed,
+        jnp.asarray(self.pool_size, jnp.float32), kept))
+    return y.astype(x.dtype)
 
   def _capacity(self, x, experts, gates, routed, expert_fn):
     """Capacity dispatch with each sequence as one routing group."""

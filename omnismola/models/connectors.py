@@ -3,9 +3,11 @@
 `make_connector(kind, ...)` is the one entry point; kinds register in
 `CONNECTORS` and share one signature: built from the vision encoders'
 configs ({module name: ViTConfig}, `vit` first), called as
-`y, aux = connector(features, tokens)` with one feature map [B, N_i, d_i]
-per encoder and the TokenInfo of the L output tokens. They return `(y, aux)`
-like MLP blocks (aux {module path: aux}, {} without routers).
+`y, reports = connector(features, tokens)` with one feature map
+[B, N_i, d_i] per encoder and the TokenInfo of the L output tokens.
+`reports` are those of the routers in scanned layers (MoVE's ADT), as
+towers return theirs ({} for the others); every other router's report stays
+sown until the VLM collects it (`layers.pop_reports`).
 
 * `linear` (PaliGemma) and `mlp` (LLaVA, CuMo) map one encoder's tokens
   one to one (L = N).
@@ -17,7 +19,7 @@ like MLP blocks (aux {module path: aux}, {} without routers).
 CuMo's MoE connector is not a kind of its own: the `mlp` connector builds
 its block through the MLP factory at `connector/mlp`, so a `sparse_moe`
 entry of `config.experts` with `targets='connector/mlp'` replaces it, with
-the same options, upcycling and aux losses as the towers' MLPs.
+the same options, upcycling and auxiliary losses as the towers' MLPs.
 """
 import dataclasses
 import math
@@ -31,7 +33,7 @@ from omnismola.models import layers
 from omnismola.models import stack
 from omnismola.models import vit
 from omnismola.models.layers import (LinearFactory, MlpFactory, TokenInfo,
-                                     child_linear, keyed_aux, record_usage)
+                                     child_linear, record_usage)
 from omnismola.models.vit import ViTConfig
 
 
@@ -114,15 +116,13 @@ class MlpConnector(nnx.Module):
                rngs: nnx.Rngs):
     del move  # No options.
     in_features = _single_encoder("mlp", encoders).width
-    self.mlp_path = f"{path}/mlp"
-    self.mlp = make_mlp(self.mlp_path, in_features, out_features,
+    self.mlp = make_mlp(f"{path}/mlp", in_features, out_features,
                         activation="gelu", make_linear=make_linear,
                         rngs=rngs, out_features=out_features)
 
   def __call__(self, features: tuple[jax.Array, ...], tokens: TokenInfo):
     (x,) = features
-    y, aux = self.mlp(x, tokens)
-    return y, keyed_aux(self.mlp_path, aux)
+    return self.mlp(x, tokens), {}
 
 
 # --- MoVE (MoME) -----------------------------------------------------------
@@ -183,21 +183,18 @@ class AdaptiveLayer(nnx.Module):
     self.norm2 = layers.LayerNorm(config.width, eps=config.norm_eps)
     self.cross_attn = attention("cross_attn")
     self.norm3 = layers.LayerNorm(config.width, eps=config.norm_eps)
-    self.mlp_path = f"{path}/mlp"
-    self.mlp = make_mlp(self.mlp_path, config.width, config.mlp_dim,
+    self.mlp = make_mlp(f"{path}/mlp", config.width, config.mlp_dim,
                         activation="gelu", make_linear=make_linear, rngs=rngs)
 
   def __call__(self, x: jax.Array, tokens: TokenInfo, features: jax.Array,
                feature_tokens: TokenInfo):
-    """(x [B, L, width], aux {module path: aux})."""
     attn, _ = self.self_attn(self.norm1(x), tokens, mask=None)
     x = x + attn
     cross, _ = self.cross_attn(self.norm2(x), tokens, mask=None,
                                context=(features, feature_tokens))
     x = x + cross
-    mlp, aux = self.mlp(self.norm3(x), tokens)
-    x = layers.constrain(x + mlp, ("batch", "length", "embed"))
-    return x, keyed_aux(self.mlp_path, aux)
+    x = x + self.mlp(self.norm3(x), tokens)
+    return layers.constrain(x, ("batch", "length", "embed"))
 
 
 class MoVEBranch(nnx.Module):
@@ -223,18 +220,18 @@ class MoVEBranch(nnx.Module):
                             axes=("embed", "embed"), use_bias=True, rngs=rngs)
 
   def __call__(self, features: jax.Array, tokens: TokenInfo):
-    """[B, N_i, d_i] -> ([B, L, d_dec], aux stacked [adt_depth, ...])."""
+    """[B, N_i, d_i] -> ([B, L, d_dec], the ADT layers' reports stacked
+    [adt_depth, ...])."""
     feature_tokens = TokenInfo.image(features.shape[0], features.shape[1],
                                      example_instance(tokens),
                                      rows=tokens.valid[:, 0])
     x = adaptive_avg_pool(features, self.grid, self.side)
 
-    def body(layer, x, _):
-      x, aux = layer(x, tokens, features, feature_tokens)
-      return x, None, aux
-
-    x, _, aux = stack.scan_tower(self, self.segments, body, x, ())
-    return self.proj(self.norm(x), tokens), aux
+    x, _, reports = stack.scan_tower(
+        self, self.segments,
+        lambda layer, x, _: (layer(x, tokens, features, feature_tokens), None),
+        x, ())
+    return self.proj(self.norm(x), tokens), reports
 
 
 def example_instance(tokens: TokenInfo) -> jax.Array | None:
@@ -304,14 +301,14 @@ class MoVEConnector(nnx.Module):
                    if move.mixer == "router" else None)
 
   def __call__(self, features: tuple[jax.Array, ...], tokens: TokenInfo):
-    """One feature map per encoder -> ([B, L, d_dec], aux)."""
-    branches, aux = [], {}
+    """One feature map per encoder -> ([B, L, d_dec], reports)."""
+    branches, reports = [], {}
     for name, x in zip(self.names, features, strict=True):
-      y, branch_aux = getattr(self, name)(x, tokens)
+      y, branch_reports = getattr(self, name)(x, tokens)
       branches.append(y)
-      aux.update(branch_aux)
+      reports.update(branch_reports)
     if self.router is None:  # mixer="add".
-      return sum(branches), aux
+      return sum(branches), reports
     if tokens.instance is None:
       raise ValueError("connector='move' routes by TokenInfo.instance (the "
                        "prompt's mean embedding); embed_image needs it.")
@@ -321,7 +318,7 @@ class MoVEConnector(nnx.Module):
                            weights.shape[1])))
     mixed = sum(weights[:, i, None, None].astype(y.dtype) * y
                 for i, y in enumerate(branches))
-    return mixed, aux
+    return mixed, reports
 
 
 CONNECTORS = {
@@ -335,8 +332,8 @@ def make_connector(kind: str, path: str, encoders: dict[str, ViTConfig],
                    out_features: int, *, move: MoVEConfig,
                    make_linear: LinearFactory, make_mlp: MlpFactory,
                    rngs: nnx.Rngs) -> nnx.Module:
-  """The connector of the given kind, called as `y, aux = connector(features,
-  tokens)` (see module docstring).
+  """The connector of the given kind, called as `y, reports = connector(
+  features, tokens)` (see module docstring).
 
   Args:
     kind: a key of CONNECTORS (`model.connector`).

@@ -161,24 +161,23 @@ class DecoderLayer(nnx.Module):
         make_linear=make_linear, rngs=rngs)
     self.post_attn_norm = norm() if config.post_norms else None
     self.pre_mlp_norm = norm()
-    self.mlp_path = f"{path}/mlp"
-    self.mlp = make_mlp(self.mlp_path, config.width, config.mlp_dim,
+    self.mlp = make_mlp(f"{path}/mlp", config.width, config.mlp_dim,
                         activation="geglu", make_linear=make_linear,
                         rngs=rngs, causal=True)
     self.post_mlp_norm = norm() if config.post_norms else None
 
   def __call__(self, x, tokens, mask, positions, kv=None, index=0):
-    """(x, kv: this layer's keys and values, aux {module path: aux})."""
+    """(x, kv: this layer's keys and values)."""
     attn, kv = self.attn(self.pre_attn_norm(x), tokens, mask,
                          positions=positions, kv=kv, index=index)
     if self.post_attn_norm is not None:
       attn = self.post_attn_norm(attn)
     x = x + attn
-    mlp, aux = self.mlp(self.pre_mlp_norm(x), tokens)
+    mlp = self.mlp(self.pre_mlp_norm(x), tokens)
     if self.post_mlp_norm is not None:
       mlp = self.post_mlp_norm(mlp)
     x = layers.constrain(x + mlp, ("batch", "length", "embed"))
-    return x, kv, layers.keyed_aux(self.mlp_path, aux)
+    return x, kv
 
 
 class Decoder(nnx.Module):
@@ -223,8 +222,9 @@ class Decoder(nnx.Module):
 
     Returns:
       (h [B, T, width] after the final norm, (k, v) [depth, B, S, K, D]
-       attended to: the updated cache, or None without one, aux {module
-       path: aux} stacked over the layers of each segment).
+       attended to: the updated cache, or None without one, the reports of
+       the routers in its layers stacked over each segment's layers, as
+       `ViT`'s).
     """
     sliding = self.config.sliding_layers()
     if sliding.any() and sliding_mask is None:
@@ -236,15 +236,15 @@ class Decoder(nnx.Module):
       is_sliding, layer_kv = per_layer
       layer_mask = (jnp.where(is_sliding, sliding_mask, mask)
                     if sliding.any() else mask)
-      x, layer_kv, aux = layer(x, tokens, layer_mask, positions, kv=layer_kv,
-                               index=index)
-      return x, (layer_kv if kv is not None else None), aux
+      x, layer_kv = layer(x, tokens, layer_mask, positions, kv=layer_kv,
+                          index=index)
+      return x, (layer_kv if kv is not None else None)
 
     x = layers.constrain(x, ("batch", "length", "embed"))
-    x, new_kv, aux = stack.scan_tower(self, self.segments, body, x,
-                                      (jnp.asarray(sliding), kv),
-                                      loop=self.loop)
-    return self.final_norm(x), new_kv, aux
+    x, new_kv, reports = stack.scan_tower(self, self.segments, body, x,
+                                          (jnp.asarray(sliding), kv),
+                                          loop=self.loop)
+    return self.final_norm(x), new_kv, reports
 
 
 def sliding_window_mask(mask: jax.Array, positions: jax.Array,

@@ -13,10 +13,10 @@
 * Norms (LayerNorm for the ViT, Gemma's RMSNorm), RoPE and attention with
   grouped key/value heads.
 
-MLP blocks return `(y, aux)`: aux is {} for a dense block and the router's
-losses and statistics for a routed one. `keyed_aux` names a block's aux by
-its path, so a model's aux is a plain dict {module path: aux} that every
-level merges and returns explicitly (no sown state).
+Modules return their outputs only. What routers have to say (their losses,
+statistics and usage) is one channel: `report` sows it on the router and
+`pop_reports` collects it by module path, once per scanned layer
+(models/stack.py) and once for the rest of the model (`VLM.forward`).
 
 Every parameter carries `logical_axes` metadata, one name (or None) per
 dimension; `train/partitioning.py` maps the names to mesh axes. Large
@@ -42,7 +42,7 @@ Axes = tuple[str | None, ...]
 LinearFactory = Callable[..., nnx.Module]
 # A factory `make_mlp(path, width, mlp_dim, *, activation, make_linear, rngs,
 # match_paths=None, out_features=None, causal=False)` returning a module
-# called as `y, aux = module(x, tokens)` (see `make_mlp`).
+# called as `y = module(x, tokens)` (see `make_mlp`).
 MlpFactory = Callable[..., nnx.Module]
 
 
@@ -88,29 +88,42 @@ def recording_usage():
     _RECORDING_USAGE.reset(token)
 
 
-def record_usage(module: nnx.Module, weights: jax.Array) -> None:
-  """Keeps a router's expert weights [B, T, E] (each token's weight on each
-  expert) as the module's `usage` intermediate, while recording."""
-  if _RECORDING_USAGE.get():
-    module.sow(nnx.Intermediate, "usage", weights)
+def report(module: nnx.Module, name: str, value) -> None:
+  """Hands `value` (a router's losses and statistics, its usage) out of the
+  forward pass as the module's report `name`.
 
-
-def pop_usage(module: nnx.Module, prefix: str = "") -> dict[str, jax.Array]:
-  """Removes the usage recorded inside `module` and returns it keyed by path.
-
-  Returns {'<prefix>/<router path>/usage': weights [B, T, E]}, the router
-  path relative to `module`; {} when nothing was recorded (not recording).
+  Reports are sown and collected by `pop_reports`, so a router deep inside
+  other modules (an adapter inside a linear layer) reports without changing
+  what its parents return.
   """
-  recorded = nnx.pop(module, nnx.All(nnx.Intermediate,
-                                     nnx.PathContains("usage")))
-  usage = {}
-  for path, variable in nnx.to_flat_state(recorded):
+  module.sow(nnx.Intermediate, name, value)
+
+
+def record_usage(module: nnx.Module, weights: jax.Array) -> None:
+  """Reports a router's expert weights [B, T, E] (each token's weight on
+  each expert) as its `usage`, while recording."""
+  if _RECORDING_USAGE.get():
+    report(module, "usage", weights)
+
+
+def pop_reports(module: nnx.Module, prefix: str = "") -> dict[str, dict]:
+  """Removes what the routers inside `module` reported and returns it.
+
+  Returns {router path: {report name: value}}, the router path relative to
+  `module` under `prefix`; {} when nothing reported. The model's forward
+  pass returns these (`VLM.forward`): `routing` (a sparse MoE's losses and
+  statistics, `MoEAux`) and, while recording, `usage`.
+  """
+  reports = {}
+  for path, variable in nnx.to_flat_state(nnx.pop(module, nnx.Intermediate)):
+    *router, name = map(str, path)
     calls = variable.get_value()
     if len(calls) != 1:
-      raise ValueError(f"{'/'.join(map(str, path))}: recorded usage "
-                       f"{len(calls)} times in one pass; a router runs once.")
-    usage["/".join(map(str, (prefix, *path) if prefix else path))] = calls[0]
-  return usage
+      raise ValueError(f"{'/'.join(map(str, path))}: reported {len(calls)} "
+                       "times in one pass; a router runs once.")
+    reports.setdefault("/".join([prefix, *router] if prefix else router),
+                       {})[name] = calls[0]
+  return reports
 
 
 def per_token(instance: jax.Array | None, length: int) -> jax.Array | None:
@@ -523,7 +536,7 @@ class Mlp(nnx.Module):
     hidden = gelu(self.fc1(x, tokens))
     hidden = constrain(hidden, ("batch", "length", "mlp"))
     y = self.fc2(hidden, tokens)
-    return add_adapters(y, self.adapters, x, tokens), {}
+    return add_adapters(y, self.adapters, x, tokens)
 
 
 class GeGLU(nnx.Module):
@@ -545,7 +558,7 @@ class GeGLU(nnx.Module):
     hidden = gelu(self.gate(x, tokens))
     hidden = constrain(hidden * self.up(x, tokens), ("batch", "length", "mlp"))
     y = self.down(hidden, tokens)
-    return add_adapters(y, self.adapters, x, tokens), {}
+    return add_adapters(y, self.adapters, x, tokens)
 
 
 # activation -> the dense MLP block with it; sparse MoE experts mirror these
@@ -580,11 +593,3 @@ def make_mlp(path: str, width: int, mlp_dim: int, *, activation: str,
   return MLPS[activation](path, width, mlp_dim, make_linear=make_linear,
                           rngs=rngs, out_features=out_features,
                           adapters=adapters)
-
-
-def keyed_aux(path: str, aux) -> dict:
-  """{path: aux}, or {} for a block without auxiliary outputs (aux == {}).
-
-  Dense blocks return {}, so a model's aux names exactly its routers.
-  """
-  return {path: aux} if jax.tree.leaves(aux) else {}

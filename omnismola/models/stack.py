@@ -26,10 +26,10 @@ anything: a factory that attaches experts is a method of an object with
 entries whose targets match `path`; plain factories (`make_dense`,
 `make_mlp`) attach nothing, so their towers are one segment.
 
-Layers return their auxiliary outputs (routers' losses and statistics, a
-dict {module path: aux}); `scan_tower` stacks them along each segment's
-layer axis, so `decoder/layers/mlp`'s balance loss comes back as [depth]
-(`decoder/layers_0_4/mlp`'s as [4]). Per-layer inputs and outputs (the KV
+Routers inside a layer report their losses, statistics and usage
+(`layers.report`); `scan_stack` collects each layer's reports and returns
+them stacked along the segment's layer axis, so `decoder/layers/mlp`'s
+balance loss comes back as [depth] (`decoder/layers_0_4/mlp`'s as [4]). Per-layer inputs and outputs (the KV
 cache, which layers use a sliding window) keep a leading axis over the
 whole tower: `scan_tower` slices them per segment and joins the results.
 
@@ -217,23 +217,21 @@ def add_tower_layers(owner: nnx.Module, layer_cls, prefix: str, config, *,
 
 def scan_stack(stack: nnx.Module, body: Callable, carry, xs, *, path: str,
                loop: LayerLoop = LayerLoop()):
-  """Runs `carry, y, aux = body(layer, carry, x)` over the layers of `stack`.
+  """Runs `carry, y = body(layer, carry, x)` over the layers of `stack`.
 
   Args:
     stack: a module from `create_stack`.
-    body: one layer's step; `x` is layer i's slice of `xs`, `aux` the
-      layer's auxiliary outputs ({module path: aux}, {} for none).
+    body: one layer's step; `x` is layer i's slice of `xs`.
     carry: what flows from layer to layer (the residual stream).
     xs: a pytree of per-layer inputs with a leading layer axis (e.g. a KV
       cache, or which layers use a sliding window); () for none.
-    path: the stack's module path. While `layers.recording_usage()`, the
-      routers' recorded usage is popped from each layer and returned in aux
-      as {'<path>/<router path>/usage': weights}; nothing otherwise.
+    path: the stack's module path, which the reports are keyed under.
     loop: remat policy, scanned or unrolled.
 
   Returns:
-    (final carry, ys, aux), ys and every aux leaf stacked along a leading
-    layer axis.
+    (final carry, ys, reports): ys stacked along a leading layer axis, and
+    what the layers' routers reported ({'<path>/<router path>': {name:
+    value}}, `layers.pop_reports`), every leaf stacked likewise.
   """
   policy = REMAT_POLICIES[loop.remat_policy]
   # A plain lax.scan over the split state rather than nnx.scan: callers run
@@ -245,22 +243,22 @@ def scan_stack(stack: nnx.Module, body: Callable, carry, xs, *, path: str,
   def apply(carry, layer_xs):
     layer_state, x = layer_xs
     layer = nnx.merge(graphdef, layer_state)
-    carry, y, aux = body(layer, carry, x)
-    # Usage sown inside the scan must leave it as an output (scan's layer
-    # is rebuilt every step); {} unless recording.
-    return carry, (y, {**aux, **layers.pop_usage(layer, prefix=path)})
+    carry, y = body(layer, carry, x)
+    # Reports sown inside the scan must leave it as an output (scan's layer
+    # is rebuilt every step).
+    return carry, (y, layers.pop_reports(layer, prefix=path))
 
   if policy is not None:
     apply = jax.checkpoint(apply, policy=policy, prevent_cse=False)
   if loop.scan:
-    carry, (ys, aux) = jax.lax.scan(apply, carry, (state, xs))
-    return carry, ys, aux
+    carry, (ys, reports) = jax.lax.scan(apply, carry, (state, xs))
+    return carry, ys, reports
   outputs = []
   for i in range(jax.tree.leaves(state)[0].shape[0]):
     carry, out = apply(carry, jax.tree.map(lambda a, i=i: a[i], (state, xs)))
     outputs.append(out)
-  ys, aux = jax.tree.map(lambda *o: jnp.stack(o), *outputs)
-  return carry, ys, aux
+  ys, reports = jax.tree.map(lambda *o: jnp.stack(o), *outputs)
+  return carry, ys, reports
 
 
 def scan_tower(owner: nnx.Module, segments: tuple[Segment, ...],
@@ -275,20 +273,20 @@ def scan_tower(owner: nnx.Module, segments: tuple[Segment, ...],
       per segment.
 
   Returns:
-    (final carry, ys joined over the whole tower, aux {module path: aux}
-    with each segment's aux under its own paths, stacked over its layers).
+    (final carry, ys joined over the whole tower, reports with each
+    segment's under its own paths, stacked over its layers).
   """
-  parts, aux = [], {}
+  parts, reports = [], {}
   for segment in segments:
-    carry, ys, segment_aux = scan_stack(
+    carry, ys, segment_reports = scan_stack(
         getattr(owner, segment.attribute), body, carry,
         jax.tree.map(lambda x: x[segment.start:segment.stop], xs),
         path=segment.path, loop=loop)
     parts.append(ys)
-    aux.update(segment_aux)
+    reports.update(segment_reports)
   if len(parts) == 1:
-    return carry, parts[0], aux
-  return carry, jax.tree.map(lambda *y: jnp.concatenate(y), *parts), aux
+    return carry, parts[0], reports
+  return carry, jax.tree.map(lambda *y: jnp.concatenate(y), *parts), reports
 
 
 # `<tower>/layers[_<start>_<stop>]/<rest>`: a stacked parameter's path.

@@ -80,17 +80,14 @@ class EncoderLayer(nnx.Module):
     self.attn = encoder_attention(f"{path}/attn", config,
                                   make_linear=make_linear, rngs=rngs)
     self.norm2 = layers.LayerNorm(config.width, eps=config.norm_eps)
-    self.mlp_path = f"{path}/mlp"
-    self.mlp = make_mlp(self.mlp_path, config.width, config.mlp_dim,
+    self.mlp = make_mlp(f"{path}/mlp", config.width, config.mlp_dim,
                         activation="gelu", make_linear=make_linear, rngs=rngs)
 
-  def __call__(self, x: jax.Array, tokens: TokenInfo):
-    """(x [B, N, width], aux {module path: aux})."""
+  def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
     attn, _ = self.attn(self.norm1(x), tokens, mask=None)
     x = x + attn
-    mlp, aux = self.mlp(self.norm2(x), tokens)
-    x = layers.constrain(x + mlp, ("batch", "length", "embed"))
-    return x, layers.keyed_aux(self.mlp_path, aux)
+    x = x + self.mlp(self.norm2(x), tokens)
+    return layers.constrain(x, ("batch", "length", "embed"))
 
 
 class ViT(nnx.Module):
@@ -119,7 +116,8 @@ class ViT(nnx.Module):
     """Encodes images; `tokens` is the TokenInfo of the N patch tokens.
 
     Returns:
-      (tokens [B, N, width], aux {module path: aux}, stacked over the
+      (tokens [B, N, width], the reports of the routers in its layers,
+      `layers.pop_reports`'s {router path: {name: value}} stacked over the
       layers of each segment).
     """
     size = self.config.image_size
@@ -130,10 +128,7 @@ class ViT(nnx.Module):
     x = self.embedding(patches, tokens) + self.pos_embedding[...]
     x = layers.constrain(x, ("batch", "length", "embed"))
 
-    def body(layer, x, _):
-      x, aux = layer(x, tokens)
-      return x, None, aux
-
-    x, _, aux = stack.scan_tower(self, self.segments, body, x, (),
-                                 loop=self.loop)
-    return self.norm(x), aux
+    x, _, reports = stack.scan_tower(
+        self, self.segments, lambda layer, x, _: (layer(x, tokens), None), x,
+        (), loop=self.loop)
+    return self.norm(x), reports

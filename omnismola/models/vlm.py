@@ -9,10 +9,11 @@ causal. RoPE positions count valid tokens only (`cumsum(valid) - 1`), so
 padding anywhere never shifts the positions of real tokens, and cached
 decoding with per-example prompt lengths continues each example's own count.
 
-`forward` returns the logits and the routers' auxiliary outputs, a dict
-{module path: aux} (e.g. `decoder/layers/mlp`: a `MoEAux` whose leaves are
-stacked [depth, ...]); `__call__` returns the logits only. Cached decoding
-(`prefill`, `extend`) drops aux: nothing trains there.
+`forward` returns the logits and what the routers reported
+(`layers.pop_reports`: {router path: {name: value}}, e.g.
+`decoder/layers/mlp` -> {'routing': a `MoEAux` whose leaves are stacked
+[depth, ...]}); `__call__` returns the logits only. Cached decoding
+(`prefill`, `extend`) drops the reports: nothing trains there.
 """
 import dataclasses
 from typing import Any, NamedTuple
@@ -199,7 +200,7 @@ class DecoderRun(NamedTuple):
   tokens: TokenInfo        # Each token's kind, validity and instance vector.
   positions: jax.Array     # int [B, M N + L], RoPE positions.
   kv: Any                  # (k, v) of the filled cache, or None.
-  aux: dict                # {module path: auxiliary outputs} (`forward`).
+  reports: dict            # What the routers reported (`forward`).
 
 
 class VLM(nnx.Module):
@@ -228,7 +229,8 @@ class VLM(nnx.Module):
 
   def embed_image(self, image: jax.Array, instance: jax.Array | None = None,
                   rows: jax.Array | None = None):
-    """[B, H, W, 3] -> (decoder-width image tokens [B, N, width], aux).
+    """[B, H, W, 3] -> (decoder-width image tokens [B, N, width], what the
+    routers of the encoders and the connector reported).
 
     Every encoder encodes the image (resized to its `image_size` if that
     differs), and the connector maps their features to the N image tokens.
@@ -239,19 +241,21 @@ class VLM(nnx.Module):
     others' tokens (empty slots of packed rows).
     """
     batch = image.shape[0]
-    features, aux = [], {}
+    features, reports = [], {}
     for name, encoder in self.config.encoders.items():
       # The primary encoder takes the image as given (and checks its size).
       image_in = (image if name == "vit" else
                   resize_image(image, encoder.image_size))
-      x, encoder_aux = getattr(self, name)(
+      x, encoder_reports = getattr(self, name)(
           image_in, TokenInfo.image(batch, encoder.num_patches, instance,
                                     rows))
       features.append(x)
-      aux.update(encoder_aux)
+      reports.update(encoder_reports)
     tokens = TokenInfo.image(batch, self.num_image_tokens, instance, rows)
-    x, connector_aux = self.connector(tuple(features), tokens)
-    return x, {**aux, **connector_aux}
+    x, connector_reports = self.connector(tuple(features), tokens)
+    # Scanned layers hand their routers' reports up; the others (e.g. the
+    # connector's MoE) are still sown on their modules, collected here.
+    return x, {**reports, **connector_reports, **layers.pop_reports(self)}
 
   def _sliding_mask(self, mask, positions, key_positions,
                     query_bidirectional=None, key_bidirectional=None):
@@ -294,7 +298,7 @@ class VLM(nnx.Module):
     text_x = self.decoder.embed(text)
     # Each example's prompt: its text tokens that attend bidirectionally.
     prompt = jnp.where(tokens.bidirectional, tokens.segment, 0)
-    image_x, image_aux = self.embed_image(
+    image_x, image_reports = self.embed_image(
         images,
         instance=segment_means(text_x, prompt[:, image_length:],
                                slots).reshape(images.shape[0], -1),
@@ -313,15 +317,16 @@ class VLM(nnx.Module):
     sliding_mask = self._sliding_mask(mask, positions, pad(positions),
                                       tokens.bidirectional,
                                       pad(tokens.bidirectional))
-    h, kv, decoder_aux = self.decoder(x, tokens, mask, positions,
-                                      sliding_mask=sliding_mask, kv=kv,
-                                      index=0)
+    h, kv, decoder_reports = self.decoder(x, tokens, mask, positions,
+                                          sliding_mask=sliding_mask, kv=kv,
+                                          index=0)
+    # The decoder's routers are all in its scanned layers.
     return DecoderRun(hidden=h, tokens=tokens, positions=positions, kv=kv,
-                      aux={**image_aux, **decoder_aux})
+                      reports={**image_reports, **decoder_reports})
 
   def forward(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array,
               mask_input: jax.Array, segment_ids: jax.Array | None = None):
-    """(logits float32 [B, L, vocab] at the text positions, aux).
+    """(logits float32 [B, L, vocab] at the text positions, reports).
 
     One example per row, image [B, H, W, 3]; or packed rows: images
     [B, M, H, W, 3] and `segment_ids` int [B, L] (the text tokens of image
@@ -329,20 +334,17 @@ class VLM(nnx.Module):
     padding; see `sequence_layout`). Each packed example's logits equal
     those it would have alone in a row.
 
-    aux: {module path: the module's auxiliary outputs} for every routed
-    block, e.g. `vit/layers/mlp` -> `MoEAux` with leaves [depth, ...],
-    `connector/mlp` -> `MoEAux`; {} for a dense model. The trainer weights
-    the losses and logs the statistics (docs/experts.md).
-
-    While `layers.recording_usage()`, aux also holds every router's expert
-    weights as {'<router path>/usage': [depth, B, T, E] in a stack, [B, T,
-    E] outside one} (`omnismola.analyze`); otherwise nothing more.
+    reports: {router path: {report name: value}} (`layers.pop_reports`).
+    Every sparse MoE block reports `routing`, its losses and statistics
+    (`MoEAux`): `vit/layers/mlp` -> {'routing': leaves [depth, ...]},
+    `connector/mlp` -> {'routing': ...}; {} for a dense model. The trainer
+    weights the losses and logs the statistics (experts/stats.py). While
+    `layers.recording_usage()`, every router also reports its expert
+    weights as `usage` ([depth, B, T, E] in a stack, [B, T, E] outside one;
+    `omnismola.analyze`).
     """
     run = self._run_sequence(image, text, mask_ar, mask_input, segment_ids)
-    # Stacks hand out their layers' usage; the other routers (connector)
-    # keep theirs on the module until popped here.
-    return (self.decoder.logits(run.hidden[:, -text.shape[1]:]),
-            {**run.aux, **layers.pop_usage(self)})
+    return self.decoder.logits(run.hidden[:, -text.shape[1]:]), run.reports
 
   def __call__(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array,
                mask_input: jax.Array) -> jax.Array:
