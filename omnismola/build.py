@@ -14,19 +14,15 @@ def model_config_to_dict(name: str) -> dict:
 
 
 def vlm_config(model_fields) -> presets.VLMConfig:
-  """The VLMConfig that `config.model` describes (preset name + fields).
-
-  `extra_vits` and `move` may be missing (configs and checkpoints written
-  before they existed): no extra encoders, default MoVE options.
-  """
+  """The VLMConfig that `config.model` describes (preset name + fields)."""
   fields = dict(model_fields)
-  fields.pop("preset", None)
+  fields.pop("preset")
   return presets.VLMConfig(
       vit=presets.ViTConfig(**fields.pop("vit")),
       decoder=presets.DecoderConfig(**fields.pop("decoder")),
       extra_vits=tuple(presets.ViTConfig(**vit)
-                       for vit in fields.pop("extra_vits", ())),
-      move=presets.MoVEConfig(**fields.pop("move", {})),
+                       for vit in fields.pop("extra_vits")),
+      move=presets.MoVEConfig(**fields.pop("move")),
       **fields)
 
 

@@ -15,8 +15,8 @@ import sys
 from absl import app
 from absl import flags
 
-from omnismola import build
 from omnismola import storage
+from omnismola.models import presets
 from omnismola.train import checkpoint as checkpoint_lib
 from omnismola.train import logging as log_lib
 
@@ -39,6 +39,14 @@ def load(source_format: str, path: str):
   raise ValueError(f"Unknown format {source_format!r}; formats: {FORMATS}.")
 
 
+def model_config(fields) -> presets.VLMConfig:
+  """The VLMConfig of a converter's fields: its vit, decoder and connector
+  (a PaliGemma has no extra encoders)."""
+  return presets.VLMConfig(vit=presets.ViTConfig(**fields["vit"]),
+                           decoder=presets.DecoderConfig(**fields["decoder"]),
+                           connector=fields["connector"])
+
+
 def convert(source_format: str, path: str, output: str) -> str:
   """Writes `output`/checkpoints/0; returns `output`.
 
@@ -53,7 +61,7 @@ def convert(source_format: str, path: str, output: str) -> str:
   # Every field spelled out (and validated) by a round trip through
   # VLMConfig, so the saved config reads like any config.model.
   model = dict(preset=f"{source_format}:{storage.path(path)}",
-               **dataclasses.asdict(build.vlm_config(fields)))
+               **dataclasses.asdict(model_config(fields)))
   writer = checkpoint_lib.Checkpointer(checkpoints, keep=1, async_save=False)
   writer.save(0, {"params": params}, {}, dict(model=model, experts=[]))
   writer.close()

@@ -47,7 +47,7 @@ def from_pretrained(directory: str, *, experts=None, dtype=None,
   step_dir = init_lib.resolve_step_dir(directory)
   saved_config = read_config(step_dir)
   if experts is None:
-    experts = saved_config.get("experts") or []
+    experts = saved_config["experts"]
   config = ml_collections.ConfigDict(
       dict(model=saved_config["model"], experts=list(experts)))
 

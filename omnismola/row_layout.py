@@ -28,33 +28,15 @@ class RowLayout:
 
 
 def row_layout(data_config) -> RowLayout:
-  """The row layout of `config.data`, checked."""
-  lengths = dict(data_config.feature_lengths)
-  example_length = int(lengths["prefix"]) + int(lengths["suffix"])
-  packing = dict(data_config.get("packing", None) or {})
-  unknown = sorted(set(packing) - {"examples", "text_length", "window"})
-  if unknown:
-    raise ValueError(f"config.data.packing has unknown fields {unknown}; "
-                     "its fields are examples, text_length and window.")
-  examples = int(packing.get("examples", 0))
-  if examples < 0:
-    raise ValueError(f"config.data.packing.examples={examples} must be >= 0 "
-                     "(0 or 1: no packing).")
-  if examples <= 1:
+  """The row layout of `config.data` (its fields checked by schema.py)."""
+  example_length = sum(data_config.feature_lengths.values())
+  packing = data_config.packing
+  if packing.examples <= 1:
     return RowLayout(images=1, text_length=example_length, window=1,
                      packed=False)
-  text_length = int(packing.get("text_length", 0)) or example_length
-  if text_length < example_length:
-    raise ValueError(
-        f"config.data.packing.text_length={text_length} is shorter than one "
-        f"example's text (feature_lengths prefix + suffix = "
-        f"{example_length}): such an example could fit no row.")
-  window = int(packing.get("window", 64))
-  if window < examples:
-    raise ValueError(f"config.data.packing.window={window} must be at least "
-                     f"packing.examples={examples}.")
-  return RowLayout(images=examples, text_length=text_length, window=window,
-                   packed=True)
+  return RowLayout(images=packing.examples,
+                   text_length=packing.text_length or example_length,
+                   window=packing.window, packed=True)
 
 
 def batch_shapes(layout: RowLayout, batch: int,

@@ -297,10 +297,6 @@ def test_config_dict_round_trip_and_errors():
                 extra_vits=(dataclasses.asdict(SECOND_ENCODER),),
                 move=dict(num_tokens=16, adt_depth=2, router_dim=8))
   assert build.vlm_config(ml_collections.ConfigDict(fields)) == config
-  # Configs written before MoVE existed still load.
-  old = build.model_config_to_dict("tiny")
-  del old["extra_vits"], old["move"]
-  assert build.vlm_config(old) == presets.get_preset("tiny")
 
   with pytest.raises(ValueError, match="model.extra_vits is empty"):
     presets.get_preset("tiny", connector="move")

@@ -19,6 +19,7 @@ import tiny_paligemma
 from tiny_paligemma import tiny_paligemma as tiny  # noqa: F401 (fixture)
 
 from omnismola import pretrained
+from omnismola import schema
 from omnismola.data import pipeline
 from omnismola.eval import decode
 
@@ -53,10 +54,10 @@ def cases(tmp_path_factory):
 
 
 def _data_config(tokenizer: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
+  return schema.data_config(
       vocabulary=tokenizer, image_size=tiny_paligemma.IMAGE_SIZE,
       feature_lengths=dict(prefix=PREFIX_LENGTH, suffix=8),
-      truncation="error"))
+      truncation="error")
 
 
 def _processor(tokenizer: str) -> transformers.PaliGemmaProcessor:

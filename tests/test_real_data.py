@@ -16,6 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from omnismola import schema
 from omnismola.data import mixtures
 from omnismola.data import pipeline
 from omnismola.data import tasks
@@ -248,13 +249,10 @@ WRITERS = {
 
 
 def _config(tmp, **overrides):
-  config = ml_collections.ConfigDict(dict(
-      mixture=mixtures.BENCHMARKS_MIX, task_modules=(),
-      feature_lengths=dict(prefix=64, suffix=16),
+  return schema.data_config(**dict(dict(
+      mixture=mixtures.BENCHMARKS_MIX, feature_lengths=dict(prefix=64, suffix=16),
       tfds_data_dir=str(tmp / "tfds"), manual_dir=str(tmp / "manual"),
-      shuffle_buffer=16, image_size=32))
-  config.update(overrides)
-  return config
+      shuffle_buffer=16, image_size=32), **overrides))
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +320,8 @@ def test_benchmarks_mix_trains_and_evaluates(real_data):
   # Images of every size and aspect, resized, pack into rows too.
   packed = next(pipeline.make_train_iterator(
       ml_collections.ConfigDict({**config.to_dict(), "packing": dict(
-          examples=3, window=12)}), global_batch_size=4, seed=0))
+          examples=3, text_length=0, window=12)}), global_batch_size=4,
+      seed=0))
   assert packed["image"].shape == (4, 3, 32, 32, 3)
   assert packed["segment_ids"].shape == (4, 80)
   filled = packed["segment_ids"].max(axis=1)  # Slots are filled in order.
@@ -525,8 +524,9 @@ def test_docs_walkthrough_user_module_trains(tmp_path, monkeypatch):
 def test_importing_needs_no_manual_files(tmp_path):
   # A fresh process with no data anywhere registers every task and mixture.
   code = ("from omnismola.data import mixtures, pipeline; "
-          "print(len(pipeline.mixture_task_names(__import__('ml_collections')"
-          ".ConfigDict(dict(mixture='benchmarks_mix', task_modules=())))))")
+          "from omnismola import schema; "
+          "print(len(pipeline.mixture_task_names(schema.data_config("
+          "mixture='benchmarks_mix'))))")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True,
                           text=True, check=True, cwd=os.getcwd(),
                           env={**os.environ, "HOME": str(tmp_path),

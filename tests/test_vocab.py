@@ -4,13 +4,13 @@ The SentencePiece model is trained here, on a few hundred sentences, with
 Gemma's special ids (pad 0, eos 1, bos 2, unk 3); no tokenizer file ships
 with the tests.
 """
-import ml_collections
 import numpy as np
 import pytest
 import seqio
 import sentencepiece as spm
 import tensorflow as tf
 
+from omnismola import schema
 from omnismola.data import pipeline
 from omnismola.data import tasks
 
@@ -39,7 +39,7 @@ def sp_model(tmp_path_factory):
 
 def test_byte_is_the_default():
   assert tasks.get_vocabulary() is tasks.VOCAB
-  assert pipeline.get_vocabulary(ml_collections.ConfigDict()) is tasks.VOCAB
+  assert pipeline.get_vocabulary(schema.data_config()) is tasks.VOCAB
   assert tasks.get_task("synthetic_ocr") is seqio.get_mixture_or_task(
       "synthetic_ocr")
 
@@ -120,10 +120,10 @@ def test_tasks_tokenize_with_the_vocabulary(sp_model):
 
 def test_pipeline_uses_the_configured_vocabulary(sp_model, tmp_path):
   _register_numbers_task()
-  config = ml_collections.ConfigDict(dict(
-      mixture="vocab_numbers", task_modules=(), tfds_data_dir=str(tmp_path),
+  config = schema.data_config(
+      mixture="vocab_numbers", tfds_data_dir=str(tmp_path),
       feature_lengths=dict(prefix=48, suffix=8), shuffle_buffer=12,
-      vocabulary=sp_model, image_size=16))
+      vocabulary=sp_model, image_size=16)
   vocabulary = pipeline.get_vocabulary(config)
   batch = next(pipeline.make_train_iterator(config, global_batch_size=4,
                                             seed=0))
@@ -145,11 +145,11 @@ def test_packed_rows_keep_each_prompts_bos_and_newline(sp_model, tmp_path):
   """Packing moves whole examples: each starts with BOS, its prefix ends
   with "\\n", and only its suffix carries the loss."""
   _register_numbers_task()
-  config = ml_collections.ConfigDict(dict(
-      mixture="vocab_numbers", task_modules=(), tfds_data_dir=str(tmp_path),
+  config = schema.data_config(
+      mixture="vocab_numbers", tfds_data_dir=str(tmp_path),
       feature_lengths=dict(prefix=48, suffix=8), shuffle_buffer=12,
       vocabulary=sp_model, image_size=16,
-      packing=dict(examples=3, text_length=120, window=8)))
+      packing=dict(examples=3, text_length=120, window=8))
   vocabulary = pipeline.get_vocabulary(config)
   newline = vocabulary.encode("\n")
   batch = next(pipeline.make_train_iterator(config, global_batch_size=2,

@@ -282,11 +282,11 @@ def register_jsonl_task(name: str, directory: str, metric: str) -> seqio.Task:
 
 def register_from_config(data_config) -> None:
   """Registers `config.data.jsonl` if it names a task (name and dir set)."""
-  spec = data_config.get("jsonl")
-  if not spec or not spec.get("name"):
+  spec = data_config.jsonl
+  if not spec.name:
     return
-  if not spec.get("dir"):
-    raise errors.InputError(f"config.data.jsonl.name={spec['name']!r} needs "
+  if not spec.dir:
+    raise errors.InputError(f"config.data.jsonl.name={spec.name!r} needs "
                             "config.data.jsonl.dir, the folder of its "
                             f"<split>{SUFFIX} files.")
-  register_jsonl_task(spec["name"], os.fspath(spec["dir"]), spec["metric"])
+  register_jsonl_task(spec.name, os.fspath(spec.dir), spec.metric)

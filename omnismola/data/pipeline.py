@@ -53,7 +53,6 @@ from omnismola.data import packing
 from omnismola.data import tasks as tasks_lib
 from omnismola.data import truncation
 from omnismola.data.synthetic import baselines
-from omnismola.data.synthetic import render
 from omnismola.data.synthetic import scenes
 
 EOS_ID = tasks_lib.EOS_ID
@@ -63,13 +62,8 @@ _PROMPT_KEYS = ("image", "text", "mask_ar", "mask_input", "task_id")
 
 
 def get_vocabulary(data_config) -> seqio.Vocabulary:
-  """The vocabulary of config.data.vocabulary (default: bytes)."""
-  return tasks_lib.get_vocabulary(
-      data_config.get("vocabulary", tasks_lib.BYTE))
-
-
-def _image_size(data_config) -> int:
-  return data_config.get("image_size", render.IMAGE_SIZE)
+  """The vocabulary of config.data.vocabulary."""
+  return tasks_lib.get_vocabulary(data_config.vocabulary)
 
 
 def detokenize(ids: Sequence[int],
@@ -138,7 +132,7 @@ def prepare(data_config) -> None:
   """
   names = mixture_task_names(data_config)
   data_dir = _use_data_dir(data_config, names)
-  manual_dir = storage.path(data_config.get("manual_dir", "") or
+  manual_dir = storage.path(data_config.manual_dir or
                             os.path.join(data_dir, "downloads/manual"))
   for name in names:
     source = seqio.get_mixture_or_task(name).source
@@ -155,10 +149,6 @@ def prepare(data_config) -> None:
 def _seed(*parts: int) -> int:
   """A 32-bit seed derived from several integers, for tf.data."""
   return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
-def _truncation(data_config) -> str:
-  return truncation.check_policy(data_config.get("truncation", "truncate"))
 
 
 def _options(threads: int | None) -> tf.data.Options:
@@ -181,7 +171,7 @@ def _train_dataset(data_config, *, global_batch_size: int, seed: int,
   if global_batch_size % shard_count:
     raise ValueError(f"The global batch size {global_batch_size} is not "
                      f"divisible by the {shard_count} host shards.")
-  policy = _truncation(data_config)
+  policy = data_config.truncation
   layout = row_layout.row_layout(data_config)
   # Rates from example counts read the data: point the sources at it first.
   _use_data_dir(data_config, mixtures.task_names(data_config.mixture))
@@ -202,7 +192,7 @@ def _train_dataset(data_config, *, global_batch_size: int, seed: int,
                           prefix_length=lengths["prefix"],
                           suffix_length=lengths["suffix"])
     ds = ds.map(functools.partial(converter.fit_image,
-                                  size=_image_size(data_config)),
+                                  size=data_config.image_size),
                 num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda x, task_id=task_id: {
         **converter.train_features(x, task_id,
@@ -300,7 +290,7 @@ def over_length_metrics(data_config, process_states: Sequence[dict]
   once. Keys are `data/<task>/truncated` or `data/<task>/dropped` (by
   config.data.truncation); none under "error".
   """
-  counter = truncation.COUNTER_NAMES[_truncation(data_config)]
+  counter = truncation.COUNTER_NAMES[data_config.truncation]
   if counter is None:
     return {}
   per_shard = {tuple(s["shard"]): s["over_length"] for s in process_states}
@@ -333,7 +323,7 @@ def _eval_examples(name: str, data_config, split: str,
       use_cached=False, try_in_mem_cache=False)
   ds = ds.take(max_examples) if max_examples else ds
   return ds.map(functools.partial(converter.fit_image,
-                                  size=_image_size(data_config)))
+                                  size=data_config.image_size))
 
 
 def _stack(rows: list[dict], batch_size: int, pad_row: dict,
@@ -476,15 +466,15 @@ def _prompt_row(data_config, image_path: str, prompt: str, *,
   image = tasks_lib.image_in_model_range(pixels)
   ids = tasks_lib.prompt_ids(get_vocabulary(data_config), tf.constant(prompt))
   length = data_config.feature_lengths["prefix"]
-  if len(ids) > length and _truncation(data_config) != "truncate":
+  if len(ids) > length and data_config.truncation != "truncate":
     raise errors.InputError(
         f"{example}: the prompt is {len(ids)} tokens long (BOS and separator "
         f"included), more than config.data.feature_lengths.prefix={length}, "
-        f"and config.data.truncation={_truncation(data_config)!r}: shorten "
+        f"and config.data.truncation={data_config.truncation!r}: shorten "
         "it, raise the length or use 'truncate'.")
   resized = converter.fit_image(
       dict(image=image, prefix=ids, references=tf.constant([], tf.string)),
-      _image_size(data_config))
+      data_config.image_size)
   features = converter.prompt_features(resized, task_id=0,
                                        prefix_length=length)
   return {k: v.numpy() for k, v in features.items()}

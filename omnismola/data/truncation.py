@@ -17,20 +17,13 @@ deterministic and restored with the input state.
 """
 import tensorflow as tf
 
-POLICIES = ("truncate", "drop", "error")
-# The per-task count each policy reports (the metric `data/<task>/<name>`);
+# The per-task count each policy (schema.TRUNCATION_POLICIES) reports (the
+# metric `data/<task>/<name>`);
 # "error" stops at the first over-length example, so there is none to count.
 COUNTER_NAMES = {"truncate": "truncated", "drop": "dropped", "error": None}
 # Under "drop", this many over-length examples in a row means the task (as
 # good as) never fits: fail rather than let the stream search forever.
 MAX_DROPPED_IN_A_ROW = 1000
-
-
-def check_policy(policy: str) -> str:
-  if policy not in POLICIES:
-    raise ValueError(f"config.data.truncation={policy!r} is not one of "
-                     f"{POLICIES}.")
-  return policy
 
 
 def is_over_length(example: dict, prefix_length: int,
@@ -44,7 +37,7 @@ def apply(ds: tf.data.Dataset, policy: str, *, task: str, prefix_length: int,
           suffix_length: int) -> tf.data.Dataset:
   """A task's tokenised train stream under `policy`, with `over_length`."""
   over = lambda x: is_over_length(x, prefix_length, suffix_length)
-  if check_policy(policy) == "truncate":
+  if policy == "truncate":
     return ds.map(lambda x: {**x, "over_length": tf.cast(over(x), tf.int32)})
   if policy == "error":
     return ds.map(lambda x: _fail_if_over_length(

@@ -40,6 +40,8 @@ def trainable_filter(regex: str):
 
 
 # The train fields the learning rate of a step depends on.
+# config.train.schedule's values (schema.py checks it).
+SCHEDULES = ("cosine", "constant")
 SCHEDULE_FIELDS = ("schedule", "lr", "warmup_steps", "schedule_start", "steps")
 
 
@@ -63,11 +65,8 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
   steps, lr = int(train_config.steps) - start, float(train_config.lr)
   if train_config.schedule == "constant":
     decay = optax.constant_schedule(lr)
-  elif train_config.schedule == "cosine":
+  else:  # "cosine"
     decay = optax.cosine_decay_schedule(lr, max(steps - warmup, 1))
-  else:
-    raise ValueError(f"config.train.schedule: unknown {train_config.schedule!r}"
-                     "; expected 'cosine' or 'constant'.")
   segment = decay if warmup <= 0 else optax.join_schedules(
       [optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
   return lambda step: segment(step - start)
