@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import step as step_bench
+from omnismola import build
 from omnismola import flops
 
 # Width 256, 4 ViT and 4 decoder layers, 64x64 images in 8x8 patches (64
@@ -62,16 +63,17 @@ HF_TARGETS = (r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|"
 MATMUL = (3072, 256, 1024)
 
 
-def omnismola_step(shape: dict, experts: str, batch: int, text_len: int,
-                   dtype: str):
+def omnismola_step(model: dict, experts: str, batch: int, text_len: int,
+                   dtype: str, unrolled_layers: bool = False):
   """run() -> loss of one donated train step of omnismola's trainer, and
-  its model FLOPs per example (counted in its traced program, flops.py)."""
+  its model FLOPs per example (counted in its traced program, flops.py).
+  `unrolled_layers`: model.scan_layers=False."""
   args = argparse.Namespace(experts=experts, pools=SMOLA_EXPERTS, rank=RANK,
                             frozen_backbone=True, dtype=dtype,
-                            unrolled_layers=False)
-  config = step_bench.experiment_config(args, shape)
+                            unrolled_layers=unrolled_layers)
+  config = step_bench.experiment_config(args, model)
   state, train_step, put_batch = step_bench.trainer_step(config)
-  batch_arrays = put_batch(step_bench.synthetic_batch(shape, batch, text_len))
+  batch_arrays = put_batch(step_bench.synthetic_batch(model, batch, text_len))
   compiled = jax.jit(train_step, donate_argnums=0).lower(
       state, batch_arrays).compile()
   holder = [state]
@@ -208,19 +210,27 @@ def parse_args(argv=None):
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--no_smola", action="store_true",
                       help="omnismola's LoRA side only")
+  parser.add_argument("--unrolled_layers", action="store_true",
+                      help="also time omnismola's LoRA step with its layers "
+                      "unrolled (model.scan_layers=False), alternated with "
+                      "the others")
   return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
   shape = SHAPES[args.shape]
+  model = build.shape_fields(args.shape, shape)
   common = (args.batch, args.text_len, args.dtype)
   sides, model_flops = {}, {}
   sides["omnismola_lora"], model_flops["omnismola_lora"] = omnismola_step(
-      shape, "lora", *common)
+      model, "lora", *common)
   if not args.no_smola:
     sides["omnismola_smola"], model_flops["omnismola_smola"] = (
-        omnismola_step(shape, "smola", *common))
+        omnismola_step(model, "smola", *common))
+  if args.unrolled_layers:
+    sides["omnismola_lora_unrolled"], model_flops["omnismola_lora_unrolled"] = (
+        omnismola_step(model, "lora", *common, unrolled_layers=True))
   versions = ""
   reason = torch_skip_reason()
   if reason is None:
@@ -253,6 +263,12 @@ def main(argv=None) -> dict:
                                 report["hf_peft_lora"]["examples_per_s"])
     print(f"omnismola_lora_over_hf_peft_examples_per_s="
           f"{report['lora_over_peer']:.2f}")
+    if "omnismola_lora_unrolled" in report:
+      report["unrolled_over_peer"] = (
+          report["omnismola_lora_unrolled"]["examples_per_s"] /
+          report["hf_peft_lora"]["examples_per_s"])
+      print(f"omnismola_lora_unrolled_over_hf_peft_examples_per_s="
+            f"{report['unrolled_over_peer']:.2f}")
   else:
     print(f"# hf_peft_lora: skipped ({reason})")
   return report

@@ -40,6 +40,7 @@ import jax
 
 from benchmarks import peer
 from benchmarks import step as step_bench
+from omnismola import build
 
 CATEGORIES = ("matmul", "attention", "loss", "norm", "activation", "scan",
               "layout", "optimizer", "other")
@@ -123,7 +124,9 @@ def op_times(trace_dir: str) -> dict[str, float]:
 def profile(args) -> dict:
   """Traces the step; returns {category: seconds per step}, the slowest ops
   and the wall time per step."""
-  shape = peer.SHAPES.get(args.shape) or step_bench.model_fields(args.shape)
+  shape = (build.shape_fields(args.shape, peer.SHAPES[args.shape])
+           if args.shape in peer.SHAPES else
+           step_bench.model_fields(args.shape))
   options = argparse.Namespace(experts=args.experts, pools=args.pools,
                                rank=args.rank, dtype=args.dtype,
                                frozen_backbone=args.frozen_backbone,

@@ -47,8 +47,9 @@ import numpy as np
 
 from omnismola import build
 from omnismola import flops
+from omnismola import schema
+from omnismola.train import host_shards
 from omnismola.train import optim
-from omnismola.train import partitioning
 from omnismola.train import trainer
 
 DECODER_LINEARS = r"decoder/layers/\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))"
@@ -73,7 +74,7 @@ SUITES = {"paligemma_3b_224": ("paligemma_3b_224", ("full", "lora", "smola")),
 
 def model_fields(preset: str) -> dict:
   if preset == "paligemma_3b_224":
-    return PALIGEMMA_3B_224
+    return build.shape_fields(preset, PALIGEMMA_3B_224)
   return build.model_config_to_dict(preset)
 
 
@@ -91,17 +92,13 @@ def experiment_config(args, model: dict) -> ml_collections.ConfigDict:
   """The trainer config of one benchmark run of `model` (model_fields) with
   args' experts (optimizer as configs/mix.py)."""
   frozen = args.frozen_backbone and args.experts != "none"
-  return ml_collections.ConfigDict(dict(
-      seed=0,
-      model=dict(model, scan_layers=not args.unrolled_layers),
-      experts=expert_entries(args.experts, args.pools, args.rank),
-      mesh=dict(data=-1, fsdp=1, tensor=1, expert=1),
-      sharding_rules=[list(r) for r in partitioning.DEFAULT_RULES],
-      train=dict(steps=1000, lr=1e-3, warmup_steps=100, schedule="cosine",
-                 schedule_start=0,
-                 weight_decay=1e-4, grad_clip_norm=1.0, lr_multipliers=(),
-                 trainable=r".*/adapters/.*" if frozen else r".*",
-                 compute_dtype=args.dtype)))
+  config = schema.base_config()
+  config.model = dict(model, scan_layers=not args.unrolled_layers)
+  config.experts = expert_entries(args.experts, args.pools, args.rank)
+  config.train.trainable = r".*/adapters/.*" if frozen else r".*"
+  config.train.compute_dtype = args.dtype
+  schema.check(config)
+  return config
 
 
 def trainer_step(config):
@@ -114,7 +111,7 @@ def trainer_step(config):
       built.parts, built.optimizer,
       optim.learning_rate_schedule(config.train), num_tasks=1,
       compute_dtype=jnp.dtype(config.train.compute_dtype))
-  put_batch = trainer.make_put_batch(built.mesh, built.rules)
+  put_batch = host_shards.make_put_batch(built.mesh, built.rules)
   return built.init_fn(jax.random.key(config.seed)), step, put_batch
 
 

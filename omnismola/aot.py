@@ -22,12 +22,10 @@ import dataclasses
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app
 from ml_collections import config_flags
 
-from omnismola import row_layout
 from omnismola.models import layers
 from omnismola.train import partitioning
 from omnismola.train import trainer
@@ -72,18 +70,6 @@ class Report:
         f"{self.compile_seconds:.1f} s"])
 
 
-def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """A training batch's shapes, dtypes and shardings (row_layout.py)."""
-  rules = partitioning.config_rules(config)
-  shapes = row_layout.batch_shapes(row_layout.row_layout(config.data),
-                                   int(config.train.batch_size),
-                                   int(config.model.vit.image_size))
-  return {key: jax.ShapeDtypeStruct(
-      shape, jnp.dtype(dtype),
-      sharding=partitioning.batch_sharding(mesh, rules, shape))
-          for key, (shape, dtype) in shapes.items()}
-
-
 def _nbytes(tree, per_device: bool) -> int:
   """Bytes of abstract arrays (with shardings), whole or on one device."""
   shape = lambda x: x.sharding.shard_shape(x.shape) if per_device else x.shape
@@ -100,7 +86,7 @@ def compile_train_step(config):
   # measurable and keeps the mixture (TensorFlow) out of this check.
   step = trainer.jit_train_step(config, built.parts, built.optimizer,
                                 abstract, num_tasks=1)
-  batch = abstract_batch(config, mesh)
+  batch = trainer.abstract_batch(config, mesh)
   with layers.activation_sharding(
       partitioning.activation_sharding(mesh, built.rules)):
     start = time.perf_counter()

@@ -13,6 +13,16 @@ def model_config_to_dict(name: str) -> dict:
   return dict(preset=name, **dataclasses.asdict(presets.get_preset(name)))
 
 
+def shape_fields(name: str, shape) -> dict:
+  """`config.model` fields of a model given by its sizes alone, {vit,
+  decoder, connector} (as converters and benchmarks write them; no extra
+  encoders), every other field at its default; `name` is its preset."""
+  config = presets.VLMConfig(vit=presets.ViTConfig(**shape["vit"]),
+                             decoder=presets.DecoderConfig(**shape["decoder"]),
+                             connector=shape["connector"])
+  return dict(preset=name, **dataclasses.asdict(config))
+
+
 def vlm_config(model_fields) -> presets.VLMConfig:
   """The VLMConfig that `config.model` describes (preset name + fields)."""
   fields = dict(model_fields)

@@ -9,14 +9,13 @@ it serves both as `--config.init.checkpoint=OUT` (a partial restore: new
 experts and routers initialise) and as `omnismola.from_pretrained(OUT)`.
 Arrays keep the source dtype (bfloat16 stays bfloat16).
 """
-import dataclasses
 import sys
 
 from absl import app
 from absl import flags
 
+from omnismola import build
 from omnismola import storage
-from omnismola.models import presets
 from omnismola.train import checkpoint as checkpoint_lib
 from omnismola.train import logging as log_lib
 
@@ -39,14 +38,6 @@ def load(source_format: str, path: str):
   raise ValueError(f"Unknown format {source_format!r}; formats: {FORMATS}.")
 
 
-def model_config(fields) -> presets.VLMConfig:
-  """The VLMConfig of a converter's fields: its vit, decoder and connector
-  (a PaliGemma has no extra encoders)."""
-  return presets.VLMConfig(vit=presets.ViTConfig(**fields["vit"]),
-                           decoder=presets.DecoderConfig(**fields["decoder"]),
-                           connector=fields["connector"])
-
-
 def convert(source_format: str, path: str, output: str) -> str:
   """Writes `output`/checkpoints/0; returns `output`.
 
@@ -60,8 +51,7 @@ def convert(source_format: str, path: str, output: str) -> str:
                           "another --output.")
   # Every field spelled out (and validated) by a round trip through
   # VLMConfig, so the saved config reads like any config.model.
-  model = dict(preset=f"{source_format}:{storage.path(path)}",
-               **dataclasses.asdict(model_config(fields)))
+  model = build.shape_fields(f"{source_format}:{storage.path(path)}", fields)
   writer = checkpoint_lib.Checkpointer(checkpoints, keep=1, async_save=False)
   writer.save(0, {"params": params}, {}, dict(model=model, experts=[]))
   writer.close()

@@ -29,6 +29,7 @@ from ml_collections import config_flags
 
 from omnismola import config_lib
 from omnismola import errors
+from omnismola import schema
 from omnismola import storage
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -121,13 +122,14 @@ def main(argv):
   # (Orbax, TFDS) only with an explicit --verbosity.
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  from omnismola.train import trainer  # pylint: disable=g-import-not-at-top
+  from omnismola.train import guards  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   logging.info("Config:\n%s", config)
   try:
+    schema.check(config)
     check_storage(config, _WORKDIR.value)
     run_mode(_MODE.value, config, _WORKDIR.value)
-  except (trainer.NonFiniteError, errors.InputError) as e:
+  except (guards.NonFiniteError, errors.InputError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

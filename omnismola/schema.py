@@ -5,16 +5,21 @@ every field at its default (and a comment saying what it does). The code
 reads fields as they are (`config.data.truncation`), never with a default
 of its own. `check(config)` refuses a config that another file or an
 override made inconsistent: a field the base does not have, a value of
-another type, or a value outside its range (`CHECKS`); main.py and the
-trainer call it before anything is built or written.
+another type, or a value outside its range (`CHECKS`); the trainer and
+main.py call it before anything is built or written. The trainer writes
+the config a run uses to <workdir>/config.json and prints what differs from
+the defaults (`changes`) once.
 
 `config.model` is a preset's fields (models/presets.py checks them) and
 `config.experts` a list of entries (experts/attach.py checks them); every
 other section is fixed here.
 """
+import json
+
 import ml_collections
 
 from omnismola import build
+from omnismola import errors
 from omnismola.train import optim
 from omnismola.train import partitioning
 
@@ -234,7 +239,7 @@ def _check_fields(config, base, prefix: str) -> list[str]:
 
 
 def check(config) -> None:
-  """Raises ValueError listing every field of `config` that is unknown,
+  """Raises an InputError listing every field of `config` that is unknown,
   missing, of the wrong type or out of its range."""
   problems = _check_fields(config, base_config(), "")
   if not problems:  # Ranges are read from fields known to be well typed.
@@ -242,10 +247,35 @@ def check(config) -> None:
                 f"{_get(config, field)!r}."
                 for field, is_valid, must in CHECKS if not is_valid(config)]
   if problems:
-    raise ValueError("Bad config:\n  " + "\n  ".join(problems))
+    raise errors.InputError("Bad config:\n  " + "\n  ".join(problems))
 
 
 def _get(config, field: str):
   for name in field.split("."):
     config = config[name]
   return config
+
+
+def _flat(fields: dict, prefix: str = "") -> dict:
+  flat = {}
+  for name, value in fields.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{name}."))
+    else:
+      flat[f"{prefix}{name}"] = value
+  return flat
+
+
+def changes(config) -> list[str]:
+  """`field=value` for every field that differs from its default, besides
+  the model's preset and the experts' kinds: a config in a few lines."""
+  fields = json.loads(config.to_json_best_effort())
+  defaults = json.loads(base_config().to_json_best_effort())
+  kinds = [entry["kind"] for entry in fields["experts"]]
+  lines = [f"model: {fields['model']['preset']}",
+           f"experts: {', '.join(kinds) if kinds else 'none'}"]
+  flat, flat_defaults = (_flat({k: v for k, v in f.items()
+                                if k not in OPEN_SECTIONS})
+                         for f in (fields, defaults))
+  return lines + [f"{field}={value!r}" for field, value in flat.items()
+                  if flat_defaults[field] != value]

@@ -31,11 +31,12 @@ def _worker(port: str, process_id: str, directory: str) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from omnismola.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from omnismola.train import optim  # pylint: disable=g-import-not-at-top
+  from omnismola.train import partitioning  # pylint: disable=g-import-not-at-top
   from omnismola.train import trainer  # pylint: disable=g-import-not-at-top
   from test_trainer import tiny_config  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   config = tiny_config()
-  mesh = trainer.partitioning.make_mesh(dict(config.mesh))
+  mesh = partitioning.make_mesh(dict(config.mesh))
   init_fn, abstract, _ = trainer.create_state(
       config, mesh, optim.make_optimizer(config.train))
   state = init_fn(jax.random.key(0))

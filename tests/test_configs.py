@@ -10,6 +10,9 @@ import pytest
 from flax import nnx
 
 from omnismola import config_lib
+from omnismola.train import init as init_lib
+from omnismola.train import optim
+from omnismola.train import partitioning
 from omnismola.train import trainer
 
 
@@ -171,10 +174,10 @@ def test_mome_rejects_an_unknown_stage():
 def _initial_model(c, checkpoint: str):
   """The model a run of config `c` starts from, initialised from the
   workdir `checkpoint` as `init.checkpoint` does."""
-  mesh = trainer.partitioning.make_mesh(dict(c.mesh))
+  mesh = partitioning.make_mesh(dict(c.mesh))
   init_fn, abstract, parts = trainer.create_state(
-      c, mesh, trainer.optim.make_optimizer(c.train))
-  state = trainer.init_lib.load_partial(
+      c, mesh, optim.make_optimizer(c.train))
+  state = init_lib.load_partial(
       checkpoint, init_fn(jax.random.key(c.seed)), abstract,
       upcycle=c.init.upcycle)
   return parts.merge(state.params, state.frozen)

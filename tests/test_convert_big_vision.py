@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import tiny_paligemma
-from omnismola import convert, pretrained
+from omnismola import build, convert, pretrained
 from omnismola.models.convert import big_vision as bv
 from omnismola.models.convert import hf_paligemma
 from omnismola.models.decoder import DecoderConfig
@@ -429,7 +429,7 @@ def test_big_vision_and_hf_files_of_one_model_convert_alike(tmp_path):
   npz = tiny_paligemma.write_big_vision_npz(hf_dir, str(tmp_path / "bv.npz"))
   hf_fields, hf_params = hf_paligemma.load(hf_dir)
   bv_fields, bv_params = bv.load_npz(npz)
-  hf_config, bv_config = (convert.model_config(f)
+  hf_config, bv_config = (build.vlm_config(build.shape_fields("x", f))
                           for f in (hf_fields, bv_fields))
   assert hf_config.decoder.vocab_size == tiny_paligemma.VOCAB_SIZE
   assert bv_config.decoder.vocab_size == tiny_paligemma.SP_PIECES

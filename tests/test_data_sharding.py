@@ -93,11 +93,11 @@ def test_put_batch_checks_the_shard_against_the_mesh():
   shard = host_shards.host_shard(mesh, RULES, BATCH)
   assert shard == host_shards.HostShard(0, 1)  # One process: everything.
   local = np.arange(BATCH * 3, dtype=np.int32).reshape(BATCH, 3)
-  placed = trainer.make_put_batch(mesh, RULES, shard)({"x": local})["x"]
+  placed = host_shards.make_put_batch(mesh, RULES, shard)({"x": local})["x"]
   np.testing.assert_array_equal(np.asarray(placed), local)
   assert placed.sharding.spec == jax.sharding.PartitionSpec("data", None)
   with pytest.raises(ValueError, match="read as shard"):
-    trainer.make_put_batch(mesh, RULES, host_shards.HostShard(0, 2))(
+    host_shards.make_put_batch(mesh, RULES, host_shards.HostShard(0, 2))(
         {"x": local})
 
 
@@ -205,7 +205,7 @@ def _worker(port: str, process_id: str) -> None:
     seen[name] = (shard.index, shard.count)
     # Every process reads its shard's rows: 100 * shard + position.
     local = 100 * shard.index + np.arange(BATCH // shard.count)
-    placed = trainer.make_put_batch(mesh, RULES, shard)({"x": local})["x"]
+    placed = host_shards.make_put_batch(mesh, RULES, shard)({"x": local})["x"]
     rows = host_shards.rows_by_process(
         placed.sharding, BATCH, lambda device: device.process_index)
     shards = host_shards.shards_from_rows(rows)

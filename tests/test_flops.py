@@ -195,8 +195,9 @@ def test_sparse_lora_requires_its_chosen_experts_only():
   counts = {k: trainer.step_flops(_config(experts=[dict(entry, top_k=k)],
                                           trainable=ADAPTERS_ONLY))[0]
             for k in (1, 2, 4)}
-  # Every expert is computed whatever top_k (the gates' products aside) ...
-  assert counts[1].computed == pytest.approx(counts[4].computed, rel=1e-6)
+  # Every expert is computed whatever top_k (the top-k gates' own products,
+  # per token, aside: 0.005% here) ...
+  assert counts[1].computed == pytest.approx(counts[4].computed, rel=1e-4)
   assert counts[4].required == counts[4].computed
   # ... and each chosen one adds the same to what is required.
   assert counts[2].required - counts[1].required == pytest.approx(

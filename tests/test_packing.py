@@ -4,16 +4,15 @@ import json
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 import tensorflow as tf
 from flax import nnx
 
-from omnismola import aot
 from omnismola import config_lib
 from omnismola import row_layout
+from omnismola import schema
 from omnismola.data import packing
 from omnismola.data import pipeline
 from omnismola.experts import attach
@@ -22,6 +21,7 @@ from omnismola.models import presets
 from omnismola.models.connectors import MoVEConfig
 from omnismola.models.vit import ViTConfig
 from omnismola.models.vlm import VLM, sequence_layout
+from omnismola.train import partitioning
 from omnismola.train import trainer
 import checks
 from test_trainer import tiny_config
@@ -135,8 +135,9 @@ def test_an_example_longer_than_a_row_fails_clearly():
 
 
 def _data_config(**packing_fields):
-  return ml_collections.ConfigDict(dict(
-      feature_lengths=dict(prefix=6, suffix=4), packing=packing_fields))
+  return schema.data_config(feature_lengths=dict(prefix=6, suffix=4),
+                            packing=dict(schema.data_config().packing,
+                                         **packing_fields))
 
 
 def test_row_layout_defaults_and_checks():
@@ -146,12 +147,15 @@ def test_row_layout_defaults_and_checks():
   assert row_layout.row_layout(_data_config(examples=3)) == (
       row_layout.RowLayout(images=3, text_length=10, window=64, packed=True))
   for fields, message in [
-      (dict(examples=3, text_length=9), "shorter than one example"),
-      (dict(examples=3, window=2), "window=2 must be at least"),
-      (dict(examples=-1), "must be >= 0"),
-      (dict(examples=2, length=20), "unknown fields")]:
+      (dict(examples=3, text_length=9), "packing.text_length must be 0 or at "
+       "least one example's text"),
+      (dict(examples=3, window=2), "packing.window must be at least"),
+      (dict(examples=-1), "packing.examples must be >= 0"),
+      (dict(examples=2, length=20), "packing.length is not a field")]:
+    config = schema.base_config("tiny")
+    config.data = _data_config(**fields)
     with pytest.raises(ValueError, match=message):
-      row_layout.row_layout(_data_config(**fields))
+      schema.check(config)
   shapes = row_layout.batch_shapes(
       row_layout.row_layout(_data_config(examples=3, text_length=24)), 8, 16)
   assert shapes["image"] == ((8, 3, 16, 16, 3), "float32")
@@ -162,8 +166,8 @@ def test_row_layout_defaults_and_checks():
 def test_aot_check_takes_packed_rows():
   config = tiny_config()
   config.data.packing.examples = 3
-  batch = aot.abstract_batch(
-      config, trainer.partitioning.make_mesh(dict(config.mesh)))
+  batch = trainer.abstract_batch(
+      config, partitioning.make_mesh(dict(config.mesh)))
   assert batch["image"].shape == (8, 3, 64, 64, 3)
   assert batch["segment_ids"].shape == batch["text"].shape == (8, 80)
   assert batch["task_id"].shape == (8, 3)
@@ -294,12 +298,10 @@ def test_a_packed_step_equals_the_unpacked_step_on_the_same_examples(experts):
 
 
 def _stream_config(data_dir, examples=0):
-  config = ml_collections.ConfigDict(dict(
-      mixture="synthetic_mix", task_modules=(),
-      feature_lengths=dict(prefix=48, suffix=6), tfds_data_dir=str(data_dir),
-      shuffle_buffer=60, truncation="truncate",
-      packing=dict(examples=examples, text_length=0, window=16)))
-  return config
+  return schema.data_config(
+      mixture="synthetic_mix", feature_lengths=dict(prefix=48, suffix=6),
+      tfds_data_dir=str(data_dir), shuffle_buffer=60, truncation="truncate",
+      packing=dict(examples=examples, text_length=0, window=16))
 
 
 def _example_keys(batch) -> list[tuple]:

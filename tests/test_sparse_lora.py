@@ -10,7 +10,7 @@ from flax import nnx
 
 from omnismola.experts import attach
 from omnismola.experts.sparse_lora import SparseLoRA, top_k_weights
-from omnismola.models import layers, presets
+from omnismola.models import presets
 from omnismola.models.layers import TokenInfo
 from omnismola.models.vlm import VLM
 from omnismola.train import init as init_lib

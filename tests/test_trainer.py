@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 
 from omnismola import config_lib
+from omnismola.train import init as init_lib
+from omnismola.train import optim
+from omnismola.train import partitioning
 from omnismola.train import trainer
 
 
@@ -88,11 +91,11 @@ def test_init_from_another_run_loads_matching_parameters(synthetic_data_dir,
   c.init.checkpoint = str(first)
   c.experts = list(c.experts) + [dict(kind="lora", targets=r"connector/.*",
                                       rank=2)]
-  mesh = trainer.partitioning.make_mesh(dict(c.mesh))
+  mesh = partitioning.make_mesh(dict(c.mesh))
   init_fn, abstract, _ = trainer.create_state(
-      c, mesh, trainer.optim.make_optimizer(c.train))
+      c, mesh, optim.make_optimizer(c.train))
   fresh = init_fn(jax.random.key(c.seed))
-  loaded = trainer.init_lib.load_partial(str(first), fresh, abstract)
+  loaded = init_lib.load_partial(str(first), fresh, abstract)
   embed = loaded.params["decoder"]["embedder"]["embedding"]
   assert not np.allclose(embed, fresh.params["decoder"]["embedder"]
                          ["embedding"])
@@ -103,9 +106,9 @@ def test_init_from_another_run_loads_matching_parameters(synthetic_data_dir,
 def test_trainable_regex_freezes_the_rest(synthetic_data_dir):
   c = _config(synthetic_data_dir)
   c.train.trainable = r".*/adapters/.*"
-  mesh = trainer.partitioning.make_mesh(dict(c.mesh))
+  mesh = partitioning.make_mesh(dict(c.mesh))
   _, abstract, _ = trainer.create_state(c, mesh,
-                                        trainer.optim.make_optimizer(c.train))
+                                        optim.make_optimizer(c.train))
   flat = lambda t: ["/".join(str(k.key) for k in p)
                     for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]]
   assert flat(abstract.params) and all("adapters" in p
@@ -113,4 +116,29 @@ def test_trainable_regex_freezes_the_rest(synthetic_data_dir):
   assert not any("adapters" in p for p in flat(abstract.frozen))
   c.train.trainable = r"nothing"
   with pytest.raises(ValueError, match="matches no parameter"):
-    trainer.create_state(c, mesh, trainer.optim.make_optimizer(c.train))
+    trainer.create_state(c, mesh, optim.make_optimizer(c.train))
+
+
+def test_the_run_writes_its_config_and_prints_what_it_changed_once(
+    synthetic_data_dir, tmp_path, capsys):
+  c = tiny_config(synthetic_data_dir, steps=2, checkpoint_every=2)
+  trainer.train_and_evaluate(c, str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    saved = json.load(f)
+  assert saved["train"]["steps"] == 2 and saved["experts"] == []
+  assert saved["model"]["vit"]["image_size"] == 64
+  lines = [line for line in capsys.readouterr().out.splitlines()
+           if line.startswith("Config: ")]
+  assert len(lines) == 1, lines
+  assert lines[0].startswith("Config: model: tiny; experts: none; ")
+  assert "; train.steps=2;" in lines[0] and "eval.at_end=False" in lines[0]
+  assert str(tmp_path / "config.json") in lines[0]
+
+
+def test_a_bad_config_stops_the_run_before_anything_is_written(tmp_path):
+  c = tiny_config(tmp_path / "tfds", microbatches=3)
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match="train.microbatches must be >= 1 and "
+                     "divide train.batch_size, got 3"):
+    trainer.train_and_evaluate(c, str(workdir))
+  assert not workdir.exists()

@@ -16,12 +16,13 @@ import pytest
 from omnismola.train import checkpoint as checkpoint_lib
 from omnismola.train import logging as log_lib
 from omnismola.train import optim
+from omnismola.train import partitioning
 from omnismola.train import trainer
 from test_trainer import tiny_config
 
 
 def _abstract_and_init(config):
-  mesh = trainer.partitioning.make_mesh(dict(config.mesh))
+  mesh = partitioning.make_mesh(dict(config.mesh))
   init_fn, abstract, _ = trainer.create_state(
       config, mesh, optim.make_optimizer(config.train))
   return abstract, init_fn

@@ -3,7 +3,11 @@ import json
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
+from omnismola.train import init as init_lib
+from omnismola.train import optim
+from omnismola.train import partitioning
 from omnismola.train import trainer
 from test_trainer import tiny_config
 
@@ -49,12 +53,12 @@ def test_moe_model_upcycles_from_a_dense_run(synthetic_data_dir, tmp_path):
                              str(dense))
   c = _moe_config(synthetic_data_dir, steps=1)
   c.init.checkpoint = str(dense)
-  mesh = trainer.partitioning.make_mesh(dict(c.mesh))
+  mesh = partitioning.make_mesh(dict(c.mesh))
   init_fn, abstract, _ = trainer.create_state(
-      c, mesh, trainer.optim.make_optimizer(c.train))
-  state = trainer.init_lib.load_partial(str(dense), init_fn(jax.random.key(0)),
-                                        abstract)
-  saved = trainer.init_lib.ocp.StandardCheckpointer().restore(
+      c, mesh, optim.make_optimizer(c.train))
+  state = init_lib.load_partial(str(dense), init_fn(jax.random.key(0)),
+                                abstract)
+  saved = ocp.StandardCheckpointer().restore(
       str(dense / "checkpoints" / "2" / "state"))["params"]
   for tower, names in (("vit", ("fc1", "fc2")),
                        ("decoder", ("gate", "up", "down"))):
@@ -76,19 +80,19 @@ def test_upcycle_false_keeps_fresh_experts_and_loads_the_rest(
   dense = tmp_path / "dense"
   trainer.train_and_evaluate(tiny_config(synthetic_data_dir, steps=2),
                              str(dense))
-  saved = trainer.init_lib.flatten_by_path(
-      trainer.init_lib.ocp.StandardCheckpointer().restore(
+  saved = init_lib.flatten_by_path(
+      ocp.StandardCheckpointer().restore(
           str(dense / "checkpoints" / "2" / "state"))["params"])
   c = _moe_config(synthetic_data_dir, steps=1)
-  mesh = trainer.partitioning.make_mesh(dict(c.mesh))
+  mesh = partitioning.make_mesh(dict(c.mesh))
   init_fn, abstract, _ = trainer.create_state(
-      c, mesh, trainer.optim.make_optimizer(c.train))
+      c, mesh, optim.make_optimizer(c.train))
   fresh = init_fn(jax.random.key(0))
-  flat = lambda state: trainer.init_lib.flatten_by_path(state.params)
+  flat = lambda state: init_lib.flatten_by_path(state.params)
   loaded = {}
   for upcycle in (True, False):
     c.init.upcycle = upcycle
-    loaded[upcycle] = flat(trainer.init_lib.load_partial(
+    loaded[upcycle] = flat(init_lib.load_partial(
         str(dense), fresh, abstract, upcycle=c.init.upcycle))
   for tower, names in (("vit", ("fc1", "fc2")),
                        ("decoder", ("gate", "up", "down"))):

@@ -53,8 +53,9 @@ def _flat_params(state) -> dict[str, np.ndarray]:
 def _restore(config, workdir):
   from omnismola.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from omnismola.train import optim  # pylint: disable=g-import-not-at-top
+  from omnismola.train import partitioning  # pylint: disable=g-import-not-at-top
   from omnismola.train import trainer  # pylint: disable=g-import-not-at-top
-  mesh = trainer.partitioning.make_mesh(dict(config.mesh))
+  mesh = partitioning.make_mesh(dict(config.mesh))
   _, abstract, _ = trainer.create_state(config, mesh,
                                         optim.make_optimizer(config.train))
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -111,10 +112,10 @@ def _check_rows_come_back(config) -> None:
   as evaluation gets its predictions (the tiny model's are too uniform to
   show a mix-up)."""
   import jax  # pylint: disable=g-import-not-at-top
+  from omnismola.train import host_shards  # pylint: disable=g-import-not-at-top
   from omnismola.train import partitioning  # pylint: disable=g-import-not-at-top
-  from omnismola.train import trainer  # pylint: disable=g-import-not-at-top
   mesh = partitioning.make_mesh(dict(config.mesh))
-  put = trainer.make_put_batch(mesh, partitioning.config_rules(config))
+  put = host_shards.make_put_batch(mesh, partitioning.config_rules(config))
   rows = np.arange(12, dtype=np.int32).reshape(4, 3) + 100 * (
       jax.process_index() + 1)
   global_rows = put({"text": rows})["text"]

@@ -8,6 +8,8 @@ import optax
 import pytest
 
 from omnismola.train import checkpoint as checkpoint_lib
+from omnismola.train import guards
+from omnismola.train import host_shards
 from omnismola.train import optim
 from omnismola.train import partitioning
 from omnismola.train import trainer
@@ -29,12 +31,12 @@ def _batch(batch=8, length=20):
 def _setup(config, optimizer=None, num_tasks=2, **step_kwargs):
   """(initial state, jitted train step, put_batch) for `config`."""
   optimizer = optimizer or optim.make_optimizer(config.train)
-  mesh = trainer.partitioning.make_mesh(dict(config.mesh))
+  mesh = partitioning.make_mesh(dict(config.mesh))
   init_fn, _, parts = trainer.create_state(config, mesh, optimizer)
   step = jax.jit(trainer.make_train_step(
       parts, optimizer, optim.learning_rate_schedule(config.train),
       num_tasks=num_tasks, **step_kwargs))
-  put = trainer.make_put_batch(mesh, partitioning.config_rules(config))
+  put = host_shards.make_put_batch(mesh, partitioning.config_rules(config))
   return init_fn(jax.random.key(0)), step, put
 
 
@@ -112,13 +114,13 @@ def test_training_stops_after_consecutive_nonfinite_steps(synthetic_data_dir,
                                                           tmp_path):
   config = tiny_config(synthetic_data_dir, steps=10, lr=float("inf"),
                        checkpoint_every=1, max_nonfinite_steps=3)
-  with pytest.raises(trainer.NonFiniteError, match="Steps 1-3.*3 times"):
+  with pytest.raises(guards.NonFiniteError, match="Steps 1-3.*3 times"):
     trainer.train_and_evaluate(config, str(tmp_path))
   with open(tmp_path / "train_metrics.jsonl") as f:
     logged = [json.loads(line) for line in f]
   assert [r["skipped_steps"] for r in logged[:3]] == [1, 1, 1]
   # What was checkpointed is the finite initial state.
-  mesh = trainer.partitioning.make_mesh(dict(config.mesh))
+  mesh = partitioning.make_mesh(dict(config.mesh))
   init_fn, abstract, _ = trainer.create_state(
       config, mesh, optim.make_optimizer(config.train))
   ckpt = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", keep=3)

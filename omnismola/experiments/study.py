@@ -34,7 +34,6 @@ from absl import app
 from absl import flags
 from flax import nnx
 
-from omnismola import build
 from omnismola import config_lib
 from omnismola import errors
 from omnismola import storage
@@ -150,11 +149,11 @@ def cost(config) -> dict:
   """Parameters (trained, all) and model FLOPs of one train row (training step,
   forward alone), for the tables."""
   from omnismola.train import trainer  # pylint: disable=g-import-not-at-top
-  abstract = nnx.eval_shape(lambda: build.build_model(config))
-  _, trained, frozen = trainer.split_model(abstract, config.train.trainable)
+  parts = trainer.model_parts(config)
+  trained, frozen = parts.params_template, parts.frozen_template
   count = lambda state: sum(int(np.prod(x.shape)) for x in
                             jax.tree.leaves(nnx.to_pure_dict(state)))
-  train, forward = trainer.step_flops(config)
+  train, forward = trainer.step_flops(config, parts)
   rows = int(config.train.batch_size)
   return dict(trainable_params=count(trained),
               params=count(trained) + count(frozen),

@@ -1,4 +1,5 @@
-"""Which shard of the training data each process reads, from the mesh.
+"""Which shard of the training data each process reads, from the mesh, and
+the global batch assembled from the shards (`make_put_batch`).
 
 The batch dimension of a global batch is sharded over some mesh axes
 (`partitioning.batch_sharding`) and replicated over the others. A process
@@ -10,14 +11,16 @@ must feed exactly the batch rows its devices hold, so:
   * the number of distinct shards is the number of distinct row sets, i.e.
     of data-parallel groups spanning hosts, not the number of processes.
 
-Everything here is a pure function of the sharding's device-to-rows map and
-of a device -> process function, so layouts of many hosts can be checked on
+The shards are a pure function of the sharding's device-to-rows map and of
+a device -> process function, so layouts of many hosts can be checked on
 one machine by pretending devices belong to different processes.
 """
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, Sharding
 
 from omnismola.train import partitioning
@@ -73,3 +76,38 @@ def host_shard(mesh: Mesh, rules, global_batch_size: int) -> HostShard:
   shards = shards_from_rows(rows_by_process(
       sharding, global_batch_size, lambda device: device.process_index))
   return shards[jax.process_index()]
+
+
+def make_put_batch(mesh: Mesh, rules, shard: HostShard | None = None
+                   ) -> Callable[[dict], dict]:
+  """Host-local numpy batch -> global arrays sharded over the batch axes.
+
+  The local batch is shard `shard` (`host_shard`) of a global batch
+  `shard.count` times larger; by default every process is its own shard. A
+  mesh that lays the rows out otherwise is an error here rather than a
+  silently mis-assembled batch.
+  """
+  shard = shard or HostShard(jax.process_index(), jax.process_count())
+
+  @functools.cache  # Once per batch size.
+  def check(global_rows: int) -> None:
+    laid_out = host_shard(mesh, rules, global_rows)
+    if laid_out != shard:
+      raise ValueError(
+          f"A global batch of {global_rows} rows puts shard {laid_out} on "
+          f"this process, but its input was read as shard {shard}; read it "
+          "with host_shards.host_shard(mesh, rules, batch size).")
+
+  def put(batch: dict) -> dict:
+    out = {}
+    for key, local in batch.items():
+      if not isinstance(local, np.ndarray):
+        continue  # e.g. reference strings stay on the host.
+      global_shape = (local.shape[0] * shard.count,) + local.shape[1:]
+      check(global_shape[0])
+      sharding = partitioning.batch_sharding(mesh, rules, global_shape)
+      out[key] = jax.make_array_from_process_local_data(sharding, local,
+                                                        global_shape)
+    return out
+
+  return put

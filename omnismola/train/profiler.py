@@ -23,17 +23,11 @@ class StepTrace:
   """Starts the trace before the window's first step, stops after its last.
 
   The loop calls `before_step(n)` before dispatching step n and
-  `after_step(n, outputs)` after; `close()` stops a trace the run left
-  open (it ended or was stopped inside the window).
+  `after_step(n, state, metrics)` after (a hook, hooks.py); `close()` stops
+  a trace the run left open (it ended or was stopped inside the window).
   """
 
   def __init__(self, first_step: int, steps: int, log_dir):
-    if first_step < 1:
-      raise ValueError("config.profile.first_step must be >= 1 (the first "
-                       f"step is 1), got {first_step}.")
-    if steps < 0:
-      raise ValueError(f"config.profile.steps must be >= 0 (0 = no trace), "
-                       f"got {steps}.")
     self.first_step = first_step
     self.last_step = first_step + steps - 1
     self.log_dir = storage.path(log_dir)
@@ -49,9 +43,9 @@ class StepTrace:
       jax.profiler.start_trace(self._local_dir or self.log_dir)
       self.active = True
 
-  def after_step(self, step: int, outputs) -> None:
+  def after_step(self, step: int, _state, metrics) -> None:
     if self.active and step >= self.last_step:
-      self._stop(outputs)
+      self._stop(metrics)
 
   def close(self) -> None:
     if self.active:

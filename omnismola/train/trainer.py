@@ -4,12 +4,11 @@ Reading order: `TrainState` and `ModelParts` (what is trained and how the
 model is rebuilt from arrays), `create_state` (sharded init from shapes) and
 `setup` (everything an entry point builds first), `make_train_step`
 (gradients and update of train/loss.py's objective), then
-`train_and_evaluate`.
+`train_and_evaluate`, a loop of steps and hooks (train/hooks.py).
 """
 import contextlib
 import dataclasses
 import functools
-import signal
 from typing import Any, Callable
 
 import flax
@@ -22,14 +21,16 @@ from flax import nnx
 
 from omnismola import build
 from omnismola import errors
+from omnismola import flops as flops_lib
 from omnismola import row_layout
+from omnismola import schema
 from omnismola import storage
-from omnismola.eval import decode as decode_lib
-from omnismola.eval import evaluator
+from omnismola.eval import runner
 from omnismola.experts import stats
 from omnismola.models import layers
 from omnismola.train import checkpoint as checkpoint_lib
-from omnismola import flops as flops_lib
+from omnismola.train import guards
+from omnismola.train import hooks as hooks_lib
 from omnismola.train import host_shards
 from omnismola.train import init as init_lib
 from omnismola.train import logging as log_lib
@@ -95,21 +96,36 @@ def opt_state_shardings(opt_state, params_shardings, mesh):
   return jax.tree_util.tree_map_with_path(one, opt_state)
 
 
-def create_state(config, mesh, optimizer):
-  """Returns (init_fn, abstract state with shardings, ModelParts).
-
-  Parameters are created directly in their sharded layout: shapes come from
-  `eval_shape`, shardings from the logical axes, and `init_fn` is jitted with
-  those out_shardings, so no device ever holds the whole model first.
-  """
-  rules = partitioning.config_rules(config)
+def model_parts(config) -> ModelParts:
+  """The ModelParts of `config`'s model, from its shapes alone."""
   abstract_model = nnx.eval_shape(lambda: build.build_model(config))
   graphdef, params_t, frozen_t = split_model(abstract_model,
                                              config.train.trainable)
   if not jax.tree.leaves(params_t):
     raise ValueError(f"config.train.trainable={config.train.trainable!r} "
                      "matches no parameter: nothing would be trained.")
-  parts = ModelParts(graphdef, params_t, frozen_t)
+  return ModelParts(graphdef, params_t, frozen_t)
+
+
+def abstract_state(parts: ModelParts, optimizer) -> TrainState:
+  """The train state's shapes and dtypes (no shardings)."""
+  params = nnx.to_pure_dict(parts.params_template)
+  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                    frozen=nnx.to_pure_dict(parts.frozen_template),
+                    opt_state=jax.eval_shape(optimizer.init, params))
+
+
+def create_state(config, mesh, optimizer):
+  """Returns (init_fn, abstract state with shardings, ModelParts).
+
+  Parameters are created directly in their sharded layout: shapes come from
+  `abstract_state`, shardings from the logical axes, and `init_fn` is
+  jitted with those out_shardings, so no device ever holds the whole model
+  first.
+  """
+  parts = model_parts(config)
+  abstract = abstract_state(parts, optimizer)
+  rules = partitioning.config_rules(config)
 
   def init_fn(key):
     model = build.build_model(config, rng=key)
@@ -118,15 +134,13 @@ def create_state(config, mesh, optimizer):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       frozen=frozen, opt_state=optimizer.init(params))
 
-  abstract = jax.eval_shape(init_fn, jax.random.key(0))
-  params_sh = partitioning.state_shardings(params_t, rules, mesh)
+  params_sh = partitioning.state_shardings(parts.params_template, rules, mesh)
   shardings = TrainState(
       step=partitioning.replicated(mesh), params=params_sh,
-      frozen=partitioning.state_shardings(frozen_t, rules, mesh),
+      frozen=partitioning.state_shardings(parts.frozen_template, rules, mesh),
       opt_state=opt_state_shardings(abstract.opt_state, params_sh, mesh))
-  abstract = checkpoint_lib.abstract_with_shardings(abstract, shardings)
-  init_fn = jax.jit(init_fn, out_shardings=shardings)
-  return init_fn, abstract, parts
+  return (jax.jit(init_fn, out_shardings=shardings),
+          checkpoint_lib.abstract_with_shardings(abstract, shardings), parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,8 +283,8 @@ def jit_train_step(config, parts: ModelParts, optimizer, abstract: TrainState,
                    num_tasks: int):
   """The jitted train step with the state's shardings, state donated.
 
-  `abstract` carries the shardings (from `create_state`); batches keep the
-  sharding they arrive with (`make_put_batch`).
+  `abstract` carries the shardings (`create_state`'s, or none: XLA's);
+  batches keep theirs (`host_shards.make_put_batch`).
   """
   state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
   step = make_train_step(
@@ -292,169 +306,6 @@ def check_replication(config, built: Setup) -> float:
       parameters, built.mesh, float(config.train.max_replicated_fraction))
 
 
-def summarize(step_metrics: list[dict], task_names: list[str]) -> dict:
-  """Averages the metrics of the steps since the last log line.
-
-  Skipped (non-finite) steps are counted, and left out of the averages
-  unless every step was skipped.
-  """
-  host = jax.device_get(step_metrics)
-  applied = [m for m in host if not m["nonfinite"]] or host
-  averaged = ["loss", "grad_norm", "learning_rate", "aux_loss"] + [
-      k for k in host[0] if k.startswith("moe/")]
-  out = {k: float(np.mean([m[k] for m in applied])) for k in averaged}
-  out["skipped_steps"] = float(sum(m["nonfinite"] for m in host))
-  out["target_tokens_per_step"] = float(
-      np.mean([m["target_tokens"] for m in applied]))
-  # Every step consumed its examples, applied or not.
-  out["examples_per_step"] = float(np.mean([m["examples"] for m in host]))
-  nll = np.sum([m["task_nll"] for m in applied], axis=0)
-  tokens = np.sum([m["task_tokens"] for m in applied], axis=0)
-  for name, n, t in zip(task_names, nll, tokens):
-    if t > 0:
-      out[f"loss/{name}"] = float(n / t)
-  return out
-
-
-class NonFiniteError(RuntimeError):
-  """Too many consecutive steps had a non-finite loss or update."""
-
-
-class NonFiniteGuard:
-  """Gives up after `limit` consecutive skipped (non-finite) steps.
-
-  The step function already refuses non-finite updates, so the state (and
-  every checkpoint of it) stays finite; this only decides when skipping has
-  become hopeless. Each step's flag is read after the next step has been
-  dispatched, so the host never makes the device wait.
-  """
-
-  def __init__(self, limit: int):
-    if limit < 1:
-      raise ValueError("config.train.max_nonfinite_steps must be >= 1, got "
-                       f"{limit}.")
-    self.limit = limit
-    self.streak = 0
-    self._unread = None  # (step, flag) of the latest step.
-
-  def observe(self, step: int, flag: jax.Array) -> None:
-    unread, self._unread = self._unread, (step, flag)
-    if unread is not None:
-      self._check(*unread)
-
-  def flush(self) -> None:
-    if self._unread is not None:
-      self._check(*self._unread)
-      self._unread = None
-
-  def _check(self, step: int, flag: jax.Array) -> None:
-    if not int(flag):
-      self.streak = 0
-      return
-    self.streak += 1
-    logging.warning("Step %d: non-finite loss, gradient or update; update "
-                    "skipped (%d in a row).", step, self.streak)
-    if self.streak >= self.limit:
-      raise NonFiniteError(
-          f"Steps {step - self.streak + 1}-{step}: the loss, gradients or "
-          f"updated parameters were non-finite {self.streak} times in a row "
-          f"(config.train.max_nonfinite_steps={self.limit}); every such "
-          "update was skipped and nothing non-finite was checkpointed. "
-          "Stopping: lower config.train.lr, check the data, or resume from "
-          "the last checkpoint.")
-
-
-def make_decode_fn(parts: ModelParts, mesh, rules,
-                   shard: host_shards.HostShard, max_new_tokens: int,
-                   eos_id: int):
-  """decode_fn(state, host_batch) -> this host's generated ids [B, N].
-
-  Every host passes the rows of its `shard` of the global batch; the decode
-  runs once over the global batch, and each host gets back the rows of its
-  own batch, in order.
-  """
-  put_batch = make_put_batch(mesh, rules, shard)
-
-  @jax.jit
-  def decode(params, frozen, batch):
-    model = parts.merge(params, frozen)
-    tokens = decode_lib.greedy_decode(model, batch,
-                                      max_new_tokens=max_new_tokens,
-                                      eos_id=eos_id)
-    # Laid out like the prompt, so each host's rows stay on its devices.
-    return jax.lax.with_sharding_constraint(
-        tokens, partitioning.batch_sharding(mesh, rules, tokens.shape))
-
-  def decode_fn(state: TrainState, batch: dict):
-    prompt = put_batch({k: batch[k] for k in decode_lib.PROMPT_KEYS})
-    return partitioning.process_local_rows(
-        decode(state.params, state.frozen, prompt))
-
-  return decode_fn
-
-
-def make_put_batch(mesh, rules, shard: host_shards.HostShard | None = None
-                   ) -> Callable[[dict], dict]:
-  """Host-local numpy batch -> global arrays sharded over the batch axes.
-
-  The local batch is shard `shard` (`host_shards.host_shard`) of a global
-  batch `shard.count` times larger; by default every process is its own
-  shard. A mesh that lays the rows out otherwise is an error here rather
-  than a silently mis-assembled batch.
-  """
-  shard = shard or host_shards.HostShard(jax.process_index(),
-                                         jax.process_count())
-  checked_sizes = set()
-
-  def check(global_rows: int) -> None:
-    laid_out = host_shards.host_shard(mesh, rules, global_rows)
-    if laid_out != shard:
-      raise ValueError(
-          f"A global batch of {global_rows} rows puts shard {laid_out} on "
-          f"this process, but its input was read as shard {shard}; read it "
-          "with host_shards.host_shard(mesh, rules, batch size).")
-    checked_sizes.add(global_rows)
-
-  def put(batch: dict) -> dict:
-    out = {}
-    for key, local in batch.items():
-      if not isinstance(local, np.ndarray):
-        continue  # e.g. reference strings stay on the host.
-      global_shape = (local.shape[0] * shard.count,) + local.shape[1:]
-      if global_shape[0] not in checked_sizes:
-        check(global_shape[0])
-      sharding = partitioning.batch_sharding(mesh, rules, global_shape)
-      out[key] = jax.make_array_from_process_local_data(sharding, local,
-                                                        global_shape)
-    return out
-
-  return put
-
-
-class _StopSignal:
-  """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread (e.g. a notebook worker).
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: checkpointing, then stopping.")
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (resuming from <workdir>/checkpoints if any), then evaluates.
 
@@ -462,15 +313,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   from omnismola.data import pipeline  # TensorFlow only from here on.
 
+  schema.check(config)
   check_model_inputs(config, pipeline)
   workdir = storage.path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   built = setup(config)
-  mesh, rules, optimizer = built.mesh, built.rules, built.optimizer
-  abstract, parts = built.abstract, built.parts
-  logging.info("Mesh: %s", dict(mesh.shape))
+  logging.info("Mesh: %s", dict(built.mesh.shape))
   task_names = pipeline.mixture_task_names(config.data)
-  _log_parameter_counts(abstract, check_replication(config, built))
+  _log_parameter_counts(built.abstract, check_replication(config, built))
 
   # Closed however the run ends, so that no save or read is left to
   # orbax's threads at exit (a failed start printed their traceback).
@@ -479,44 +329,41 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # A config that changes what the run trains stops it here, before
     # anything is written.
     restored = ckpt.restore_latest(
-        abstract, check_config=functools.partial(resume.resumed_config, config))
+        built.abstract,
+        check_config=functools.partial(resume.resumed_config, config))
     writer = log_lib.MetricWriter(workdir)
     # Lines after the restored step (or all, without one) are a dead run's;
     # process 0 alone writes the file.
     if writer.enabled:
       log_lib.truncate_after(writer.path, restored.step if restored else 0)
-    if restored is not None:
-      state, data_state = restored.state, restored.data
+    if restored is None:
+      optimizer, state, data_state = (
+          built.optimizer, _fresh_state(config, built), None)
+    else:
       config = resume.resumed_config(config, restored.config, restored.step)
       # Its schedule may start anew (train.extend); the optimizer state's
       # structure does not depend on the schedule.
       optimizer = optim.make_optimizer(config.train)
+      state, data_state = restored.state, restored.data
       log_lib.print_line(f"Resuming from the checkpoint of step "
                          f"{restored.step}.")
-    else:
-      state, data_state = built.init_fn(jax.random.key(config.seed)), None
-      if config.init.checkpoint:
-        state = init_lib.load_partial(
-            config.init.checkpoint, state, abstract,
-            upcycle=config.init.upcycle,
-            upcycle_noise_std=config.init.upcycle_noise_std, seed=config.seed)
+    _record_config(config, workdir)
 
     pipeline.prepare(config.data)
     batch_size = config.train.batch_size
     # Hosts holding the same batch rows read the same shard (host_shards.py).
-    shard = host_shards.host_shard(mesh, rules, batch_size)
+    shard = host_shards.host_shard(built.mesh, built.rules, batch_size)
     train_iter = pipeline.make_train_iterator(
         config.data, global_batch_size=batch_size, seed=config.seed,
         shard_index=shard.index, shard_count=shard.count, state=data_state)
-    put_batch = make_put_batch(mesh, rules, shard)
-    train_step = jit_train_step(config, parts, optimizer, abstract,
-                                len(task_names))
+    put_batch = host_shards.make_put_batch(built.mesh, built.rules, shard)
+    train_step = jit_train_step(config, built.parts, optimizer,
+                                built.abstract, len(task_names))
 
-    run_eval = _make_eval_runner(config, workdir, built, pipeline)
-    guard = NonFiniteGuard(int(config.train.max_nonfinite_steps))
+    run_eval = runner.make_eval_runner(config, workdir, built, pipeline)
     total = int(config.train.steps)
     step = int(jax.device_get(state.step))
-    tokens, row_flops = row_cost(config)
+    tokens, row_flops = row_cost(config, built.parts)
     progress = log_lib.Progress(
         step, total, batch_size, tokens_per_row=tokens,
         flops_per_row=row_flops, num_devices=jax.device_count(),
@@ -524,51 +371,48 @@ def train_and_evaluate(config, workdir: str) -> dict:
     trace = profiler.StepTrace(int(config.profile.first_step),
                                int(config.profile.steps),
                                workdir / "profile")
-    pending: list[dict] = []
-    # Saves the loop's current step and state (read when called).
-    save = lambda: ckpt.save(step, state, train_iter.get_state(),
-                             config.to_dict())
+    guard = guards.NonFiniteGuard(int(config.train.max_nonfinite_steps))
+    save = lambda step, state: ckpt.save(step, state, train_iter.get_state(),
+                                         config.to_dict())
+    # Cumulative over-length counts of every host's input (a collective).
+    input_metrics = lambda: pipeline.over_length_metrics(
+        config.data, checkpoint_lib.all_process_states(train_iter.get_state()))
+    hooks = [trace.after_step, guard,
+             hooks_lib.log(config.train.log_every, total, task_names,
+                           progress, writer, input_metrics),
+             hooks_lib.checkpoint(config.train.checkpoint_every, total, save),
+             hooks_lib.evaluate(config.eval.every, total, run_eval, progress)]
     # Activations are pinned to their logical sharding wherever the step
     # is traced.
-    with (_StopSignal() as stop, contextlib.closing(writer),
+    with (guards.StopSignal() as stop, contextlib.closing(writer),
           contextlib.closing(trace),
           layers.activation_sharding(
-              partitioning.activation_sharding(mesh, rules))):
+              partitioning.activation_sharding(built.mesh, built.rules))):
       while step < total and not stop.requested:
         trace.before_step(step + 1)
         state, metrics = train_step(state, put_batch(next(train_iter)))
         step += 1
-        trace.after_step(step, metrics)
-        guard.observe(step, metrics["nonfinite"])
-        pending.append(metrics)
-        if step == progress.first_step + 1:  # Exclude compilation from rates.
-          jax.block_until_ready(metrics)
-          progress.start(step)
-        if step % config.train.log_every == 0 or step == total:
-          scalars = summarize(pending, task_names)
-          scalars.update(progress.update(step, scalars["examples_per_step"]))
-          scalars.update(log_lib.peak_memory())
-          # Cumulative over-length counts of every host's input (a collective).
-          scalars.update(pipeline.over_length_metrics(
-              config.data, checkpoint_lib.all_process_states(
-                  train_iter.get_state())))
-          pending = []
-          writer.write(step, scalars)
-          log_lib.print_line(progress.line(step, scalars["loss"],
-                                           scalars.get("examples_per_sec")))
-        if step % config.train.checkpoint_every == 0 or step == total:
-          save()
-        if config.eval.every and step % config.eval.every == 0 and step < total:
-          with progress.pause():  # Rates and ETA are of training steps.
-            run_eval(step, state)
+        for hook in hooks:
+          hook(step, state, metrics)
       guard.flush()
       if stop.requested and step < total:
-        save()
+        save(step, state)
         ckpt.wait()
         log_lib.print_line(f"Stopped by SIGTERM at step {step}; checkpoint "
                            "saved. Re-run the same command to resume.")
         return {}
     return run_eval(step, state) if config.eval.at_end else {}
+
+
+def _fresh_state(config, built: Setup) -> TrainState:
+  """A new state, with config.init.checkpoint's parameters if it names one."""
+  state = built.init_fn(jax.random.key(config.seed))
+  if not config.init.checkpoint:
+    return state
+  return init_lib.load_partial(
+      config.init.checkpoint, state, built.abstract,
+      upcycle=config.init.upcycle,
+      upcycle_noise_std=config.init.upcycle_noise_std, seed=config.seed)
 
 
 def check_model_inputs(config, pipeline, checkpoint: str | None = None
@@ -594,140 +438,79 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   """
   from omnismola.data import pipeline  # TensorFlow only from here on.
 
+  schema.check(config)
   workdir = storage.path(workdir)
+  step_dir = init_lib.find_step_dir(workdir / "checkpoints")
   # The model is the workdir's when it has a checkpoint, else init's.
-  check_model_inputs(config, pipeline, init_lib.find_step_dir(workdir))
+  check_model_inputs(config, pipeline, step_dir)
   pipeline.prepare(config.data)
-  # No optimizer state unless a training state is restored: nothing is
-  # trained here.
-  built = setup(config, optax.identity())
-  run_eval = _make_eval_runner(config, workdir, built, pipeline)
-  latest, ckpt = _latest_checkpoint(config, workdir)
-  if latest is None:
+  # A training state is restored with its optimizer state; fresh
+  # parameters, which nothing trains, need none.
+  built = setup(config, optax.identity() if step_dir is None else None)
+  run_eval = runner.make_eval_runner(config, workdir, built, pipeline)
+  if step_dir is None:
+    if not config.init.checkpoint:
+      raise errors.InputError(
+          f"No checkpoint in {workdir / 'checkpoints'} to evaluate: train "
+          "first with --mode=train, or evaluate a pretrained model's "
+          "parameters with --config.init.checkpoint=DIR (e.g. python -m "
+          "omnismola.convert's output).")
     log_lib.print_line(f"No checkpoint in {workdir}: evaluating "
                        f"config.init.checkpoint={config.init.checkpoint} "
                        "as it is (zero-shot, step 0).")
-    state = init_lib.load_partial(
-        config.init.checkpoint, built.init_fn(jax.random.key(config.seed)),
-        built.abstract, upcycle=config.init.upcycle,
-        upcycle_noise_std=config.init.upcycle_noise_std, seed=config.seed)
-    return run_eval(0, state)
+    return run_eval(0, _fresh_state(config, built))
   if config.init.checkpoint:
-    log_lib.print_line(f"Evaluating the workdir's checkpoint of step {latest}"
-                       "; it takes precedence over config.init.checkpoint="
-                       f"{config.init.checkpoint}.")
-  _, abstract, _ = create_state(config, built.mesh,
-                                optim.make_optimizer(config.train))
-  # The newest checkpoint every process reads, as training resumes from.
-  restored = ckpt.restore_latest(abstract)
-  ckpt.close()
+    log_lib.print_line(f"Evaluating the workdir's checkpoint of step "
+                       f"{step_dir.name}; it takes precedence over "
+                       f"config.init.checkpoint={config.init.checkpoint}.")
+  with contextlib.closing(checkpoint_lib.Checkpointer(
+      workdir / "checkpoints", keep=config.train.keep_checkpoints,
+      read_only=True)) as ckpt:
+    # The newest checkpoint every process reads, as training resumes from.
+    restored = ckpt.restore_latest(built.abstract)
   return run_eval(restored.step, restored.state)
 
 
-def _latest_checkpoint(config, workdir: str):
-  """(latest step, Checkpointer) of <workdir>/checkpoints, or (None, None)
-  when it has none and config.init.checkpoint names a checkpoint to use
-  instead; anything else is an InputError."""
-  directory = workdir / "checkpoints"
-  if directory.is_dir():  # A Checkpointer would create it.
-    ckpt = checkpoint_lib.Checkpointer(directory,
-                                       keep=config.train.keep_checkpoints,
-                                       read_only=True)
-    latest = ckpt.latest_step()
-    if latest is not None:
-      return latest, ckpt
-    ckpt.close()
-  if not config.init.checkpoint:
-    raise errors.InputError(
-        f"No checkpoint in {directory} to evaluate: train first with "
-        "--mode=train, or evaluate a pretrained model's parameters with "
-        "--config.init.checkpoint=DIR (e.g. python -m omnismola.convert's "
-        "output).")
-  try:
-    init_lib.resolve_step_dir(config.init.checkpoint)
-  except FileNotFoundError as e:
-    raise errors.InputError(str(e)) from None
-  return None, None
-
-
-def _make_eval_runner(config, workdir, built: Setup, pipeline):
-  """run_eval(step, state): evaluates every task of config.eval.split,
-  writes the metrics and predictions, prints a table.
-
-  Every host decodes its shard of each task; the evaluator gathers the
-  predictions. The data must already be prepared (`pipeline.prepare`); the
-  eval tasks and their split are checked here, before any training.
-  """
-  vocabulary = pipeline.get_vocabulary(config.data)
-  # config.eval.batch_size is global, as train.batch_size is; hosts whose
-  # devices hold the same rows decode the same shard (host_shards.py).
-  shard = host_shards.host_shard(built.mesh, built.rules,
-                                 config.eval.batch_size)
-  decode_fn = make_decode_fn(built.parts, built.mesh, built.rules, shard,
-                             config.eval.max_new_tokens, vocabulary.eos_id)
-  detokenize = functools.partial(pipeline.detokenize, vocabulary=vocabulary)
-  split = config.eval.get("split", "validation")
-  make_eval_sets = functools.partial(
-      pipeline.make_eval_sets, config.data,
-      batch_size=config.eval.batch_size // shard.count, split=split,
-      tasks=list(config.eval.tasks) or None,
-      max_examples=config.eval.max_examples or None,
-      process_index=shard.index, process_count=shard.count)
-  make_eval_sets()  # Reads nothing; fails now on an unknown task or split.
-
-  def run_eval(step: int, state: TrainState) -> dict:
-    results, predictions = evaluator.evaluate(
-        functools.partial(decode_fn, state), make_eval_sets(),
-        detokenize=detokenize)
-    path = evaluator.write_results(workdir, step, results, split)
-    evaluator.write_predictions(workdir, step, predictions, split)
-    chance = pipeline.chance_levels(config.data)
-    log_lib.print_line(
-        f"\nEvaluation of the {split} split at step {step} ({path}, and "
-        "each task's predictions beside it):\n" +
-        evaluator.format_table(results, chance))
-    return results
-
-  return run_eval
-
-
-def step_flops(config) -> tuple[flops_lib.Count, flops_lib.Count]:
-  """FLOPs of one train step of `config` (config.train.batch_size rows) and
-  of the forward pass on that batch, counted from the traced programs
-  (flops.py); nothing is compiled or run."""
-  abstract_model = nnx.eval_shape(lambda: build.build_model(config))
-  graphdef, params_t, frozen_t = split_model(abstract_model,
-                                             config.train.trainable)
-  parts = ModelParts(graphdef, params_t, frozen_t)
-  params, frozen = nnx.to_pure_dict(params_t), nnx.to_pure_dict(frozen_t)
-  optimizer = optim.make_optimizer(config.train)
-  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                     frozen=frozen,
-                     opt_state=jax.eval_shape(optimizer.init, params))
+def abstract_batch(config, mesh=None) -> dict[str, jax.ShapeDtypeStruct]:
+  """A training batch's shapes and dtypes (row_layout.py), sharded on
+  `mesh` if given."""
+  rules = partitioning.config_rules(config)
   shapes = row_layout.batch_shapes(row_layout.row_layout(config.data),
                                    int(config.train.batch_size),
                                    int(config.model.vit.image_size))
-  batch = {key: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
-           for key, (shape, dtype) in shapes.items()}
-  train_step = make_train_step(
-      parts, optimizer, optim.learning_rate_schedule(config.train),
-      num_tasks=1, compute_dtype=jnp.dtype(config.train.compute_dtype),
-      microbatches=int(config.train.microbatches),
-      aux_loss_weights=dict(config.train.aux_loss_weights))
+  sharding = lambda shape: (None if mesh is None else
+                            partitioning.batch_sharding(mesh, rules, shape))
+  return {key: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype),
+                                    sharding=sharding(shape))
+          for key, (shape, dtype) in shapes.items()}
+
+
+def step_flops(config, parts: ModelParts | None = None
+               ) -> tuple[flops_lib.Count, flops_lib.Count]:
+  """FLOPs of one train step of `config` (config.train.batch_size rows) and
+  of the forward pass on that batch, counted from the traced programs
+  (flops.py); nothing is compiled or run. A caller that has the model's
+  `parts` passes them rather than have them built again."""
+  parts = parts or model_parts(config)
+  optimizer = optim.make_optimizer(config.train)
+  state = abstract_state(parts, optimizer)
+  batch = abstract_batch(config)
+  train_step = jit_train_step(config, parts, optimizer, state, num_tasks=1)
   forward = lambda params, frozen, batch: parts.merge(params, frozen).forward(
       batch["image"], batch["text"], batch["mask_ar"], batch["mask_input"],
       batch.get("segment_ids"))
   return (flops_lib.count(train_step, state, batch),
-          flops_lib.count(forward, params, frozen, batch))
+          flops_lib.count(forward, state.params, state.frozen, batch))
 
 
-def row_cost(config) -> tuple[int, float]:
+def row_cost(config, parts: ModelParts | None = None) -> tuple[int, float]:
   """(tokens, required training FLOPs) of one train row, for throughput and
-  MFU. Tokens are the image tokens plus the text length (padding included:
-  the model computes on it), for every image slot of a packed row."""
+  MFU (`step_flops`). Tokens are the image tokens plus the text length
+  (padding included: the model computes on it), for every image slot of a
+  packed row."""
   model = build.vlm_config(config.model)
   layout = row_layout.row_layout(config.data)
-  train, _ = step_flops(config)
+  train, _ = step_flops(config, parts)
   return (layout.images * model.num_image_tokens + layout.text_length,
           train.required / int(config.train.batch_size))
 
@@ -738,3 +521,13 @@ def _log_parameter_counts(abstract: TrainState, replicated: float) -> None:
   log_lib.print_line(f"Parameters: {trained + frozen:,} "
                      f"({trained:,} trained, {frozen:,} frozen; "
                      f"{replicated:.1%} of the bytes whole on every device).")
+
+
+def _record_config(config, workdir) -> None:
+  """Writes the config the run uses to <workdir>/config.json (process 0)
+  and prints what differs from the defaults, once."""
+  path = workdir / "config.json"
+  if jax.process_index() == 0:
+    path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  log_lib.print_line("Config: " + "; ".join(schema.changes(config)) +
+                     f" (every field: {path}).")
