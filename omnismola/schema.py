@@ -256,13 +256,14 @@ def _get(config, field: str):
   return config
 
 
-def _flat(fields: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+  """{'train.steps': 1000, ...} of a nested dict; lists are values."""
   flat = {}
-  for name, value in fields.items():
+  for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flat(value, f"{prefix}{name}."))
+      flat.update(flatten(value, f"{prefix}{key}."))
     else:
-      flat[f"{prefix}{name}"] = value
+      flat[f"{prefix}{key}"] = value
   return flat
 
 
@@ -274,8 +275,8 @@ def changes(config) -> list[str]:
   kinds = [entry["kind"] for entry in fields["experts"]]
   lines = [f"model: {fields['model']['preset']}",
            f"experts: {', '.join(kinds) if kinds else 'none'}"]
-  flat, flat_defaults = (_flat({k: v for k, v in f.items()
-                                if k not in OPEN_SECTIONS})
+  flat, flat_defaults = (flatten({k: v for k, v in f.items()
+                                   if k not in OPEN_SECTIONS})
                          for f in (fields, defaults))
   return lines + [f"{field}={value!r}" for field, value in flat.items()
                   if flat_defaults[field] != value]

@@ -13,6 +13,7 @@ import copy
 import json
 
 from omnismola import errors
+from omnismola import schema
 from omnismola.train import optim
 
 # Fields a resumed run may change (a field covers its subfields): the mesh
@@ -30,17 +31,6 @@ SCHEDULE = tuple(f"train.{name}" for name in optim.SCHEDULE_FIELDS)
 
 class ConfigChangedError(errors.InputError):
   """The config changes what the resumed run trains."""
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-  """{'train.steps': 1000, ...} of a nested dict; lists are values."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
 
 
 def may_change(field: str) -> bool:
@@ -74,10 +64,10 @@ def resumed_config(config, saved: dict, step: int):
   that changes the run raises ConfigChangedError naming the fields, their
   old and new values, and how to go on.
   """
-  old = flatten(saved)
+  old = schema.flatten(saved)
   old.setdefault("train.schedule_start", 0)  # Saved before there was one.
   # Compared as a checkpoint holds them (JSON: tuples are lists).
-  new = flatten(json.loads(json.dumps(config.to_dict())))
+  new = schema.flatten(json.loads(json.dumps(config.to_dict())))
   new["train.schedule_start"] = old["train.schedule_start"]
   others, schedule = other_changes(old, new), schedule_changes(old, new)
   extend = bool(schedule) and config.train.extend
