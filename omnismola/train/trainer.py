@@ -525,9 +525,10 @@ def _log_parameter_counts(abstract: TrainState, replicated: float) -> None:
 
 def _record_config(config, workdir) -> None:
   """Writes the config the run uses to <workdir>/config.json (process 0)
-  and prints what differs from the defaults, once."""
+  and logs what differs from the defaults, once (absl INFO: the progress
+  lines on stdout stay as the docs show them)."""
   path = workdir / "config.json"
   if jax.process_index() == 0:
     path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-  log_lib.print_line("Config: " + "; ".join(schema.changes(config)) +
-                     f" (every field: {path}).")
+  logging.info("Config: %s (every field: %s).",
+               "; ".join(schema.changes(config)), path)
