@@ -57,7 +57,7 @@ def make_eval_runner(config, workdir, built, pipeline):
   decode_fn = make_decode_fn(built.parts, built.mesh, built.rules, shard,
                              config.eval.max_new_tokens, vocabulary.eos_id)
   detokenize = functools.partial(pipeline.detokenize, vocabulary=vocabulary)
-  split = config.eval.get("split", "validation")
+  split = config.eval.split
   make_eval_sets = functools.partial(
       pipeline.make_eval_sets, config.data,
       batch_size=config.eval.batch_size // shard.count, split=split,
