@@ -122,7 +122,9 @@ def test_trainable_regex_freezes_the_rest(synthetic_data_dir):
 
 def test_the_run_writes_its_config_and_logs_what_it_changed_once(
     synthetic_data_dir, tmp_path, caplog):
-  caplog.set_level(logging.INFO)
+  # The absl logger's own level: main.main, run in-process by other tests,
+  # lowers it to WARNING for the rest of the worker.
+  caplog.set_level(logging.INFO, logger="absl")
   c = tiny_config(synthetic_data_dir, steps=2, checkpoint_every=2)
   trainer.train_and_evaluate(c, str(tmp_path))
   with open(tmp_path / "config.json") as f:
