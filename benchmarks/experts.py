@@ -59,7 +59,7 @@ def run(args) -> list[dict]:
   params = None
   fns = {}
   for kind in DISPATCHES:
-    moe = SparseMoE("mlp", args.width, args.mlp_dim, num_experts=args.experts,
+    moe = SparseMoE(args.width, args.mlp_dim, num_experts=args.experts,
                     top_k=args.top_k, capacity_factor=args.capacity_factor,
                     dispatch=kind, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(moe)

@@ -103,10 +103,14 @@ def check_vocabulary_fits(model_fields, vocabulary, name: str) -> None:
 def build_model(config, rng: int = 0) -> VLM:
   """Builds config.model with config.experts attached, at seed `rng`."""
   model_config = vlm_config(config.model)
+  return VLM(model_config, plan=expert_plan(config.experts, model_config),
+             rngs=nnx.Rngs(rng))
+
+
+def expert_plan(expert_entries, model_config: presets.VLMConfig):
+  """Where `config.experts` attach in the model `model_config` describes:
+  planned on that model built without experts, traced, not allocated."""
+  backbone = nnx.eval_shape(lambda: VLM(model_config, rngs=nnx.Rngs(0)))
   # TokenInfo.instance has the decoder's width everywhere (models/vlm.py).
-  factory = attach.make_factory(
-      config.experts, instance_features=model_config.decoder.width)
-  model = VLM(model_config, make_linear=factory.linear,
-              make_mlp=factory.mlp, rngs=nnx.Rngs(rng))
-  factory.check_all_matched()
-  return model
+  return attach.make_plan(expert_entries, backbone,
+                          instance_features=model_config.decoder.width)

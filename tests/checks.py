@@ -1,12 +1,13 @@
 """Helpers shared by the model, expert and trainer tests: loop-reference
-assertions, running a module with given parameters, a next-token loss,
-comparing two train steps."""
+assertions, a module with experts attached, running a module with given
+parameters, a next-token loss, comparing two train steps."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
+from omnismola.experts import attach
 from omnismola.models import layers
 
 
@@ -20,6 +21,29 @@ def assert_values_and_grads_close(fused, reference, params, x, *,
   want = jax.grad(reference, argnums=(0, 1))(params, x)
   for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, r, rtol=tol, atol=tol)
+
+
+def with_experts(entries, make, *, path: str = "blk/q",
+                 instance_features: int | None = None, seed: int = 0):
+  """The module `make(rngs)` as built at `path` of a holder module, with
+  the experts `entries` (a `config.experts` list) attach there, planned as
+  for a model (experts/attach.py)."""
+  holder = node = nnx.Module()
+  *parents, name = path.split("/")
+  for parent in parents:
+    setattr(node, parent, nnx.Module())
+    node = getattr(node, parent)
+  setattr(node, name, make(nnx.Rngs(seed)))
+  plan = attach.make_plan(entries, holder, instance_features=instance_features)
+  plan.attach(holder, "", nnx.Rngs(seed))
+  return getattr(node, name)  # A replacement is a new module.
+
+
+def linear(in_features: int, out_features: int, *, axes=(None, None),
+           use_bias: bool = False):
+  """`make` for `with_experts`: a Dense layer."""
+  return lambda rngs: layers.Dense(in_features, out_features, axes=axes,
+                                   use_bias=use_bias, rngs=rngs)
 
 
 def randomized(module, *, seed: int = 1, scale: float = 0.5,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from omnismola import build
 from omnismola.eval import decode
-from omnismola.experts import attach
 from omnismola.models import presets
 from omnismola.models.vlm import VLM
 
@@ -198,11 +198,11 @@ def test_token_routed_experts_decode_as_they_train(prompt):
   Image + prompt tokens are one Soft MoE group, generated tokens are causal
   and routed one by one, so cached decoding equals the full forward.
   """
-  factory = attach.make_factory([dict(
-      kind="smola", targets=r"decoder/.*/(attn/q|mlp/up)",
-      pools=dict(text=3, image=3, all=2), rank=2)])
+  experts = [dict(kind="smola", targets=r"decoder/.*/(attn/q|mlp/up)",
+                  pools=dict(text=3, image=3, all=2), rank=2)]
   config = presets.get_preset("tiny", decoder_depth=2)
-  model = _sharpened(VLM(config, make_linear=factory.linear, rngs=nnx.Rngs(0)))
+  model = _sharpened(VLM(config, plan=build.expert_plan(experts, config),
+                         rngs=nnx.Rngs(0)))
   tokens = decode.greedy_decode(model, prompt, max_new_tokens=NEW,
                                 eos_id=NEVER)
   np.testing.assert_array_equal(tokens, _uncached_greedy(model, prompt, NEW))

@@ -7,9 +7,9 @@ import optax
 import pytest
 from flax import nnx
 
+from omnismola import build
 from omnismola import flops
-from omnismola.experts import attach
-from omnismola.models import presets
+from omnismola.models import layers, presets
 from omnismola.models.layers import TokenInfo
 from omnismola.models.vlm import VLM
 
@@ -27,12 +27,9 @@ def _tokens():
 
 
 def _layer(kind="dora", **options):
-  factory = attach.make_factory([dict(kind=kind, targets="blk/q", rank=RANK,
-                                      **options)])
-  layer = factory.linear("blk/q", D_IN, D_OUT, axes=("embed", "heads"),
-                         use_bias=True, rngs=nnx.Rngs(0))
-  factory.check_all_matched()
-  return layer
+  return checks.with_experts(
+      [dict(kind=kind, targets="blk/q", rank=RANK, **options)],
+      checks.linear(D_IN, D_OUT, axes=("embed", "heads"), use_bias=True))
 
 
 def _reference(params, x, *, detach_norm=True):
@@ -87,12 +84,10 @@ def test_dora_parameters_live_beside_the_layer_and_scale_its_columns():
 
 
 def test_dora_attaches_to_linear_layers_only():
-  factory = attach.make_factory([dict(kind="dora", targets="blk/mlp",
-                                      rank=2)])
-  factory.mlp("blk/mlp", D_IN, 16, activation="gelu",
-              make_linear=factory.linear, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="dora.*matched no linear layer"):
-    factory.check_all_matched()
+    checks.with_experts([dict(kind="dora", targets="blk/mlp", rank=2)],
+                        lambda rngs: layers.Mlp(D_IN, 16, rngs=rngs),
+                        path="blk/mlp")
 
 
 def test_dora_costs_one_rank_r_product_of_the_kernel_more_than_lora():
@@ -103,12 +98,9 @@ def test_dora_costs_one_rank_r_product_of_the_kernel_more_than_lora():
 
 
 def _tiny_vlm(experts):
-  factory = attach.make_factory(experts)
-  model = VLM(presets.get_preset("tiny", decoder_depth=2, vit_depth=1),
-              make_linear=factory.linear, make_mlp=factory.mlp,
-              rngs=nnx.Rngs(0))
-  factory.check_all_matched()
-  return model
+  config = presets.get_preset("tiny", decoder_depth=2, vit_depth=1)
+  return VLM(config, plan=build.expert_plan(experts, config),
+             rngs=nnx.Rngs(0))
 
 
 def _batch(model):

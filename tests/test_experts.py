@@ -9,6 +9,7 @@ from omnismola.experts import attach
 from omnismola.experts import routing
 from omnismola.experts.lora import LoRA
 from omnismola.experts.smola import SMoLA, SMoLAPool
+from omnismola.models import layers, stack
 from omnismola.models.layers import TokenInfo
 
 import checks
@@ -131,12 +132,11 @@ def test_smola_sequence_without_pool_tokens_is_finite():
 
 
 def test_zero_initialised_adapters_compute_the_base_layer():
-  factory = attach.make_factory([
-      dict(kind="smola", targets="blk/.*", pools=dict(text=2, image=2, all=2),
-           rank=2),
-      dict(kind="lora", targets="blk/q", rank=3)])
-  layer = factory.linear("blk/q", D_IN, D_OUT, axes=("embed", "heads"),
-                  use_bias=True, rngs=nnx.Rngs(0))
+  layer = checks.with_experts(
+      [dict(kind="smola", targets="blk/.*", pools=dict(text=2, image=2, all=2),
+            rank=2),
+       dict(kind="lora", targets="blk/q", rank=3)],
+      checks.linear(D_IN, D_OUT, axes=("embed", "heads"), use_bias=True))
   assert sorted(layer.adapters) == ["lora_1", "smola_0"]
   x = jax.random.normal(jax.random.key(0), (B, T, D_IN))
   base = x @ layer.kernel[...] + layer.bias[...]
@@ -151,25 +151,44 @@ def test_lora_matches_reference():
   np.testing.assert_allclose(lora(x, _tokens()), want, rtol=1e-5, atol=1e-5)
 
 
-def test_factory_leaves_unmatched_layers_plain_and_reports_unused_specs():
-  factory = attach.make_factory([dict(kind="lora", targets="nope/.*",
-                                      rank=2)])
-  layer = factory.linear("blk/q", D_IN, D_OUT, axes=(None, None),
-                         use_bias=False, rngs=nnx.Rngs(0))
-  assert layer.adapters is None
-  with pytest.raises(ValueError, match="(?s)matched no linear layer.*blk/q"):
-    factory.check_all_matched()
+def test_an_entry_that_matches_nothing_names_the_layers():
+  with pytest.raises(ValueError,
+                     match="(?s)experts.0. .lora.*matched no linear layer.*"
+                     "The model's linear layers are:\n  blk/q"):
+    checks.with_experts([dict(kind="lora", targets="blk/k", rank=2)],
+                        checks.linear(D_IN, D_OUT))
 
 
-def test_stacked_layers_match_per_layer_paths_all_or_none():
-  stacked = tuple(f"dec/layers/{i}/q" for i in range(3))
-  make = lambda targets: attach.make_factory(
-      [dict(kind="lora", targets=targets, rank=2)]).linear(
-          "dec/layers/q", D_IN, D_OUT, axes=(None, None), use_bias=False,
-          rngs=nnx.Rngs(0), match_paths=stacked)
-  assert sorted(make(r"dec/layers/\d+/q").adapters) == ["lora_0"]
-  with pytest.raises(ValueError, match="(?s)layers/0/q.*all of them or none"):
-    make(r"dec/layers/(1|2)/q")
+class _Layer(nnx.Module):
+
+  def __init__(self, rngs):
+    self.q = layers.Dense(D_IN, D_OUT, axes=(None, None), use_bias=False,
+                          rngs=rngs)
+
+
+class _Tower(nnx.Module):
+  """Any module with a tower: three stacked layers at `dec/layers`."""
+
+  def __init__(self, plan=stack.Plan(), rngs=None):
+    self.dec = nnx.Module()
+    self.segments = stack.add_tower_layers(
+        self.dec, "layers", _Layer, 3, plan.child("dec"), rngs)
+    plan.attach(self, "", rngs)
+
+
+def test_stacked_layers_are_named_per_layer_and_split_where_experts_differ():
+  backbone = nnx.eval_shape(lambda: _Tower(rngs=nnx.Rngs(0)))
+  sites = attach.find_sites(backbone)
+  assert [(s.path, s.names) for s in sites] == [
+      ("dec/layers/q", ("dec/layers/0/q", "dec/layers/1/q", "dec/layers/2/q"))]
+  plan = attach.make_plan([dict(kind="lora", targets=r"dec/layers/(1|2)/q",
+                                rank=2)], backbone)
+  model = _Tower(plan, nnx.Rngs(0))
+  assert model.segments == (stack.Segment("dec/layers_0_1", 0, 1),
+                            stack.Segment("dec/layers_1_3", 1, 3))
+  assert model.dec.layers_0_1.q.adapters is None
+  # The adapter was built inside the stacked constructor: a layer axis.
+  assert model.dec.layers_1_3.q.adapters["lora_0"].a.shape == (2, D_IN, 2)
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -179,15 +198,13 @@ def test_stacked_layers_match_per_layer_paths_all_or_none():
 ])
 def test_bad_expert_specs_fail_clearly(entry, message):
   with pytest.raises(ValueError, match=message):
-    attach.make_factory([entry])
+    checks.with_experts([entry], checks.linear(D_IN, D_OUT))
 
 
 def test_unknown_adapter_option_names_the_layer():
-  factory = attach.make_factory([dict(kind="lora", targets=".*", rank=2,
-                                      rnak=3)])
   with pytest.raises(ValueError, match="experts\\[0\\].*blk/q.*rnak"):
-    factory.linear("blk/q", D_IN, D_OUT, axes=(None, None), use_bias=False,
-                   rngs=nnx.Rngs(0))
+    checks.with_experts([dict(kind="lora", targets=".*", rank=2, rnak=3)],
+                        checks.linear(D_IN, D_OUT))
 
 
 def test_masked_softmax_all_masked_gives_zeros():

@@ -12,8 +12,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from omnismola import build
+from omnismola.experts import attach
+from omnismola.experts.kind import BLOCK, LINEAR
 from omnismola.models import connectors, layers, presets, stack, vit
-from omnismola.models.layers import Dense, TokenInfo
+from omnismola.models.layers import TokenInfo
 from omnismola.models.vlm import VLM, sequence_layout
 from omnismola.train import partitioning
 
@@ -26,9 +28,8 @@ LOGICAL_NAMES = {"layers", "embed", "mlp", "heads", "kv", "vocab",
                  "vision_patches", "patch"}
 
 
-def _model(seed=0, make_linear=layers.make_dense, **overrides) -> VLM:
-  return VLM(presets.get_preset("tiny", **overrides), make_linear=make_linear,
-             rngs=nnx.Rngs(seed))
+def _model(seed=0, **overrides) -> VLM:
+  return VLM(presets.get_preset("tiny", **overrides), rngs=nnx.Rngs(seed))
 
 
 def _image(batch, model, seed=0):
@@ -64,62 +65,42 @@ def _with_suffix(prompt, prompt_lens, suffix, length):
 # --- Structure -------------------------------------------------------------
 
 
-def _linear_paths(config):
-  """Every linear layer the contract lays out: path -> its match paths.
-
-  Layers of a scanned stack live once at `<tower>/layers/...` and match as
-  every layer `<tower>/layers/<i>/...`.
+def _linear_names(config):
+  """Every linear layer as experts' `targets` see it (docs/models.md):
+  path -> its names. Layers of a scanned stack live once at
+  `<tower>/layers/...` and are named as every layer `<tower>/layers/<i>/...`.
   """
-  paths = {"vit/embedding": ("vit/embedding",),
+  names = {"vit/embedding": ("vit/embedding",),
            "connector/proj": ("connector/proj",)}
   stacked = {"vit": (config.vit.depth, ["attn/q", "attn/k", "attn/v",
                                         "attn/o", "mlp/fc1", "mlp/fc2"]),
              "decoder": (config.decoder.depth, ["attn/q", "attn/k", "attn/v",
                                                 "attn/o", "mlp/gate",
                                                 "mlp/up", "mlp/down"])}
-  for tower, (depth, names) in stacked.items():
-    for name in names:
-      paths[f"{tower}/layers/{name}"] = tuple(
+  for tower, (depth, layer_names) in stacked.items():
+    for name in layer_names:
+      names[f"{tower}/layers/{name}"] = tuple(
           f"{tower}/layers/{i}/{name}" for i in range(depth))
-  return paths
+  return names
 
 
-def test_linear_paths_equal_graph_paths():
+def test_experts_see_the_documented_module_names():
   model = _model(decoder_depth=2)
-  found = {}
-  for path, module in nnx.iter_modules(model):
-    if isinstance(module, Dense):
-      found["/".join(map(str, path))] = module
-  expected = _linear_paths(model.config)
-  assert sorted(found) == sorted(expected)
-  for graph_path, module in found.items():
-    assert module.path == graph_path
-    assert module.match_paths == expected[graph_path]
-
-
-def test_every_linear_is_built_by_the_factory():
-  calls = []
-
-  def recording_factory(path, in_features, out_features, *, axes, use_bias,
-                        rngs, match_paths=None):
-    calls.append((path, match_paths or (path,), in_features, out_features,
-                  axes))
-    return layers.make_dense(path, in_features, out_features, axes=axes,
-                             use_bias=use_bias, rngs=rngs,
-                             match_paths=match_paths)
-
-  model = _model(make_linear=recording_factory, decoder_depth=2)
-  assert {c[0]: c[1] for c in calls} == _linear_paths(model.config)
-  assert len(calls) == len(_linear_paths(model.config))
+  sites = attach.find_sites(model)
+  assert {s.path: s.names for s in sites if s.sort == LINEAR} == (
+      _linear_names(model.config))
+  assert {s.path: s.names for s in sites if s.sort == BLOCK} == {
+      "vit/layers/mlp": ("vit/layers/0/mlp",),
+      "decoder/layers/mlp": ("decoder/layers/0/mlp", "decoder/layers/1/mlp")}
   modules = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model)}
-  for path, match_paths, d_in, d_out, axes in calls:
-    kernel = modules[path].kernel
-    if "/layers/" in path:  # Stacked: a leading layer axis.
-      assert kernel.shape == (len(match_paths), d_in, d_out)
-      assert kernel.get_metadata()["logical_axes"] == ("layers",) + axes
-    else:
-      assert kernel.shape == (d_in, d_out)
-      assert kernel.get_metadata()["logical_axes"] == axes
+  for site in sites:
+    if site.sort == LINEAR:
+      module = modules[site.path]
+      lead = (len(site.names),) if site.tower else ()
+      assert module.kernel.shape == lead + (module.in_features,
+                                            module.out_features)
+      assert module.kernel.get_metadata()["logical_axes"] == (
+          ("layers",) if site.tower else ()) + module.axes
 
 
 def test_every_param_has_logical_axes_of_its_rank():

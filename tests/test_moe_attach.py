@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from omnismola.experts import attach
+from omnismola import build
 from omnismola.experts import stats
 from omnismola.experts import upcycle
 from omnismola.experts.sparse import MoEAux, SparseMoE
@@ -27,12 +27,9 @@ def _moe(targets, **options):
 
 
 def _model(experts=(), seed=0, **overrides) -> VLM:
-  factory = attach.make_factory(experts)
-  model = VLM(presets.get_preset("tiny", **dict(TINY, **overrides)),
-              make_linear=factory.linear, make_mlp=factory.mlp,
-              rngs=nnx.Rngs(seed))
-  factory.check_all_matched()
-  return model
+  config = presets.get_preset("tiny", **dict(TINY, **overrides))
+  return VLM(config, plan=build.expert_plan(experts, config),
+             rngs=nnx.Rngs(seed))
 
 
 def _batch(model, batch=2, length=6, seed=0):
@@ -70,7 +67,7 @@ def test_sparse_moe_replaces_matched_mlp_blocks_in_towers_and_connector():
             "decoder/layers/mlp": model.decoder.layers.mlp}
   for path, (activation, kernels) in expected.items():
     block = blocks[path]
-    assert isinstance(block, SparseMoE) and block.path == path
+    assert isinstance(block, SparseMoE)
     assert block.activation == activation
     assert {name: layer.kernel.shape for name, layer in block.layers.items()
             } == kernels
@@ -83,20 +80,20 @@ def test_sparse_moe_replaces_matched_mlp_blocks_in_towers_and_connector():
   assert isinstance(_model().decoder.layers.mlp, layers.GeGLU)
 
 
-def test_mlp_targets_match_all_layers_of_a_stack_or_none():
-  """Towers split where targets differ (tests/test_segments.py); the layers
-  of one stack share one structure."""
-  factory = attach.make_factory([_moe(r"decoder/layers/0/mlp")])
-  with pytest.raises(ValueError,
-                     match="(?s)decoder/layers/1/mlp.*all of them or none"):
-    factory.mlp("decoder/layers/mlp", 32, 64, activation="geglu",
-                make_linear=layers.make_dense, rngs=nnx.Rngs(0),
-                match_paths=("decoder/layers/0/mlp", "decoder/layers/1/mlp"))
+def test_adapters_go_with_dense_blocks_only():
+  lora = dict(kind="lora", targets="connector/mlp/fc1", rank=2)
+  with pytest.raises(ValueError, match=r"experts\[1\] add adapters inside "
+                     r"the MLP block connector/mlp, which config.experts\[0\]"):
+    _model([_moe("connector/mlp"), lora])
+  beside = dict(kind="sparse_lora", targets="connector/mlp", num_experts=2,
+                rank=2, routing="token")
+  with pytest.raises(ValueError, match=r"experts\[1\] add adapters beside"):
+    _model([_moe("connector/mlp"), beside])
 
 
 def test_unmatched_mlp_target_lists_the_mlp_blocks():
   with pytest.raises(ValueError, match="(?s)matched no MLP block.*"
-                     "vit/layers/0/mlp.*connector/mlp.*decoder/layers/1/mlp"):
+                     "connector/mlp.*decoder/layers/1/mlp.*vit/layers/0/mlp"):
     _model([_moe(r"decoder/layers/\d+/ffn")])
 
 
@@ -247,7 +244,7 @@ def test_expert_copies_keep_stack_axes_and_add_independent_noise():
 
 def test_upcycle_mlp_checks_the_dense_block_fits():
   moe = nnx.to_pure_dict(nnx.state(SparseMoE(
-      "mlp", 4, 8, num_experts=2, activation="geglu", rngs=nnx.Rngs(0))))
+      4, 8, num_experts=2, activation="geglu", rngs=nnx.Rngs(0))))
   gelu_block = {"fc1": {"kernel": jnp.ones((4, 8)), "bias": jnp.ones(8)},
                 "fc2": {"kernel": jnp.ones((8, 4)), "bias": jnp.ones(4)}}
   with pytest.raises(ValueError, match="do not fit"):

@@ -15,7 +15,7 @@ from flax import nnx
 
 from omnismola import build
 from omnismola import flops
-from omnismola.models import layers, presets
+from omnismola.models import layers, presets, stack
 from omnismola.models.connectors import (MoVEConfig, adaptive_avg_pool,
                                          make_connector)
 from omnismola.models.layers import TokenInfo
@@ -115,11 +115,10 @@ def _router_loop(p, instance):
 
 def _connector_and_inputs(num_tokens=9, adt_depth=2, seed=0, mixer="router"):
   connector = make_connector(
-      "move", "connector", ENCODERS, DECODER_WIDTH,
+      "move", ENCODERS, DECODER_WIDTH,
       move=MoVEConfig(num_tokens=num_tokens, adt_depth=adt_depth,
                       mixer=mixer),
-      make_linear=layers.make_dense, make_mlp=layers.make_mlp,
-      rngs=nnx.Rngs(seed))
+      plan=stack.Plan("connector"), rngs=nnx.Rngs(seed))
   graphdef, state = nnx.split(connector)
   keys = jax.random.split(jax.random.key(seed + 1), 3)
   features = tuple(

@@ -10,12 +10,12 @@ import pytest
 import tensorflow as tf
 from flax import nnx
 
+from omnismola import build
 from omnismola import config_lib
 from omnismola import row_layout
 from omnismola import schema
 from omnismola.data import packing
 from omnismola.data import pipeline
-from omnismola.experts import attach
 from omnismola.experts import routing
 from omnismola.models import presets
 from omnismola.models.connectors import MoVEConfig
@@ -225,11 +225,9 @@ MODELS = {
 def _random_model(overrides, experts) -> VLM:
   """A tiny VLM with every parameter random, adapters included."""
   config = presets.get_preset("tiny", **overrides)
-  factory = attach.make_factory(experts,
-                                instance_features=config.decoder.width)
-  return checks.randomized(VLM(config, make_linear=factory.linear,
-                               make_mlp=factory.mlp, rngs=nnx.Rngs(0)),
-                           scale=0.3)
+  return checks.randomized(
+      VLM(config, plan=build.expert_plan(experts, config), rngs=nnx.Rngs(0)),
+      scale=0.3)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

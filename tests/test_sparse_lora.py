@@ -8,9 +8,11 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from omnismola import build
 from omnismola.experts import attach
 from omnismola.experts.sparse_lora import SparseLoRA, top_k_weights
 from omnismola.models import presets
+from omnismola.models import layers
 from omnismola.models.layers import TokenInfo
 from omnismola.models.vlm import VLM
 from omnismola.train import init as init_lib
@@ -140,27 +142,27 @@ def test_instance_routing_without_an_instance_fails_clearly():
      r"'instance', 'token'"),
     (dict(activation="gelu"), r"blk/q.*activation='gelu'.*None, 'relu'"),
     (dict(top_k=4), r"blk/q.*top_k <= num_experts"),
-    (dict(), r"experts\[0\].*instance_features"),  # No width from the factory.
+    (dict(), r"experts\[0\].*instance_features"),  # The plan has no width.
 ])
 def test_bad_options_fail_clearly(entry, message):
-  factory = attach.make_factory([dict(kind="sparse_lora", targets="blk/q",
-                                      num_experts=E, rank=2, **entry)])
+  holder = nnx.Module()
+  holder.blk = nnx.Module()
+  holder.blk.q = layers.Dense(D_IN, D_OUT, axes=(None, None), use_bias=False,
+                              rngs=nnx.Rngs(0))
+  plan = attach.make_plan([dict(kind="sparse_lora", targets="blk/q",
+                                num_experts=E, rank=2, **entry)], holder)
   with pytest.raises(ValueError, match=message):
-    factory.linear("blk/q", D_IN, D_OUT, axes=(None, None), use_bias=False,
-                   rngs=nnx.Rngs(0))
+    plan.attach(holder, "", nnx.Rngs(0))
 
 
 # --- In the model ------------------------------------------------------------
 
 
 def _model(experts=(), seed=0, **overrides) -> VLM:
-  factory = attach.make_factory(experts, instance_features=DECODER_WIDTH)
-  model = VLM(presets.get_preset("tiny", **dict(dict(decoder_depth=2),
-                                                **overrides)),
-              make_linear=factory.linear, make_mlp=factory.mlp,
-              rngs=nnx.Rngs(seed))
-  factory.check_all_matched()
-  return model
+  config = presets.get_preset("tiny", **dict(dict(decoder_depth=2),
+                                             **overrides))
+  return VLM(config, plan=build.expert_plan(experts, config),
+             rngs=nnx.Rngs(seed))
 
 
 def _entry(targets, **options):
@@ -284,7 +286,7 @@ def test_share_gate_builds_one_router_per_block():
 
 
 def test_token_routed_shared_gate_needs_one_input_width():
-  with pytest.raises(ValueError, match="(?s)mlp/down.*share_gate.*64.*32"):
+  with pytest.raises(ValueError, match="(?s)mlp/gate.*share_gate.*32.*64"):
     _model([_entry(r"decoder/layers/\d+/mlp/(gate|up|down)", routing="token",
                    share_gate=True)])
 

@@ -39,7 +39,7 @@ def _apply(graphdef, state, params, x, tokens):
 def _moe(seed=0, **options):
   """A SparseMoE with every parameter random (biases included)."""
   options = dict(dict(num_experts=4, top_k=2), **options)
-  module = sparse.SparseMoE("mlp", WIDTH, MLP, rngs=nnx.Rngs(seed), **options)
+  module = sparse.SparseMoE(WIDTH, MLP, rngs=nnx.Rngs(seed), **options)
   graphdef, state = nnx.split(module)
   leaves, treedef = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
@@ -289,9 +289,8 @@ def test_dense_fallback_serves_the_modality_without_a_pool(modality,
   routed[tuple(np.array(list(routes)).T)] = True
   want = _reference(params, x, routes, kept, activation)
   np.testing.assert_allclose(y[routed], want[routed], rtol=1e-4, atol=1e-4)
-  dense_graphdef, dense_state = nnx.split(layers.make_mlp(
-      "mlp", WIDTH, MLP, activation=activation, make_linear=layers.make_dense,
-      rngs=nnx.Rngs(0)))
+  dense_graphdef, dense_state = nnx.split(layers.MLPS[activation](
+      WIDTH, MLP, rngs=nnx.Rngs(0)))
   dense_y = checks.apply_with(
       dense_graphdef, dense_state,
       {name: params[name] for name in dense_names[activation]}, x, tokens)
@@ -408,13 +407,13 @@ def test_experts_sharded_over_the_expert_axis_give_the_same_result(kind):
     (dict(num_experts=None, pools=dict(all=4, image=2)), "pools must"),
     (dict(num_experts=1), "at least top_k"),
     (dict(num_experts=4, dispatch="dropples"), "Unknown sparse MoE dispatch"),
-    (dict(num_experts=4, activation="relu"), "unknown activation"),
+    (dict(num_experts=4, activation="relu"), "Unknown activation"),
     (dict(num_experts=None, pools=dict(image=2, text=2), dense_fallback=True),
      "dense_fallback serves the modality without a pool"),
 ])
 def test_bad_options_fail_clearly(options, message):
   with pytest.raises(ValueError, match=message):
-    sparse.SparseMoE("mlp", WIDTH, MLP, rngs=nnx.Rngs(0), **options)
+    sparse.SparseMoE(WIDTH, MLP, rngs=nnx.Rngs(0), **options)
 
 
 def test_dispatch_benchmark_runs_every_dispatch():

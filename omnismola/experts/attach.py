@@ -1,24 +1,25 @@
 r"""Attach experts to a backbone by regex over module paths.
 
-The backbone creates every linear layer through a LinearFactory
-`make_linear(path, in_features, out_features, *, axes, use_bias, rngs,
-match_paths)` and every MLP block through an MlpFactory `make_mlp(path,
-width, mlp_dim, *, activation, make_linear, rngs, match_paths, out_features,
-causal)` (models/layers.py). `make_factory(config.experts)` returns an
-`ExpertFactory` providing both. Each kind is a module of this package
+The backbone builds plain modules: every linear layer is a `Dense`, every
+MLP block an `MlpBlock` (models/layers.py). Where experts go is a plan
+made from the model built without experts, traced and not allocated
+(`nnx.eval_shape`): `make_plan(config.experts, abstract_model)` walks its
+module graph (`nnx.iter_modules`), names each linear layer and MLP block by
+its path, matches the entries' `targets` against those names, and returns
+a `stack.Plan`: how each tower splits into segments and an `attach`
+function that adds the experts to a module when the model is built with
+it (`VLM(config, plan=plan, ...)`). Each kind is a module of this package
 declaring a `KIND` (experts/kind.py; `KINDS` collects them), which says
 what it attaches to, linear layers and/or MLP blocks, and how:
 
-* adapters (`lora`, `smola` on linear layers; `sparse_lora` on linear
-  layers and MLP blocks) go beside the module: its output is the module's
-  plus theirs (`Dense(..., adapters=...)`, `make_mlp(..., adapters=...)`),
-  and the module's own parameters keep their paths;
+* adapters (`lora`, `dora`, `smola` on linear layers; `sparse_lora` on
+  linear layers and MLP blocks) go beside the module: its output is the
+  module's plus theirs, and the module's own parameters keep their paths;
 * replacements (`sparse_moe`) replace an MLP block: the block is built as
   that kind, with the block's widths and activation, at the block's path.
 
-A module whose match paths fully match an entry's `targets` gets that
-entry. So the backbone never names an expert, and configs alone decide
-where experts go:
+So the backbone never names an expert, and configs alone decide where
+experts go:
 
   config.experts = [
       dict(kind='smola', targets=r'decoder/.*/mlp/(gate|up|down)',
@@ -29,28 +30,25 @@ where experts go:
            num_experts=4, rank=64),
   ]
 
-A module of a scanned stack matches as each of its layers
-(`decoder/layers/0/mlp`, ...; see `models/stack.py`). A tower is split into
-stacks of consecutive layers that the entries match alike (`experts_at`),
-so a regex may pick some layers of a tower; within one stack, whose layers
-share one structure, it matches all of them or none.
-One factory builds one model: it records what it built (for
-`check_all_matched`) and the routers an entry shares inside a block.
+A module of a scanned stack is named as each of its layers
+(`decoder/layers/0/mlp`, ...; see `models/stack.py`), and a tower is split
+into stacks of consecutive layers that get the same experts, so a regex
+may pick some layers of a tower. Every entry must match something: a typo
+in `targets` is an error listing the model's module names.
 """
 import dataclasses
 import functools
 import importlib
 import pkgutil
 import re
-from typing import Any, Callable
+from typing import Any
 
 from flax import nnx
 
 from omnismola import experts as experts_package
-from omnismola.experts.kind import BLOCK, LINEAR, SORTS, Kind
-from omnismola.models import layers
-from omnismola.models.layers import Dense
-
+from omnismola.experts.kind import BLOCK, LINEAR, Kind
+from omnismola.models import stack
+from omnismola.models.layers import Dense, MlpBlock
 
 
 def find_kinds() -> dict[str, Kind]:
@@ -101,61 +99,72 @@ class ExpertSpec:
   def name(self, index: int) -> str:
     return f"{self.kind}_{index}"
 
-  @property
-  def sorts(self) -> tuple[str, ...]:
-    """What the kind attaches to: LINEAR and/or BLOCK."""
-    return KINDS[self.kind].attaches_to
+  def attaches(self, sort: str, name: str) -> bool:
+    return sort in KINDS[self.kind].attaches_to and bool(
+        re.fullmatch(self.targets, name))
 
 
-class ExpertFactory:
-  """Builds linear layers (`linear`) and MLP blocks (`mlp`) with the experts
-  the specs attach, and remembers what it built for `check_all_matched`.
+@dataclasses.dataclass(frozen=True)
+class Site:
+  """A module experts may attach to, in the model built without experts.
 
-  `instance_features` is the width of `TokenInfo.instance` (the decoder
-  width), which instance-routed kinds size their routers by.
+  Attributes:
+    path: where its parameters live (`decoder/layers/mlp`).
+    sort: LINEAR or BLOCK.
+    names: what `targets` match: `path` itself, or for a module of a
+      stack, one name per layer (`decoder/layers/0/mlp`, ...).
+    tower: the path of its stack (`decoder/layers`), or None.
+  """
+  path: str
+  sort: str
+  names: tuple[str, ...]
+  tower: str | None
+
+
+def find_sites(model: nnx.Module) -> list[Site]:
+  """The linear layers and MLP blocks of `model` (built without experts;
+  every tower one stack), in the module graph's order."""
+  modules = {"/".join(map(str, path)): module
+             for path, module in nnx.iter_modules(model)}
+  spans = {path: module.layer_span for path, module in modules.items()
+           if hasattr(module, "layer_span")}
+  sites = []
+  for path, module in modules.items():
+    sort = (LINEAR if isinstance(module, Dense) else
+            BLOCK if isinstance(module, MlpBlock) else None)
+    if sort is None:
+      continue
+    tower = next((t for t in spans if path.startswith(t + "/")), None)
+    if tower is None:
+      names = (path,)
+    else:
+      start, stop = spans[tower]
+      suffix = path[len(tower):]
+      names = tuple(f"{tower}/{i}{suffix}" for i in range(start, stop))
+    sites.append(Site(path, sort, names, tower))
+  return sites
+
+
+class _ExpertPlan:
+  """`stack.Plan.attach` for `make_plan`: which entries each module gets.
+
+  `experts` maps a module's path in the built model (a stacked module's
+  under its segment, `decoder/layers_0_4/mlp`) to the indices of the specs
+  attaching to it.
   """
 
-  def __init__(self, specs: list[ExpertSpec],
-               instance_features: int | None = None):
+  def __init__(self, specs: list[ExpertSpec], experts: dict[str, tuple],
+               towers: dict[str, tuple[stack.Segment, ...]],
+               instance_features: int | None):
     self.specs = specs
+    self.experts = experts
+    self.segment_paths = [segment.path for segments in towers.values()
+                          for segment in segments]
     self.instance_features = instance_features
-    self.built_paths: dict[str, list[str]] = {sort: [] for sort in SORTS}
-    self.matches: dict[int, list[str]] = {i: [] for i in range(len(specs))}
-    # (spec index, block path) -> the module the spec shares in that block.
-    self.shared: dict[tuple[int, str], nnx.Module] = {}
 
-  def _matching(self, sort: str, path: str,
-                match_paths: tuple[str, ...] | None) -> list[int]:
-    """Indices of the specs attaching to the `sort` module at `path`.
-
-    A spec matches all of `match_paths` (the module in every layer of its
-    stack) or none; matching some is an error.
-    """
-    match_paths = match_paths or (path,)
-    self.built_paths[sort].extend(match_paths)
-    found = []
-    for i, spec in enumerate(self.specs):
-      if sort not in spec.sorts:
-        continue
-      matched = [p for p in match_paths if re.fullmatch(spec.targets, p)]
-      if not matched:
-        continue
-      if len(matched) < len(match_paths):
-        raise ValueError(
-            f"config.experts[{i}] ({spec.kind}): targets {spec.targets!r} "
-            f"matches {matched} but not {sorted(set(match_paths) - set(matched))}"
-            f". These are layers of one scanned stack ({path}), which share "
-            "one structure: match all of them or none.")
-      self.matches[i].extend(matched)
-      found.append(i)
-    return found
-
-  def experts_at(self, path: str) -> tuple[int, ...]:
-    """Indices of the specs whose targets match `path`, whatever sort of
-    module is there; builds and records nothing. Towers compare it between
-    layers to split into stacks of one structure (models/stack.py)."""
-    return tuple(i for i, spec in enumerate(self.specs)
-                 if re.fullmatch(spec.targets, path))
+  def _segment_of(self, path: str) -> str | None:
+    return next((s for s in self.segment_paths
+                 if path == s or path.startswith(s + "/")), None)
 
   def _build(self, i: int, path: str, cls, *args, **kwargs) -> nnx.Module:
     """cls(*args, **kwargs, **options of spec i); bad options name the spec
@@ -166,95 +175,122 @@ class ExpertFactory:
       raise ValueError(f"config.experts[{i}] ({self.specs[i].kind}) at "
                        f"{path}: {e}") from e
 
-  def _share(self, i: int, block: str, make: Callable[[], nnx.Module]):
-    """The module spec i made earlier inside `block`, else `make()` now."""
-    if (i, block) not in self.shared:
-      self.shared[i, block] = make()
-    return self.shared[i, block]
+  def attach(self, module: nnx.Module, path: str, rngs: nnx.Rngs) -> None:
+    """Adds the planned experts to `module` (at `path`) and its children;
+    those inside another stack than `module`'s get theirs when that stack
+    is created."""
+    segment = self._segment_of(path)
+    # An entry's router shared by the layers of one block (sparse_lora's
+    # share_gate): (entry index, block path) -> module.
+    shared: dict[tuple[int, str], nnx.Module] = {}
+    children = list(nnx.iter_modules(module))  # Before any replacement.
+    parents = {"/".join(map(str, p)): m for p, m in children}
+    for relative, child in children:
+      child_path = "/".join((path, *map(str, relative))).strip("/")
+      indices = self.experts.get(child_path)
+      if not indices or self._segment_of(child_path) != segment:
+        continue
+      replacing = [i for i in indices if KINDS[self.specs[i].kind].replaces]
+      if replacing:
+        parent, _, name = "/".join(map(str, relative)).rpartition("/")
+        kind = KINDS[self.specs[replacing[0]].kind]
+        setattr(parents[parent], name, self._build(
+            replacing[0], child_path, kind.cls, child.in_features,
+            child.mlp_dim, activation=child.activation,
+            out_features=child.out_features, causal=child.causal, rngs=rngs))
+        continue
+      # A block maps model width to model width (the connector's to the
+      # decoder's): `embed` on both sides, as the connector's projection.
+      axes = child.axes if isinstance(child, Dense) else ("embed", "embed")
+      adapters = {}
+      for i in indices:
+        kind = KINDS[self.specs[i].kind]
+        context = {}
+        if kind.routed:
+          context = dict(instance_features=self.instance_features,
+                         share_in_block=functools.partial(
+                             _share, shared, (i, child_path.rpartition("/")[0])))
+        adapters[self.specs[i].name(i)] = self._build(
+            i, child_path, kind.cls, child.in_features, child.out_features,
+            axes=axes, rngs=rngs, **context)
+      child.adapters = nnx.Dict(adapters)
 
-  def _adapters(self, indices: list[int], path: str, in_features: int,
-                out_features: int, axes, rngs: nnx.Rngs) -> dict:
-    """{name: adapter} of the specs `indices` beside the module at `path`."""
-    adapters = {}
-    for i in indices:
-      kind = KINDS[self.specs[i].kind]
-      context = {}
-      if kind.routed:
-        # A block's layers share by their parent path (`.../mlp`).
-        context = dict(instance_features=self.instance_features,
-                       share_in_block=functools.partial(
-                           self._share, i, path.rpartition("/")[0]))
-      adapters[self.specs[i].name(i)] = self._build(
-          i, path, kind.cls, in_features, out_features, axes=axes, rngs=rngs,
-          **context)
-    return adapters
 
-  def linear(self, path: str, in_features: int, out_features: int, *,
-             axes, use_bias: bool, rngs: nnx.Rngs,
-             match_paths: tuple[str, ...] | None = None) -> Dense:
-    """A LinearFactory: a Dense with the adapters whose targets match."""
-    adapters = self._adapters(self._matching(LINEAR, path, match_paths),
-                              path, in_features, out_features, axes, rngs)
-    return Dense(path, in_features, out_features, axes=axes,
-                 use_bias=use_bias, rngs=rngs, match_paths=match_paths,
-                 adapters=adapters)
+def _share(shared: dict, key, make):
+  """The module made for `key` earlier, else `make()` now."""
+  if key not in shared:
+    shared[key] = make()
+  return shared[key]
 
-  def mlp(self, path: str, width: int, mlp_dim: int, *, activation: str,
-          make_linear, rngs: nnx.Rngs,
-          match_paths: tuple[str, ...] | None = None,
-          out_features: int | None = None, causal: bool = False):
-    """An MlpFactory: the replacing kind whose targets match, else the
-    dense MLP with the matching adapters beside it.
 
-    A replacement keeps the block's path, so its parameters live where the
-    dense block's did (`decoder/layers/mlp/router`,
-    `decoder/layers/mlp/layers/up/kernel`, ...); adapters live at
-    `<block path>/adapters/<kind>_<i>`.
-    """
-    found = self._matching(BLOCK, path, match_paths)
-    replacing = [i for i in found if KINDS[self.specs[i].kind].replaces]
-    beside = [i for i in found if i not in replacing]
+def _check(specs: list[ExpertSpec], sites: list[Site],
+           matches: dict[int, list[str]]) -> None:
+  """Fails on an entry that matched nothing (usually a typo in `targets`),
+  and on blocks experts both replace and sit beside or inside."""
+  for i, names in matches.items():
+    if not names:
+      sorts = KINDS[specs[i].kind].attaches_to
+      raise ValueError(
+          f"config.experts[{i}] ({specs[i].kind}): targets "
+          f"{specs[i].targets!r} matched no {' or '.join(sorts)}. " +
+          " ".join(f"The model's {sort}s are:\n  " + "\n  ".join(
+              name for site in sites if site.sort == sort
+              for name in site.names) + "\n" for sort in sorts))
+  by_name = {name: (site, [i for i, names in matches.items() if name in names])
+             for site in sites for name in site.names}
+  for name, (site, indices) in by_name.items():
+    replacing = [i for i in indices if KINDS[specs[i].kind].replaces]
+    if not replacing:
+      continue
     if len(replacing) > 1:
       raise ValueError(f"config.experts{replacing} all replace the MLP block "
-                       f"{path}; a block can be replaced once.")
-    if replacing and beside:
+                       f"{name}; a block can be replaced once.")
+    beside = [i for i in indices if i not in replacing]
+    inside = sorted({i for other, (_, found) in by_name.items()
+                     if other.startswith(name + "/") for i in found})
+    if beside or inside:
       raise ValueError(
-          f"config.experts{beside} add adapters beside the MLP block {path}, "
-          f"which config.experts[{replacing[0]}] "
-          f"({self.specs[replacing[0]].kind}) replaces; adapters go beside "
-          "dense blocks only.")
-    if replacing:
-      i = replacing[0]
-      return self._build(i, path, KINDS[self.specs[i].kind].cls, path, width,
-                         mlp_dim, activation=activation,
-                         out_features=out_features, causal=causal, rngs=rngs)
-    # A block maps model width to model width (the connector's to the
-    # decoder's): `embed` on both sides, as the connector's projection.
-    adapters = self._adapters(beside, path, width, out_features or width,
-                              ("embed", "embed"), rngs)
-    return layers.make_mlp(path, width, mlp_dim, activation=activation,
-                           make_linear=make_linear, rngs=rngs,
-                           out_features=out_features, adapters=adapters)
-
-  def check_all_matched(self) -> None:
-    """Fails when a spec attached to nothing: usually a typo in `targets`."""
-    for i, paths in self.matches.items():
-      if not paths:
-        spec = self.specs[i]
-        raise ValueError(
-            f"config.experts[{i}] ({spec.kind}): targets {spec.targets!r} "
-            f"matched no {' or '.join(spec.sorts)}. " + " ".join(
-                f"The model's {sort}s are:\n  " +
-                "\n  ".join(self.built_paths[sort]) + "\n"
-                for sort in spec.sorts))
+          f"config.experts{beside or inside} add adapters "
+          f"{'beside' if beside else 'inside'} the MLP block {name}, which "
+          f"config.experts[{replacing[0]}] ({specs[replacing[0]].kind}) "
+          "replaces; adapters go with dense blocks only.")
 
 
-def make_factory(expert_entries, *,
-                 instance_features: int | None = None) -> ExpertFactory:
-  """A factory attaching the experts that `config.experts` lists.
+def make_plan(expert_entries, model: nnx.Module, *,
+              instance_features: int | None = None) -> stack.Plan:
+  """Where `config.experts` attach in `model` (built without experts,
+  abstract is enough), as the plan to build the model with.
 
   `instance_features`: the width of `TokenInfo.instance`, the decoder width
   (`build.build_model` gives it); only instance-routed experts need it.
   """
   specs = [ExpertSpec.parse(i, e) for i, e in enumerate(expert_entries or ())]
-  return ExpertFactory(specs, instance_features)
+  sites = find_sites(model)
+  matches: dict[int, list[str]] = {i: [] for i in range(len(specs))}
+  layer_experts = {}  # (site path, layer index or None) -> spec indices
+  for site in sites:
+    for layer, name in enumerate(site.names):
+      found = tuple(i for i, spec in enumerate(specs)
+                    if spec.attaches(site.sort, name))
+      for i in found:
+        matches[i].append(name)
+      layer_experts[site.path, layer] = found
+  _check(specs, sites, matches)
+
+  towers, experts = {}, {}
+  for tower in {site.tower for site in sites if site.tower}:
+    in_tower = [site for site in sites if site.tower == tower]
+    depth = len(in_tower[0].names)
+    signatures = [tuple(layer_experts[site.path, layer] for site in in_tower)
+                  for layer in range(depth)]
+    towers[tower] = stack.split_segments(signatures, tower)
+    for segment in towers[tower]:
+      for site in in_tower:
+        experts[segment.path + site.path[len(tower):]] = (
+            layer_experts[site.path, segment.start])
+  for site in sites:
+    if site.tower is None:
+      experts[site.path] = layer_experts[site.path, 0]
+  experts = {path: found for path, found in experts.items() if found}
+  return stack.Plan(towers=towers, attach=_ExpertPlan(
+      specs, experts, towers, instance_features).attach)

@@ -26,8 +26,8 @@ class Kind:
     replaces: False for an adapter, built as cls(in, out, **options, axes,
       rngs) beside the module and called as `adapter(x, tokens, base)`
       (`layers.add_adapters`); True for a replacement of the MLP block,
-      built as cls(path, width, mlp_dim, **options, activation,
-      out_features, causal, rngs).
+      built as cls(width, mlp_dim, **options, activation, out_features,
+      causal, rngs) from the block's own (`layers.MlpBlock`).
     routed: the adapter also takes `instance_features` (the width of
       `TokenInfo.instance`) and `share_in_block` (modules an entry shares
       between the layers of one block).

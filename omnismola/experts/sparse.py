@@ -256,7 +256,6 @@ class SparseMoE(nnx.Module):
   gets 0 and is carried by the residual connection around the MLP.
 
   Args:
-    path: the module path, for error messages and targets.
     width, mlp_dim: the MLP's model and hidden widths.
     num_experts: experts of the single shared pool; or give `pools`.
     pools: experts per pool, dict(all=n) (the default with num_experts) or
@@ -281,13 +280,13 @@ class SparseMoE(nnx.Module):
       training), so it is refused here.
     dense_fallback: tokens no pool serves (those of a modality without a
       pool, and padding) go through a dense MLP instead of getting 0. Its
-      layers live where the dense block's do (`<path>/gate/kernel`, ...),
+      layers live where the dense block's do (`<block>/gate/kernel`, ...),
       so a dense checkpoint loads into them; it runs on every token, its
       output kept where no expert is. Needs a modality without a pool.
     rngs: initialisation.
   """
 
-  def __init__(self, path: str, width: int, mlp_dim: int, *,
+  def __init__(self, width: int, mlp_dim: int, *,
                num_experts: int | None = None,
                pools: dict[str, int] | None = None, top_k: int = 2,
                capacity_factor: float = 1.25, dispatch: str = "dropless",
@@ -296,30 +295,29 @@ class SparseMoE(nnx.Module):
                out_features: int | None = None, causal: bool = False,
                dense_fallback: bool = False, rngs: nnx.Rngs):
     if (num_experts is None) == (pools is None):
-      raise ValueError(f"{path}: give exactly one of num_experts (one shared "
+      raise ValueError("Give exactly one of num_experts (one shared "
                        "pool) and pools (e.g. dict(image=8, text=8)).")
     pools = dict(all=num_experts) if pools is None else dict(pools)
     unknown = sorted(set(pools) - set(POOLS))
     if unknown or ("all" in pools and len(pools) > 1):
-      raise ValueError(f"{path}: pools must be dict(all=n) or keyed by "
+      raise ValueError(f"pools must be dict(all=n) or keyed by "
                        f"'image'/'text', got {pools}.")
     if any(n < top_k for n in pools.values()) or top_k < 1:
-      raise ValueError(f"{path}: every pool needs at least top_k={top_k} >= 1 "
+      raise ValueError(f"Every pool needs at least top_k={top_k} >= 1 "
                        f"experts, got {pools}.")
     if activation not in ACTIVATIONS:
-      raise ValueError(f"{path}: unknown activation {activation!r}; expected "
+      raise ValueError(f"Unknown activation {activation!r}; expected "
                        f"one of {sorted(ACTIVATIONS)}.")
     if dense_fallback and set(pools) not in ({"image"}, {"text"}):
-      raise ValueError(f"{path}: dense_fallback serves the modality without "
+      raise ValueError(f"dense_fallback serves the modality without "
                        f"a pool; pools {pools} leave none (give "
                        "dict(image=n) or dict(text=m)).")
     if resolve_dispatch(dispatch) == "capacity" and causal:  # Checks typos.
       raise ValueError(
-          f"{path}: dispatch='capacity' is not causal (tokens of a sequence "
+          "dispatch='capacity' is not causal (tokens of a sequence "
           "compete for expert slots, so later tokens change earlier ones' "
           "outputs, and cached decoding differs from training); use "
           "dispatch='dropless' for blocks with causal tokens.")
-    self.path = path
     self.pool_names = tuple(sorted(pools))
     sizes = [pools[name] for name in self.pool_names]
     self.num_experts = sum(sizes)
@@ -347,7 +345,7 @@ class SparseMoE(nnx.Module):
     self.dense_layers = tuple(shapes) if dense_fallback else ()
     for name in self.dense_layers:
       d_in, d_out, axes, use_bias = shapes[name]
-      setattr(self, name, Dense(f"{path}/{name}", d_in, d_out, axes=axes,
+      setattr(self, name, Dense(d_in, d_out, axes=axes,
                                 use_bias=use_bias, rngs=rngs))
 
   def __call__(self, x: jax.Array, tokens: TokenInfo):

@@ -29,10 +29,10 @@ r]) is ever built, and one code path serves both routings.
 
 With `share_gate`, the linear layers an entry matches inside one block (the
 same parent path, e.g. `decoder/layers/mlp/{gate,up,down}`) use one router
-module (Awaker: up/down reuse gate_proj's routing). The factory hands the
-router made for the block's first layer to the others (`share_in_block`),
-so its parameters exist once: in `nnx.state` at the first of those layers
-in path order (`decoder/layers/mlp/down/adapters/sparse_lora_1/router`).
+module (Awaker: up/down reuse gate_proj's routing). experts/attach.py
+hands the router made for the first of those layers in path order to the
+others (`share_in_block`), so its parameters exist once, there
+(`decoder/layers/mlp/down/adapters/sparse_lora_1/router`).
 """
 from typing import Callable
 
@@ -115,7 +115,7 @@ class SparseLoRA(nnx.Module):
     instance_features: the width of `TokenInfo.instance` (the decoder
       width), needed by instance routing.
     share_in_block: `share_in_block(make)` returns the module this entry
-      made earlier in the same block, or `make()` (given by the factory).
+      made earlier in the same block, or `make()` (given by attach.py).
     rngs: initialisation.
   """
 
@@ -139,8 +139,8 @@ class SparseLoRA(nnx.Module):
     if routing == "instance" and instance_features is None:
       raise ValueError(
           "sparse_lora routing='instance' routes on TokenInfo.instance, "
-          "whose width the expert factory must know: build the model with "
-          "omnismola.build.build_model (or attach.make_factory(..., "
+          "whose width the expert plan must know: build the model with "
+          "omnismola.build.build_model (or attach.make_plan(..., "
           "instance_features=<decoder width>)).")
     self.routing = routing
     self.top_k = top_k

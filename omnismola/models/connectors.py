@@ -16,10 +16,10 @@ sown until the VLM collects it (`layers.pop_reports`).
   soft router weighs the encoders (`MoVEConnector`), or, with
   `model.move.mixer='add'` (MoME's baseline), the branches are summed.
 
-CuMo's MoE connector is not a kind of its own: the `mlp` connector builds
-its block through the MLP factory at `connector/mlp`, so a `sparse_moe`
-entry of `config.experts` with `targets='connector/mlp'` replaces it, with
-the same options, upcycling and auxiliary losses as the towers' MLPs.
+CuMo's MoE connector is not a kind of its own: the `mlp` connector's block
+is an MLP block at `connector/mlp`, so a `sparse_moe` entry of
+`config.experts` with `targets='connector/mlp'` replaces it, with the same
+options, upcycling and auxiliary losses as the towers' MLPs.
 """
 import dataclasses
 import math
@@ -32,8 +32,7 @@ from flax import nnx
 from omnismola.models import layers
 from omnismola.models import stack
 from omnismola.models import vit
-from omnismola.models.layers import (LinearFactory, MlpFactory, TokenInfo,
-                                     child_linear, record_usage)
+from omnismola.models.layers import Dense, TokenInfo, record_usage
 from omnismola.models.vit import ViTConfig
 
 
@@ -87,16 +86,14 @@ def _single_encoder(kind: str, encoders: dict[str, ViTConfig]) -> ViTConfig:
 class LinearConnector(nnx.Module):
   """One projection, as in PaliGemma."""
 
-  def __init__(self, path: str, encoders: dict[str, ViTConfig],
-               out_features: int, *, move: MoVEConfig,
-               make_linear: LinearFactory, make_mlp: MlpFactory,
-               rngs: nnx.Rngs):
-    del move, make_mlp  # No options, no MLP block here.
+  def __init__(self, encoders: dict[str, ViTConfig], out_features: int, *,
+               move: MoVEConfig, plan: stack.Plan, rngs: nnx.Rngs):
+    del move, plan  # No options, no towers.
     in_features = _single_encoder("linear", encoders).width
     # Both sides are model widths; `embed` twice lets the sharding rules
     # shard one of them (they never shard a mesh axis twice).
-    self.proj = make_linear(f"{path}/proj", in_features, out_features,
-                            axes=("embed", "embed"), use_bias=True, rngs=rngs)
+    self.proj = Dense(in_features, out_features, axes=("embed", "embed"),
+                      use_bias=True, rngs=rngs)
 
   def __call__(self, features: tuple[jax.Array, ...], tokens: TokenInfo):
     (x,) = features
@@ -110,15 +107,12 @@ class MlpConnector(nnx.Module):
   `<path>/mlp`, so `sparse_moe` experts of `gelu` activation mirror it.
   """
 
-  def __init__(self, path: str, encoders: dict[str, ViTConfig],
-               out_features: int, *, move: MoVEConfig,
-               make_linear: LinearFactory, make_mlp: MlpFactory,
-               rngs: nnx.Rngs):
-    del move  # No options.
+  def __init__(self, encoders: dict[str, ViTConfig], out_features: int, *,
+               move: MoVEConfig, plan: stack.Plan, rngs: nnx.Rngs):
+    del move, plan  # No options, no towers.
     in_features = _single_encoder("mlp", encoders).width
-    self.mlp = make_mlp(f"{path}/mlp", in_features, out_features,
-                        activation="gelu", make_linear=make_linear,
-                        rngs=rngs, out_features=out_features)
+    self.mlp = layers.Mlp(in_features, out_features,
+                          out_features=out_features, rngs=rngs)
 
   def __call__(self, features: tuple[jax.Array, ...], tokens: TokenInfo):
     (x,) = features
@@ -173,18 +167,13 @@ class AdaptiveLayer(nnx.Module):
   over the whole map, a documented simplification (docs/seeds.md).
   """
 
-  def __init__(self, path: str, config: ViTConfig, *,
-               make_linear: LinearFactory, make_mlp: MlpFactory,
-               rngs: nnx.Rngs):
-    attention = lambda name: vit.encoder_attention(
-        f"{path}/{name}", config, make_linear=make_linear, rngs=rngs)
+  def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
     self.norm1 = layers.LayerNorm(config.width, eps=config.norm_eps)
-    self.self_attn = attention("self_attn")
+    self.self_attn = vit.encoder_attention(config, rngs=rngs)
     self.norm2 = layers.LayerNorm(config.width, eps=config.norm_eps)
-    self.cross_attn = attention("cross_attn")
+    self.cross_attn = vit.encoder_attention(config, rngs=rngs)
     self.norm3 = layers.LayerNorm(config.width, eps=config.norm_eps)
-    self.mlp = make_mlp(f"{path}/mlp", config.width, config.mlp_dim,
-                        activation="gelu", make_linear=make_linear, rngs=rngs)
+    self.mlp = layers.Mlp(config.width, config.mlp_dim, rngs=rngs)
 
   def __call__(self, x: jax.Array, tokens: TokenInfo, features: jax.Array,
                feature_tokens: TokenInfo):
@@ -201,23 +190,20 @@ class MoVEBranch(nnx.Module):
   """One encoder's path through MoVE: f_i = proj(ADT(pool(x), x)).
 
   `x` [B, N_i, d_i] is pooled to L tokens, refined by `adt_depth` ADT
-  layers (a scanned stack at `<path>/layers`) that attend to the full map,
+  layers (a scanned stack, `layers`) that attend to the full map,
   normalised, and projected to the decoder width.
   """
 
-  def __init__(self, path: str, encoder: ViTConfig, num_tokens: int,
-               adt_depth: int, out_features: int, *,
-               make_linear: LinearFactory, make_mlp: MlpFactory,
-               rngs: nnx.Rngs):
+  def __init__(self, encoder: ViTConfig, num_tokens: int, adt_depth: int,
+               out_features: int, *, plan: stack.Plan, rngs: nnx.Rngs):
     self.grid = encoder.image_size // encoder.patch_size
     self.side = math.isqrt(num_tokens)
     self.segments = stack.add_tower_layers(
-        self, AdaptiveLayer, f"{path}/layers",
-        dataclasses.replace(encoder, depth=adt_depth),
-        make_linear=make_linear, make_mlp=make_mlp, rngs=rngs)
+        self, "layers", lambda rngs: AdaptiveLayer(encoder, rngs=rngs),
+        adt_depth, plan, rngs)
     self.norm = layers.LayerNorm(encoder.width, eps=encoder.norm_eps)
-    self.proj = make_linear(f"{path}/proj", encoder.width, out_features,
-                            axes=("embed", "embed"), use_bias=True, rngs=rngs)
+    self.proj = Dense(encoder.width, out_features, axes=("embed", "embed"),
+                      use_bias=True, rngs=rngs)
 
   def __call__(self, features: jax.Array, tokens: TokenInfo):
     """[B, N_i, d_i] -> ([B, L, d_dec], the ADT layers' reports stacked
@@ -247,13 +233,13 @@ class InstanceRouter(nnx.Module):
   weights (instance-level routing).
   """
 
-  def __init__(self, path: str, in_features: int, hidden: int,
-               num_choices: int, *, make_linear: LinearFactory,
+  def __init__(self, in_features: int, hidden: int, num_choices: int, *,
                rngs: nnx.Rngs):
-    linear = child_linear(make_linear, path, use_bias=True, rngs=rngs)
-    self.hidden = linear("hidden", in_features, hidden, ("embed", "mlp"))
+    self.hidden = Dense(in_features, hidden, axes=("embed", "mlp"),
+                        use_bias=True, rngs=rngs)
     # The few choices are never sharded.
-    self.out = linear("out", hidden, num_choices, ("mlp", None))
+    self.out = Dense(hidden, num_choices, axes=("mlp", None), use_bias=True,
+                     rngs=rngs)
 
   def __call__(self, instance: jax.Array) -> jax.Array:
     """float32 [B, num_choices] weights (summing to 1) from [B, in]."""
@@ -270,8 +256,8 @@ class InstanceRouter(nnx.Module):
 class MoVEConnector(nnx.Module):
   """MoME's mixture of vision encoders: F = sum_i G(I)_i f_i.
 
-  One `MoVEBranch` per encoder at `<path>/<encoder name>` (`connector/vit`,
-  `connector/vit_1`, ...) and an `InstanceRouter` at `<path>/router` fed
+  One `MoVEBranch` per encoder, named as it (`connector/vit`,
+  `connector/vit_1`, ...) and an `InstanceRouter` (`connector/router`) fed
   `tokens.instance` (the mean embedding of the prompt: our stand-in for
   MoME's Sentence-BERT embedding of the instruction). While recording
   (`layers.recording_usage`) it keeps the weights [B, L, encoders] as its
@@ -279,10 +265,8 @@ class MoVEConnector(nnx.Module):
   F = sum_i f_i.
   """
 
-  def __init__(self, path: str, encoders: dict[str, ViTConfig],
-               out_features: int, *, move: MoVEConfig,
-               make_linear: LinearFactory, make_mlp: MlpFactory,
-               rngs: nnx.Rngs):
+  def __init__(self, encoders: dict[str, ViTConfig], out_features: int, *,
+               move: MoVEConfig, plan: stack.Plan, rngs: nnx.Rngs):
     if len(encoders) < 2:
       raise ValueError(f"connector='move' mixes two or more vision encoders, "
                        f"got {sorted(encoders)}: add encoders to "
@@ -292,12 +276,11 @@ class MoVEConnector(nnx.Module):
     self.names = tuple(encoders)
     for name, encoder in encoders.items():
       setattr(self, name, MoVEBranch(
-          f"{path}/{name}", encoder, num_tokens, move.adt_depth, out_features,
-          make_linear=make_linear, make_mlp=make_mlp, rngs=rngs))
-    self.router = (InstanceRouter(f"{path}/router", out_features,
+          encoder, num_tokens, move.adt_depth, out_features,
+          plan=plan.child(name), rngs=rngs))
+    self.router = (InstanceRouter(out_features,
                                   move.router_dim or out_features,
-                                  len(encoders), make_linear=make_linear,
-                                  rngs=rngs)
+                                  len(encoders), rngs=rngs)
                    if move.mixer == "router" else None)
 
   def __call__(self, features: tuple[jax.Array, ...], tokens: TokenInfo):
@@ -328,23 +311,21 @@ CONNECTORS = {
 }
 
 
-def make_connector(kind: str, path: str, encoders: dict[str, ViTConfig],
-                   out_features: int, *, move: MoVEConfig,
-                   make_linear: LinearFactory, make_mlp: MlpFactory,
+def make_connector(kind: str, encoders: dict[str, ViTConfig],
+                   out_features: int, *, move: MoVEConfig, plan: stack.Plan,
                    rngs: nnx.Rngs) -> nnx.Module:
   """The connector of the given kind, called as `y, reports = connector(
   features, tokens)` (see module docstring).
 
   Args:
     kind: a key of CONNECTORS (`model.connector`).
-    path: where its parameters live (`connector`).
     encoders: {module name: ViTConfig} of the vision encoders, `vit` first.
     out_features: the decoder width.
     move: options of the `move` kind (`model.move`).
+    plan: the connector's (`stack.Plan`, scoped to `connector`).
   """
   if kind not in CONNECTORS:
     raise ValueError(f"Unknown connector {kind!r} (model.connector); known "
                      f"connectors: {sorted(CONNECTORS)}.")
-  return CONNECTORS[kind](path, encoders, out_features, move=move,
-                          make_linear=make_linear, make_mlp=make_mlp,
+  return CONNECTORS[kind](encoders, out_features, move=move, plan=plan,
                           rngs=rngs)

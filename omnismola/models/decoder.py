@@ -10,9 +10,9 @@ a sliding attention window on the even-numbered layers.
 The layers are one scanned stack (`stack.py`), or one per segment where
 experts attach to some layers only (`decoder/layers_0_4`, ...); per-layer
 inputs (the KV cache, which layers slide) keep their axis over all layers.
-Every linear layer and MLP block is built by a factory, so experts attach by
-path. The MLP blocks are built with `causal=True`: suffix tokens must not
-see later tokens, not even through an MLP's routing. The decoder does not
+Experts attach by the plan the decoder is given (`stack.Plan`). The MLP
+blocks are built with `causal=True`: suffix tokens must not see later
+tokens, not even through an MLP's routing (a replacement must respect it). The decoder does not
 build attention masks or positions: the caller (`vlm.py`) owns the sequence
 layout and hands them in, together with the TokenInfo. The KV cache is a pytree
 passed in and returned, never stored in the module, so decoding stays a pure
@@ -28,8 +28,7 @@ from flax import nnx
 
 from omnismola.models import layers
 from omnismola.models import stack
-from omnismola.models.layers import (LinearFactory, MlpFactory, TokenInfo,
-                                     make_dense)
+from omnismola.models.layers import TokenInfo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,22 +147,19 @@ class Embedder(nnx.Module):
 class DecoderLayer(nnx.Module):
   """x + attn(norm(x)), then x + mlp(norm(x)); Gemma 2 also norms both outputs."""
 
-  def __init__(self, path: str, config: DecoderConfig, *,
-               make_linear: LinearFactory, make_mlp: MlpFactory,
-               rngs: nnx.Rngs):
+  def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
     norm = lambda: layers.RMSNorm(config.width, eps=config.norm_eps)
     self.pre_attn_norm = norm()
     self.attn = layers.Attention(
-        f"{path}/attn", config.width, num_heads=config.num_heads,
+        config.width, num_heads=config.num_heads,
         num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
         use_bias=False, rope_max_wavelength=config.rope_max_wavelength,
         query_scale=config.query_scale, logit_cap=config.attn_logit_softcap,
-        make_linear=make_linear, rngs=rngs)
+        rngs=rngs)
     self.post_attn_norm = norm() if config.post_norms else None
     self.pre_mlp_norm = norm()
-    self.mlp = make_mlp(f"{path}/mlp", config.width, config.mlp_dim,
-                        activation="geglu", make_linear=make_linear,
-                        rngs=rngs, causal=True)
+    self.mlp = layers.GeGLU(config.width, config.mlp_dim, causal=True,
+                            rngs=rngs)
     self.post_mlp_norm = norm() if config.post_norms else None
 
   def __call__(self, x, tokens, mask, positions, kv=None, index=0):
@@ -183,16 +179,15 @@ class DecoderLayer(nnx.Module):
 class Decoder(nnx.Module):
   """Embedded tokens [B, T, width] -> final normed states [B, T, width]."""
 
-  def __init__(self, config: DecoderConfig, *, path: str = "decoder",
-               make_linear: LinearFactory = make_dense,
-               make_mlp: MlpFactory = layers.make_mlp,
+  def __init__(self, config: DecoderConfig, *,
+               plan: stack.Plan = stack.Plan("decoder"),
                loop: stack.LayerLoop = stack.LayerLoop(), rngs: nnx.Rngs):
     self.config = config
     self.loop = loop
     self.embedder = Embedder(config.vocab_size, config.width, rngs=rngs)
     self.segments = stack.add_tower_layers(
-        self, DecoderLayer, f"{path}/layers", config,
-        make_linear=make_linear, make_mlp=make_mlp, rngs=rngs)
+        self, "layers", lambda rngs: DecoderLayer(config, rngs=rngs),
+        config.depth, plan, rngs)
     self.final_norm = layers.RMSNorm(config.width, eps=config.norm_eps)
 
   def embed(self, text: jax.Array) -> jax.Array:

@@ -3,13 +3,11 @@
 * `TokenInfo`: per-position facts (image or text, valid or padding,
   bidirectional or causal), derived once per forward pass and handed to every
   linear layer, so experts can route by modality and attention group.
-* `Dense` and `make_dense`: the plain linear layer and its default factory.
-  Every linear layer of the backbone is built by a `LinearFactory`, which is
-  how `experts/attach.py` wraps layers by path without the backbone knowing.
-* `Mlp`, `GeGLU` and `make_mlp`: the two MLP blocks (GELU for the ViT and
-  the connector, GeGLU for the decoder) and their default factory. Every MLP
-  block is built by an `MlpFactory`, which is how `experts/attach.py`
-  replaces whole blocks (sparse MoE) by path.
+* `Dense`: the linear layer, and `Mlp`, `GeGLU`: the two MLP blocks (GELU
+  for the ViT and the connector, GeGLU for the decoder). The backbone builds
+  them as plain children; `experts/attach.py` finds them in the built module
+  graph and adds adapters beside them or replaces blocks (sparse MoE), so
+  the backbone never names an expert.
 * Norms (LayerNorm for the ViT, Gemma's RMSNorm), RoPE and attention with
   grouped key/value heads.
 
@@ -35,15 +33,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 Axes = tuple[str | None, ...]
-
-# A factory `make_linear(path, in_features, out_features, *, axes, use_bias,
-# rngs, match_paths=None)` returning a module called as `y = module(x, tokens)`
-# (see `Dense` for the two paths).
-LinearFactory = Callable[..., nnx.Module]
-# A factory `make_mlp(path, width, mlp_dim, *, activation, make_linear, rngs,
-# match_paths=None, out_features=None, causal=False)` returning a module
-# called as `y = module(x, tokens)` (see `make_mlp`).
-MlpFactory = Callable[..., nnx.Module]
 
 
 # (logical axes, shape) -> jax.sharding.Sharding, or None outside a trainer.
@@ -230,35 +219,26 @@ def token_matmul(x: jax.Array, w: jax.Array, **dot_options) -> jax.Array:
 class Dense(nnx.Module):
   """y = x W (+ b) (+ the outputs of its adapters, if it has any).
 
-  `path` is the module path where the layer's parameters live, joined with
-  "/". `match_paths` are the paths expert configs match their `targets`
-  regex against: the path itself for a layer of its own, and one path per
-  layer (`decoder/layers/3/attn/q`) for a layer of a scanned stack, whose
-  parameters live once at `decoder/layers/attn/q` with a leading layer axis.
-
-  Adapters (see `experts/attach.py`) are modules called as
-  `adapter(x, tokens, base)` whose outputs are added to the layer's (before
-  its bias); they live in `<path>/adapters/<name>`, so the layer's own
-  parameters keep the same path with or without them and pretrained
-  checkpoints load either way.
+  Adapters (`experts/attach.py` sets `adapters` after the backbone is
+  built) are modules called as `adapter(x, tokens, base)` whose outputs
+  are added to the layer's (before its bias); they live in
+  `<layer>/adapters/<name>`, so the layer's own parameters keep their paths
+  with or without them and pretrained checkpoints load either way.
   """
 
-  def __init__(self, path: str, in_features: int, out_features: int, *,
-               axes: Axes, use_bias: bool, rngs: nnx.Rngs,
-               match_paths: tuple[str, ...] | None = None,
-               adapters: dict[str, nnx.Module] | None = None):
+  def __init__(self, in_features: int, out_features: int, *, axes: Axes,
+               use_bias: bool, rngs: nnx.Rngs):
     if len(axes) != 2:
-      raise ValueError(f"{path}: a kernel needs 2 logical axes, got {axes}.")
-    self.path = path
-    self.match_paths = match_paths or (path,)
+      raise ValueError(f"A kernel needs 2 logical axes, got {axes}.")
     self.in_features = in_features
     self.out_features = out_features
+    self.axes = tuple(axes)
     init = jax.nn.initializers.lecun_normal()
     self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features)),
                             logical_axes=tuple(axes))
     self.bias = (nnx.Param(jnp.zeros((out_features,)),
                            logical_axes=(axes[1],)) if use_bias else None)
-    self.adapters = nnx.Dict(adapters) if adapters else None
+    self.adapters: nnx.Dict | None = nnx.data(None)  # Set by attach.
 
   def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
     kernel = self.kernel[...]
@@ -296,25 +276,6 @@ def add_adapters(y: jax.Array, adapters: nnx.Dict | None, x: jax.Array,
   for adapter in adapters.values():
     y = y + adapter(x, tokens, base).astype(y.dtype)
   return y
-
-
-def make_dense(path: str, in_features: int, out_features: int, *, axes: Axes,
-               use_bias: bool, rngs: nnx.Rngs,
-               match_paths: tuple[str, ...] | None = None) -> Dense:
-  """The default LinearFactory: a plain Dense layer."""
-  return Dense(path, in_features, out_features, axes=axes, use_bias=use_bias,
-               rngs=rngs, match_paths=match_paths)
-
-
-def child_linear(make_linear: LinearFactory, path: str, *, use_bias: bool,
-                 rngs: nnx.Rngs) -> Callable[..., nnx.Module]:
-  """`linear(name, in, out, axes)`: make_linear for children of `path`."""
-
-  def linear(name: str, in_features: int, out_features: int, axes: Axes):
-    return make_linear(f"{path}/{name}", in_features, out_features, axes=axes,
-                       use_bias=use_bias, rngs=rngs)
-
-  return linear
 
 
 class LayerNorm(nnx.Module):
@@ -419,13 +380,12 @@ class Attention(nnx.Module):
   query_pre_attn_scalar**-0.5) and soft-capped at `logit_cap` if nonzero.
   """
 
-  def __init__(self, path: str, width: int, *, num_heads: int,
-               num_kv_heads: int, head_dim: int, use_bias: bool,
-               rope_max_wavelength: float | None,
-               make_linear: LinearFactory, rngs: nnx.Rngs,
+  def __init__(self, width: int, *, num_heads: int, num_kv_heads: int,
+               head_dim: int, use_bias: bool,
+               rope_max_wavelength: float | None, rngs: nnx.Rngs,
                query_scale: float | None = None, logit_cap: float = 0.0):
     if num_heads % num_kv_heads:
-      raise ValueError(f"{path}: num_kv_heads={num_kv_heads} must divide "
+      raise ValueError(f"num_kv_heads={num_kv_heads} must divide "
                        f"num_heads={num_heads}.")
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads
@@ -435,11 +395,12 @@ class Attention(nnx.Module):
     self.logit_cap = logit_cap
     q_dim, kv_dim = num_heads * head_dim, num_kv_heads * head_dim
 
-    linear = child_linear(make_linear, path, use_bias=use_bias, rngs=rngs)
-    self.q = linear("q", width, q_dim, ("embed", "heads"))
-    self.k = linear("k", width, kv_dim, ("embed", "kv"))
-    self.v = linear("v", width, kv_dim, ("embed", "kv"))
-    self.o = linear("o", q_dim, width, ("heads", "embed"))
+    linear = lambda n_in, n_out, axes: Dense(n_in, n_out, axes=axes,
+                                             use_bias=use_bias, rngs=rngs)
+    self.q = linear(width, q_dim, ("embed", "heads"))
+    self.k = linear(width, kv_dim, ("embed", "kv"))
+    self.v = linear(width, kv_dim, ("embed", "kv"))
+    self.o = linear(q_dim, width, ("heads", "embed"))
 
   def __call__(self, x: jax.Array, tokens: TokenInfo, mask: jax.Array | None,
                *, positions: jax.Array | None = None,
@@ -514,23 +475,45 @@ def _gelu_backward(x, grad):
 gelu.defvjp(_gelu_forward, _gelu_backward)
 
 
-class Mlp(nnx.Module):
+class MlpBlock(nnx.Module):
+  """What the two MLP blocks share: their widths, for experts that attach
+  to or replace a block (`experts/attach.py`), and adapters beside it (as
+  `Dense`'s, at `<block>/adapters/<name>`), whose outputs on the block's
+  input add to its output.
+
+  Attributes:
+    activation: the key of MLPS; sparse MoE experts mirror the layout.
+    in_features, mlp_dim, out_features: the block's widths.
+    causal: some tokens through the block attend causally (the decoder's),
+      so no token's output may depend on a later token (a replacement's
+      routing must respect it; a dense block is per-token anyway).
+  """
+  activation: str
+
+  def _set_shape(self, width: int, mlp_dim: int, out_features: int | None,
+                 causal: bool):
+    self.in_features = width
+    self.mlp_dim = mlp_dim
+    self.out_features = out_features or width
+    self.causal = causal
+    self.adapters: nnx.Dict | None = nnx.data(None)  # Set by attach.
+
+
+class Mlp(MlpBlock):
   """The ViT's MLP: fc2(gelu(fc1(x))), with biases (SigLIP layout).
 
   Also the `mlp` connector (LLaVA's two-layer GELU projection), which maps
-  to another width: `out_features` (default `width`). Adapters beside the
-  block (as `Dense`'s, at `<path>/adapters/<name>`) add their outputs on
-  the block's input to its output.
+  to another width: `out_features` (default `width`).
   """
+  activation = "gelu"
 
-  def __init__(self, path: str, width: int, mlp_dim: int, *,
-               make_linear: LinearFactory, rngs: nnx.Rngs,
-               out_features: int | None = None,
-               adapters: dict[str, nnx.Module] | None = None):
-    linear = child_linear(make_linear, path, use_bias=True, rngs=rngs)
-    self.fc1 = linear("fc1", width, mlp_dim, ("embed", "mlp"))
-    self.fc2 = linear("fc2", mlp_dim, out_features or width, ("mlp", "embed"))
-    self.adapters = nnx.Dict(adapters) if adapters else None
+  def __init__(self, width: int, mlp_dim: int, *, rngs: nnx.Rngs,
+               out_features: int | None = None, causal: bool = False):
+    self._set_shape(width, mlp_dim, out_features, causal)
+    self.fc1 = Dense(width, mlp_dim, axes=("embed", "mlp"), use_bias=True,
+                     rngs=rngs)
+    self.fc2 = Dense(mlp_dim, self.out_features, axes=("mlp", "embed"),
+                     use_bias=True, rngs=rngs)
 
   def __call__(self, x: jax.Array, tokens: TokenInfo):
     hidden = gelu(self.fc1(x, tokens))
@@ -539,20 +522,18 @@ class Mlp(nnx.Module):
     return add_adapters(y, self.adapters, x, tokens)
 
 
-class GeGLU(nnx.Module):
-  """Gemma's MLP: down(gelu(gate(x)) * up(x)), without biases; adapters as
-  `Mlp`'s."""
+class GeGLU(MlpBlock):
+  """Gemma's MLP: down(gelu(gate(x)) * up(x)), without biases."""
+  activation = "geglu"
 
-  def __init__(self, path: str, width: int, mlp_dim: int, *,
-               make_linear: LinearFactory, rngs: nnx.Rngs,
-               out_features: int | None = None,
-               adapters: dict[str, nnx.Module] | None = None):
-    linear = child_linear(make_linear, path, use_bias=False, rngs=rngs)
-    self.gate = linear("gate", width, mlp_dim, ("embed", "mlp"))
-    self.up = linear("up", width, mlp_dim, ("embed", "mlp"))
-    self.down = linear("down", mlp_dim, out_features or width,
-                       ("mlp", "embed"))
-    self.adapters = nnx.Dict(adapters) if adapters else None
+  def __init__(self, width: int, mlp_dim: int, *, rngs: nnx.Rngs,
+               out_features: int | None = None, causal: bool = False):
+    self._set_shape(width, mlp_dim, out_features, causal)
+    linear = lambda n_in, n_out, axes: Dense(n_in, n_out, axes=axes,
+                                             use_bias=False, rngs=rngs)
+    self.gate = linear(width, mlp_dim, ("embed", "mlp"))
+    self.up = linear(width, mlp_dim, ("embed", "mlp"))
+    self.down = linear(mlp_dim, self.out_features, ("mlp", "embed"))
 
   def __call__(self, x: jax.Array, tokens: TokenInfo):
     hidden = gelu(self.gate(x, tokens))
@@ -563,33 +544,4 @@ class GeGLU(nnx.Module):
 
 # activation -> the dense MLP block with it; sparse MoE experts mirror these
 # layouts (`experts/sparse.py`), so they can be upcycled from them.
-MLPS = {"gelu": Mlp, "geglu": GeGLU}
-
-
-def make_mlp(path: str, width: int, mlp_dim: int, *, activation: str,
-             make_linear: LinearFactory, rngs: nnx.Rngs,
-             match_paths: tuple[str, ...] | None = None,
-             out_features: int | None = None, causal: bool = False,
-             adapters: dict[str, nnx.Module] | None = None):
-  """The default MlpFactory: the dense MLP block of the given activation.
-
-  Args:
-    path: where the block's parameters live (`decoder/layers/mlp`).
-    width, mlp_dim: input and hidden widths.
-    activation: "gelu" (`Mlp`) or "geglu" (`GeGLU`).
-    make_linear: builds the block's linear layers.
-    rngs: initialisation.
-    match_paths: the paths expert configs match (one per layer of a stack;
-      see `Dense`). A dense block has no experts of its own to attach.
-    out_features: output width (default `width`).
-    causal: some of the block's tokens attend causally, so a token's output
-      must not depend on other tokens. A dense block is per-token anyway.
-    adapters: {name: module} added beside the block (`experts/attach.py`).
-  """
-  del match_paths, causal  # Only factories that attach experts use them.
-  if activation not in MLPS:
-    raise ValueError(f"{path}: unknown MLP activation {activation!r}; "
-                     f"expected one of {sorted(MLPS)}.")
-  return MLPS[activation](path, width, mlp_dim, make_linear=make_linear,
-                          rngs=rngs, out_features=out_features,
-                          adapters=adapters)
+MLPS = {block.activation: block for block in (Mlp, GeGLU)}

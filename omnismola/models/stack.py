@@ -10,8 +10,9 @@ Expert configs address single layers: a linear layer or MLP block of the
 tower `decoder/layers` matches its `targets` regex as
 `decoder/layers/0/attn/q`, ..., `decoder/layers/{depth-1}/attn/q`, by its
 global layer index. Layers whose experts differ cannot share a stack, so a
-tower is split into segments, runs of consecutive layers that the expert
-factories treat alike (`tower_segments`):
+tower is split into segments, runs of consecutive layers that get the same
+experts (a `Plan`, which experts/attach.py derives from the model built
+without experts):
 
 * one segment (every dense model; experts on all layers): one stack at
   `decoder/layers`, parameters `decoder/layers/attn/q/kernel` [depth, ...],
@@ -20,11 +21,13 @@ factories treat alike (`tower_segments`):
   `decoder/layers_0_4` and `decoder/layers_4_8` (layers [start, stop)),
   siblings of the tower's owner, run one after the other.
 
-Which experts a layer gets is asked of the factories without building
-anything: a factory that attaches experts is a method of an object with
-`experts_at(path)` (`experts/attach.py`'s ExpertFactory), which returns the
-entries whose targets match `path`; plain factories (`make_dense`,
-`make_mlp`) attach nothing, so their towers are one segment.
+A module with towers takes a `Plan` and calls `add_tower_layers(self,
+name, make_layer, depth, plan, rngs)` for each: the plan says the tower's
+segments and attaches experts to each layer as it is created (inside the
+stacked constructor, so they get the layer axis too). Each stack records
+which layers of its tower it holds (`layer_span`), which is how the plan
+finds towers in a built model. The default plan attaches nothing: every
+tower is one segment.
 
 Routers inside a layer report their losses, statistics and usage
 (`layers.report`); `scan_stack` collects each layer's reports and returns
@@ -47,9 +50,8 @@ CPU at small widths, compile time growing with depth. Parameters are
 stacked either way, so checkpoints do not depend on it.
 """
 import dataclasses
-import functools
 import re
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -95,83 +97,52 @@ class Segment:
     return self.path.rsplit("/", 1)[-1]
 
 
-def segment_path(prefix: str, start: int, stop: int, depth: int) -> str:
-  """Where layers [start, stop) of the tower `prefix` live: `prefix` itself
-  for the whole tower, `prefix_start_stop` for a part."""
-  return prefix if (start, stop) == (0, depth) else f"{prefix}_{start}_{stop}"
+def join(prefix: str, name: str) -> str:
+  return f"{prefix}/{name}" if prefix else name
 
 
 def split_segments(signatures: list[Hashable], prefix: str
                    ) -> tuple[Segment, ...]:
-  """Runs of consecutive layers with equal signatures, as segments."""
+  """Runs of consecutive layers with equal signatures, as segments: the
+  whole tower at `prefix`, or parts at `prefix_start_stop`."""
   depth, starts = len(signatures), [0]
   starts += [i for i in range(1, depth) if signatures[i] != signatures[i - 1]]
-  return tuple(Segment(segment_path(prefix, start, stop, depth), start, stop)
-               for start, stop in zip(starts, starts[1:] + [depth]))
+  stops = starts[1:] + [depth]
+  return tuple(
+      Segment(prefix if (start, stop) == (0, depth)
+              else f"{prefix}_{start}_{stop}", start, stop)
+      for start, stop in zip(starts, stops))
 
 
-def _expert_matchers(*factories) -> list[Callable[[str], Hashable]]:
-  """`experts_at` of the objects the factories are methods of, once each."""
-  owners = []
-  for make in factories:
-    owner = getattr(make, "__self__", None)
-    if hasattr(owner, "experts_at") and not any(o is owner for o in owners):
-      owners.append(owner)
-  return [owner.experts_at for owner in owners]
+def _attach_nothing(module: nnx.Module, path: str, rngs: nnx.Rngs) -> None:
+  del module, path, rngs
 
 
-def _module_suffixes(layer_cls, prefix: str, config) -> list[str]:
-  """Paths, relative to `prefix`, of the linear layers and MLP blocks of one
-  `layer_cls` layer built with the plain factories (traced, not allocated)."""
-  suffixes = []
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How a model's towers are split and where experts attach.
 
-  def recording(make):
-    def make_recorded(path, *args, **kwargs):
-      suffixes.append(path[len(prefix):])
-      return make(path, *args, **kwargs)
-    return make_recorded
-
-  nnx.eval_shape(lambda: layer_cls(
-      prefix, config, make_linear=recording(layers.make_dense),
-      make_mlp=recording(layers.make_mlp), rngs=nnx.Rngs(0)))
-  return suffixes
-
-
-def tower_segments(layer_cls, prefix: str, config, *, make_linear,
-                   make_mlp) -> tuple[Segment, ...]:
-  """The segments of a tower of `config.depth` layers at `prefix`.
-
-  Layer i's signature is what the factories attach to each of its modules
-  at their match paths `prefix/i/...`; consecutive layers with equal
-  signatures share a segment.
+  Attributes:
+    prefix: the path of the module the plan is handed to ("" for the VLM;
+      `child` scopes it to a child).
+    towers: {tower path: its segments}; towers not listed are one segment.
+    attach: `attach(module, path, rngs)` adds experts to `module`, built at
+      `path`, and its children: each layer of a stack as it is created, and
+      the rest of the model once built (`experts/attach.py`).
   """
-  matchers = _expert_matchers(make_linear, make_mlp)
-  if not matchers:
-    return split_segments([()] * config.depth, prefix)
-  suffixes = _module_suffixes(layer_cls, prefix, config)
-  signature = lambda i: tuple(match(f"{prefix}/{i}{suffix}")
-                              for suffix in suffixes for match in matchers)
-  return split_segments([signature(i) for i in range(config.depth)], prefix)
+  prefix: str = ""
+  towers: Mapping[str, tuple[Segment, ...]] = dataclasses.field(
+      default_factory=dict)
+  attach: Callable[[nnx.Module, str, nnx.Rngs], None] = _attach_nothing
 
+  def child(self, name: str) -> "Plan":
+    """The plan of the child `name` of the module at `prefix`."""
+    return dataclasses.replace(self, prefix=join(self.prefix, name))
 
-def stacked_factory(make: Callable[..., nnx.Module], segment: Segment,
-                    prefix: str) -> Callable[..., nnx.Module]:
-  """A module factory (LinearFactory, MlpFactory) for the layer of a stack.
-
-  `make(path, ...)` is called with `match_paths`, the module's path as seen
-  in each layer of `segment` of the tower `prefix`: `prefix/i/...` with the
-  global layer index i.
-  """
-
-  def make_stacked(path: str, *args, **kwargs):
-    if not path.startswith(segment.path + "/"):
-      raise ValueError(f"{path} is not inside the stack {segment.path}.")
-    suffix = path[len(segment.path):]
-    match_paths = tuple(f"{prefix}/{i}{suffix}"
-                        for i in range(segment.start, segment.stop))
-    return make(path, *args, match_paths=match_paths, **kwargs)
-
-  return make_stacked
+  def segments(self, name: str, depth: int) -> tuple[Segment, ...]:
+    """The segments of the tower `name` (of `depth` layers) at `prefix`."""
+    path = join(self.prefix, name)
+    return self.towers.get(path, (Segment(path, 0, depth),))
 
 
 def create_stack(make_layer: Callable[[nnx.Rngs], nnx.Module], depth: int,
@@ -192,26 +163,28 @@ def create_stack(make_layer: Callable[[nnx.Rngs], nnx.Module], depth: int,
   return stack
 
 
-def add_tower_layers(owner: nnx.Module, layer_cls, prefix: str, config, *,
-                     make_linear, make_mlp,
-                     rngs: nnx.Rngs) -> tuple[Segment, ...]:
-  """Creates the `config.depth` layers `layer_cls(path, config, ...)` of the
-  tower `prefix` as one stack per segment, each set on `owner` (the module
-  at `prefix`'s parent path) under its `Segment.attribute`.
+def add_tower_layers(owner: nnx.Module, name: str,
+                     make_layer: Callable[[nnx.Rngs], nnx.Module], depth: int,
+                     plan: Plan, rngs: nnx.Rngs) -> tuple[Segment, ...]:
+  """Creates the `depth` layers `make_layer(rngs)` of the tower `name` of
+  `owner` (the module at `plan.prefix`), one stack per segment, each set
+  on `owner` under its `Segment.attribute` with the plan's experts.
 
   Returns:
     The segments, for `scan_tower`.
   """
-  segments = tower_segments(layer_cls, prefix, config,
-                            make_linear=make_linear, make_mlp=make_mlp)
+  segments = plan.segments(name, depth)
   for segment in segments:
-    make_layer = functools.partial(
-        layer_cls, segment.path, config,
-        make_linear=stacked_factory(make_linear, segment, prefix),
-        make_mlp=stacked_factory(make_mlp, segment, prefix))
-    setattr(owner, segment.attribute,
-            create_stack(lambda rngs: make_layer(rngs=rngs),
-                         segment.stop - segment.start, rngs))
+
+    def make_with_experts(rngs, segment=segment):
+      layer = make_layer(rngs)
+      plan.attach(layer, segment.path, rngs)
+      return layer
+
+    layer_stack = create_stack(make_with_experts, segment.stop - segment.start,
+                               rngs)
+    layer_stack.layer_span = (segment.start, segment.stop)
+    setattr(owner, segment.attribute, layer_stack)
   return segments
 
 

@@ -7,8 +7,7 @@ position embedding is learned; attention and MLP have biases; there is no
 pooling head (PaliGemma feeds every patch token to the decoder). The layers
 are one scanned stack (`stack.py`), as in big_vision's scanned ViT, or one
 per segment where experts attach to some layers only (`vit/layers_0_2`, ...).
-Every linear layer and MLP block is built by a factory, so experts attach by
-path.
+Experts attach by the plan the ViT is given (`stack.Plan`).
 """
 import dataclasses
 
@@ -17,8 +16,7 @@ from flax import nnx
 
 from omnismola.models import layers
 from omnismola.models import stack
-from omnismola.models.layers import (LinearFactory, MlpFactory, TokenInfo,
-                                     make_dense)
+from omnismola.models.layers import Dense, TokenInfo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,30 +56,25 @@ def patchify(image: jax.Array, patch_size: int) -> jax.Array:
   return x.reshape(batch, (height // p) * (width // p), p * p * channels)
 
 
-def encoder_attention(path: str, config: ViTConfig, *,
-                      make_linear: LinearFactory,
+def encoder_attention(config: ViTConfig, *,
                       rngs: nnx.Rngs) -> layers.Attention:
   """The ViT's attention at `config`'s width: all heads for keys and values,
   biases, no RoPE (positions are learned embeddings)."""
   heads = config.num_heads
   return layers.Attention(
-      path, config.width, num_heads=heads, num_kv_heads=heads,
+      config.width, num_heads=heads, num_kv_heads=heads,
       head_dim=config.width // heads, use_bias=True,
-      rope_max_wavelength=None, make_linear=make_linear, rngs=rngs)
+      rope_max_wavelength=None, rngs=rngs)
 
 
 class EncoderLayer(nnx.Module):
   """Pre-LN transformer block with bidirectional attention."""
 
-  def __init__(self, path: str, config: ViTConfig, *,
-               make_linear: LinearFactory, make_mlp: MlpFactory,
-               rngs: nnx.Rngs):
+  def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
     self.norm1 = layers.LayerNorm(config.width, eps=config.norm_eps)
-    self.attn = encoder_attention(f"{path}/attn", config,
-                                  make_linear=make_linear, rngs=rngs)
+    self.attn = encoder_attention(config, rngs=rngs)
     self.norm2 = layers.LayerNorm(config.width, eps=config.norm_eps)
-    self.mlp = make_mlp(f"{path}/mlp", config.width, config.mlp_dim,
-                        activation="gelu", make_linear=make_linear, rngs=rngs)
+    self.mlp = layers.Mlp(config.width, config.mlp_dim, rngs=rngs)
 
   def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
     attn, _ = self.attn(self.norm1(x), tokens, mask=None)
@@ -93,23 +86,21 @@ class EncoderLayer(nnx.Module):
 class ViT(nnx.Module):
   """Image [B, H, W, 3] in [-1, 1] -> patch tokens [B, N, width]."""
 
-  def __init__(self, config: ViTConfig, *, path: str = "vit",
-               make_linear: LinearFactory = make_dense,
-               make_mlp: MlpFactory = layers.make_mlp,
+  def __init__(self, config: ViTConfig, *,
+               plan: stack.Plan = stack.Plan("vit"),
                loop: stack.LayerLoop = stack.LayerLoop(), rngs: nnx.Rngs):
     self.config = config
     self.loop = loop
     patch_pixels = config.patch_size**2 * 3
-    self.embedding = make_linear(f"{path}/embedding", patch_pixels,
-                                 config.width, axes=("patch", "embed"),
-                                 use_bias=True, rngs=rngs)
+    self.embedding = Dense(patch_pixels, config.width,
+                           axes=("patch", "embed"), use_bias=True, rngs=rngs)
     init = jax.nn.initializers.normal(stddev=config.width**-0.5)
     self.pos_embedding = nnx.Param(
         init(rngs.params(), (config.num_patches, config.width)),
         logical_axes=("vision_patches", "embed"))
     self.segments = stack.add_tower_layers(
-        self, EncoderLayer, f"{path}/layers", config,
-        make_linear=make_linear, make_mlp=make_mlp, rngs=rngs)
+        self, "layers", lambda rngs: EncoderLayer(config, rngs=rngs),
+        config.depth, plan, rngs)
     self.norm = layers.LayerNorm(config.width, eps=config.norm_eps)
 
   def __call__(self, image: jax.Array, tokens: TokenInfo):

@@ -27,8 +27,7 @@ from omnismola.models.decoder import (Decoder, DecoderConfig, KVCache,
                                       sliding_window_mask)
 from omnismola.models import layers
 from omnismola.models import stack
-from omnismola.models.layers import (LinearFactory, MlpFactory, TokenInfo,
-                                     make_dense)
+from omnismola.models.layers import TokenInfo
 from omnismola.models.vit import ViT, ViTConfig
 
 
@@ -204,24 +203,22 @@ class DecoderRun(NamedTuple):
 
 
 class VLM(nnx.Module):
-  """PaliGemma-style VLM with every linear layer built by `make_linear` and
-  every MLP block by `make_mlp`."""
+  """PaliGemma-style VLM with the experts `plan` attaches (`build.py` makes
+  it from `config.experts`; the default attaches none)."""
 
-  def __init__(self, config: VLMConfig, *,
-               make_linear: LinearFactory = make_dense,
-               make_mlp: MlpFactory = layers.make_mlp, rngs: nnx.Rngs):
+  def __init__(self, config: VLMConfig, *, plan: stack.Plan = stack.Plan(),
+               rngs: nnx.Rngs):
     self.config = config
     for name, encoder in config.encoders.items():
-      setattr(self, name, ViT(encoder, path=name, make_linear=make_linear,
-                              make_mlp=make_mlp,
+      setattr(self, name, ViT(encoder, plan=plan.child(name),
                               loop=config.layer_loop, rngs=rngs))
     self.connector = make_connector(
-        config.connector, "connector", config.encoders, config.decoder.width,
-        move=config.move, make_linear=make_linear, make_mlp=make_mlp,
-        rngs=rngs)
-    self.decoder = Decoder(config.decoder, path="decoder",
-                           make_linear=make_linear, make_mlp=make_mlp,
+        config.connector, config.encoders, config.decoder.width,
+        move=config.move, plan=plan.child("connector"), rngs=rngs)
+    self.decoder = Decoder(config.decoder, plan=plan.child("decoder"),
                            loop=config.layer_loop, rngs=rngs)
+    # The towers' layers got theirs as they were stacked.
+    plan.attach(self, plan.prefix, rngs)
 
   @property
   def num_image_tokens(self) -> int:
