@@ -12,7 +12,6 @@ from flax import nnx
 # The sorts of module experts attach to, as error messages name them.
 LINEAR = "linear layer"
 BLOCK = "MLP block"
-SORTS = (LINEAR, BLOCK)
 
 
 @dataclasses.dataclass(frozen=True)

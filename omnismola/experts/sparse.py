@@ -41,12 +41,6 @@ from omnismola.models.layers import Dense, TokenInfo, record_usage
 
 POOLS = ("all", "image", "text")
 DISPATCHES = ("capacity", "dropless", "ragged", "blocked")
-# activation -> the MLP's layers, as (name, in is width, use_bias).
-ACTIVATIONS = {
-    "geglu": (("gate", True, False), ("up", True, False),
-              ("down", False, False)),
-    "gelu": (("fc1", True, True), ("fc2", False, True)),
-}
 
 
 @flax.struct.dataclass
@@ -196,10 +190,14 @@ def dense_linear(h: jax.Array, kernel: jax.Array,
 
 def layer_shapes(activation: str, width: int, mlp_dim: int,
                  out_features: int) -> dict[str, tuple]:
-  """{layer name: (in, out, logical axes, use_bias)} of an MLP's layers."""
-  return {name: ((width, mlp_dim, ("embed", "mlp")) if from_width
-                 else (mlp_dim, out_features, ("mlp", "embed"))) + (use_bias,)
-          for name, from_width, use_bias in ACTIVATIONS[activation]}
+  """{layer name: (in, out, logical axes, use_bias)} of the dense MLP block
+  of `activation` (models/layers.py's MLPS), which the experts mirror."""
+  block = nnx.eval_shape(lambda: layers.MLPS[activation](
+      width, mlp_dim, out_features=out_features, rngs=nnx.Rngs(0)))
+  return {name: (dense.in_features, dense.out_features, dense.axes,
+                 dense.bias is not None)
+          for name, dense in nnx.iter_children(block)
+          if isinstance(dense, Dense)}
 
 
 def linear_weights(layer) -> tuple[jax.Array, jax.Array | None]:
@@ -305,9 +303,9 @@ class SparseMoE(nnx.Module):
     if any(n < top_k for n in pools.values()) or top_k < 1:
       raise ValueError(f"Every pool needs at least top_k={top_k} >= 1 "
                        f"experts, got {pools}.")
-    if activation not in ACTIVATIONS:
+    if activation not in layers.MLPS:
       raise ValueError(f"Unknown activation {activation!r}; expected "
-                       f"one of {sorted(ACTIVATIONS)}.")
+                       f"one of {sorted(layers.MLPS)}.")
     if dense_fallback and set(pools) not in ({"image"}, {"text"}):
       raise ValueError(f"dense_fallback serves the modality without "
                        f"a pool; pools {pools} leave none (give "
