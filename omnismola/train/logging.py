@@ -220,6 +220,6 @@ def peak_memory() -> dict[str, float]:
 
 
 def print_line(text: str) -> None:
-  """A progress line on stdout for people, also in the absl log."""
+  """A progress line on stdout for people, from process 0."""
   if jax.process_index() == 0:
     print(text, file=sys.stdout, flush=True)
