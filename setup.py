@@ -12,7 +12,7 @@ setuptools.setup(
     install_requires=[
         # Model, experts, trainer and evaluation (no TensorFlow needed there).
         "jax>=0.6",
-        "flax>=0.11",
+        "flax>=0.11.2",  # nnx.data
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         "ml-collections>=0.1.1",
