@@ -220,6 +220,12 @@ def test_command_line(tmp_path):
   assert bad.returncode != 0 and "config.json" in bad.stderr
 
 
+# The trainer's init path is the same for both text configs (their own
+# parts are checked above: logits, fresh experts, layout); a minute of
+# SMoLA compile each, so Gemma 2's run is in the slow suite.
+@pytest.mark.parametrize(
+    "converted", ["gemma", pytest.param("gemma2", marks=pytest.mark.slow)],
+    indirect=True)
 def test_converted_checkpoint_initialises_training(converted,
                                                    synthetic_data_dir,
                                                    tmp_path):

@@ -223,11 +223,13 @@ MODELS = {
 
 
 def _random_model(overrides, experts) -> VLM:
-  """A tiny VLM with every parameter random, adapters included."""
+  """A tiny VLM with every parameter random, adapters included: built and
+  randomised in one jitted call (eagerly, every initializer and draw
+  dispatches op by op)."""
   config = presets.get_preset("tiny", **overrides)
-  return checks.randomized(
-      VLM(config, plan=build.expert_plan(experts, config), rngs=nnx.Rngs(0)),
-      scale=0.3)
+  plan = build.expert_plan(experts, config)
+  return nnx.jit(lambda: checks.randomized(
+      VLM(config, plan=plan, rngs=nnx.Rngs(0)), scale=0.3))()
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -237,14 +239,17 @@ def test_packed_examples_compute_as_they_would_alone(name):
   size = model.config.vit.image_size
   lengths, prefixes = [5, 3, 8, 2, 6, 4, 7], [2, 1, 6, 1, 3, 2, 3]
   examples = _examples(lengths, prefixes, width=8, image_size=size)
-  single = model(*(jnp.asarray(examples[k]) for k in
-                   ("image", "text", "mask_ar", "mask_input")))
+  # Jitted, as the model runs in training and decoding (eagerly, MoVE's
+  # op-by-op dispatch took longer than compiling).
+  single = nnx.jit(lambda m, *args: m(*args))(
+      model, *(jnp.asarray(examples[k]) for k in
+               ("image", "text", "mask_ar", "mask_input")))
   rows = packing.pack_window({k: tf.constant(v) for k, v in examples.items()},
                              max_examples=3, text_length=12)
   rows = {k: jnp.asarray(v.numpy()) for k, v in rows.items()}
-  packed, _ = model.forward(rows["image"], rows["text"], rows["mask_ar"],
-                            rows["mask_input"],
-                            segment_ids=rows["segment_ids"])
+  packed, _ = nnx.jit(lambda m, *args, **kw: m.forward(*args, **kw))(
+      model, rows["image"], rows["text"], rows["mask_ar"], rows["mask_input"],
+      segment_ids=rows["segment_ids"])
   for k, (r, _, offset) in enumerate(_first_fit_reference(lengths, 3, 12)):
     np.testing.assert_allclose(packed[r, offset:offset + lengths[k]],
                                single[k, :lengths[k]], rtol=2e-4, atol=2e-4)

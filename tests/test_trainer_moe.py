@@ -4,6 +4,7 @@ import json
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from omnismola.train import init as init_lib
 from omnismola.train import optim
@@ -23,6 +24,16 @@ def _moe_config(data_dir, **train):
   c = tiny_config(data_dir, **train)
   c.experts = MOE
   return c
+
+
+@pytest.fixture(scope="module")
+def dense(synthetic_data_dir, tmp_path_factory):
+  """The workdir of a finished 2-step dense run (checkpoint of step 2),
+  which both upcycling tests start from (neither writes into it)."""
+  workdir = tmp_path_factory.mktemp("dense")
+  trainer.train_and_evaluate(tiny_config(synthetic_data_dir, steps=2),
+                             str(workdir))
+  return workdir
 
 
 def test_aux_losses_and_routing_stats_are_logged(synthetic_data_dir,
@@ -45,12 +56,10 @@ def test_aux_losses_and_routing_stats_are_logged(synthetic_data_dir,
   assert row["aux_loss"] >= 0.02 * 0.99
 
 
-def test_moe_model_upcycles_from_a_dense_run(synthetic_data_dir, tmp_path):
+def test_moe_model_upcycles_from_a_dense_run(synthetic_data_dir, dense,
+                                            tmp_path):
   """Stage 2 of CuMo: a dense checkpoint initialises an MoE model whose
   experts are copies of the dense MLPs (the routers start fresh)."""
-  dense = tmp_path / "dense"
-  trainer.train_and_evaluate(tiny_config(synthetic_data_dir, steps=2),
-                             str(dense))
   c = _moe_config(synthetic_data_dir, steps=1)
   c.init.checkpoint = str(dense)
   mesh = partitioning.make_mesh(dict(c.mesh))
@@ -74,12 +83,9 @@ def test_moe_model_upcycles_from_a_dense_run(synthetic_data_dir, tmp_path):
 
 
 def test_upcycle_false_keeps_fresh_experts_and_loads_the_rest(
-    synthetic_data_dir, tmp_path):
+    synthetic_data_dir, dense):
   """init.upcycle=False (CuMo's from-scratch ablation): the MoE experts keep
   their fresh initialisation; every parameter the dense run has loads."""
-  dense = tmp_path / "dense"
-  trainer.train_and_evaluate(tiny_config(synthetic_data_dir, steps=2),
-                             str(dense))
   saved = init_lib.flatten_by_path(
       ocp.StandardCheckpointer().restore(
           str(dense / "checkpoints" / "2" / "state"))["params"])
