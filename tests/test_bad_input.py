@@ -65,6 +65,13 @@ def _finished_tiny_run(synthetic_data_dir, tmp_path_factory):
   return workdir, command
 
 
+# The slow suite: the fixture's run compiles SMoLA's train step in a fresh
+# process (a minute on 2 cores). The default suite has the stop in
+# test_resume_config.py::test_a_changed_run_stops_before_anything_is_written
+# (the same three kinds of change, the real trainer, nothing written) and
+# the command line's clean failure on an InputError (which
+# ConfigChangedError is) in the other tests here.
+@pytest.mark.slow
 @pytest.mark.parametrize("change, named", [
     ("--config.train.steps=4", "train.steps: 2 → 4"),
     ("--config.train.batch_size=16", "train.batch_size: 8 → 16"),

@@ -120,16 +120,19 @@ def _logged(run, key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in map(json.loads, f)}
 
 
-@pytest.mark.parametrize("change, named", [
-    (dict(steps=6), "train.steps: 4 → 6"),
-    (dict(batch_size=16), "train.batch_size: 8 → 16")])
+@pytest.mark.parametrize("change, model, named", [
+    (dict(steps=6), {}, "train.steps: 4 → 6"),
+    (dict(batch_size=16), {}, "train.batch_size: 8 → 16"),
+    # Other shapes than the checkpoint's: the same stop, no shape error.
+    ({}, dict(width=48), "model.decoder.width: 32 → 48")])
 def test_a_changed_run_stops_before_anything_is_written(
-    finished_run, synthetic_data_dir, tmp_path, change, named):
+    finished_run, synthetic_data_dir, tmp_path, change, model, named):
   run = _copy(finished_run, tmp_path)
   before = snapshot(run)
+  config = tiny_config(synthetic_data_dir, schedule="cosine", **change)
+  config.model.decoder.update(model)
   with pytest.raises(resume.ConfigChangedError, match=named):
-    trainer.train_and_evaluate(
-        tiny_config(synthetic_data_dir, schedule="cosine", **change), str(run))
+    trainer.train_and_evaluate(config, str(run))
   assert snapshot(run) == before
 
 
