@@ -81,3 +81,65 @@ def test_gpu_script_runs_on_tiny_shapes(tmp_path):
   assert "omnismola_lora_over_hf_peft_examples_per_s=" in peer_out
   suite_out = (tmp_path / "step_suite.txt").read_text()
   assert "smola_over_lora_step_s=" in suite_out
+
+
+def _pages(root, readme: str, page: str):
+  (root / "docs").mkdir()
+  (root / "README.md").write_text(readme)
+  (root / "docs" / "performance.md").write_text(page)
+
+
+def test_figures_reads_the_commands_the_pages_show(tmp_path):
+  """benchmarks/figures.py measures what the docs show: README's main
+  command, then every `bash` block command of the page in order (joined
+  continuations, comments dropped, each once), no accelerator command."""
+  from benchmarks import figures  # pylint: disable=g-import-not-at-top
+  _pages(tmp_path,
+         "```bash\npython3 -m venv .venv && pip install -e . && "
+         "python -m omnismola.main --config=configs/mix.py --workdir=/tmp/a\n"
+         "```\n",
+         "text\n```bash\npython -m benchmarks.step --preset=small \\\n"
+         "    --steps=10   # the default\n# a comment\n\n"
+         "bash benchmarks/gpu.sh OUT\n"
+         "python -m benchmarks.step --suite=paligemma_3b_224 --batch=8\n"
+         "```\n```python\nprint('not a command')\n```\n"
+         "```bash\nX=1 python benchmarks/smola.py --experts=4\n"
+         "python -m benchmarks.step --preset=small --steps=10\n```\n")
+  assert figures.documented_commands(tmp_path) == [
+      "python -m omnismola.main --config=configs/mix.py --workdir=/tmp/a",
+      "python -m benchmarks.step --preset=small --steps=10",
+      "X=1 python benchmarks/smola.py --experts=4"]
+  assert [figures.program(c) for c in figures.documented_commands(tmp_path)
+          ] == ["omnismola.main", "benchmarks.step", "smola.py"]
+
+
+def test_figures_runs_each_command_in_a_fresh_workdir_and_goes_on_after_a_failure(
+    tmp_path, monkeypatch, capsys):
+  from benchmarks import figures  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "repo"
+  root.mkdir()
+  show_argv = "import sys; print(sys.argv[1:])"
+  _pages(root,
+         f'```bash\npython -m omnismola.main -c "{show_argv}" '
+         "--workdir=/tmp/somewhere_else\n```\n",
+         '```bash\npython -c "raise SystemExit(3)"\n'
+         'python -c "print(2 + 2)"\n```\n')
+  # The README's pattern: `python -m omnismola.main ...` stands for a
+  # program; here `python -m` gets a module that echoes its arguments.
+  (root / "omnismola").mkdir()
+  (root / "omnismola" / "main.py").write_text(show_argv + "\n")
+  monkeypatch.setattr(figures, "ROOT", root)
+  out = tmp_path / "out"
+  assert figures.main([f"--out={out}"]) == 1
+  logs = sorted(p.name for p in out.glob("*.log"))
+  assert logs == ["01_omnismola.main.log", "02_python.log", "03_python.log"]
+  first = (out / "01_omnismola.main.log").read_text()
+  assert f"--workdir={out / 'runs' / '01'}" in first
+  assert "/tmp/somewhere_else" not in first.split("\n", 1)[1]
+  assert "# exit status 0" in first
+  assert "# exit status 3" in (out / "02_python.log").read_text()
+  assert "4\n" in (out / "03_python.log").read_text()
+  rows = [l for l in (out / "summary.md").read_text().splitlines()
+          if l.startswith("| 0")]
+  assert [r.rsplit("|", 2)[1].strip() for r in rows] == ["0", "3", "0"]
+  assert "1 command(s) failed" in capsys.readouterr().out
