@@ -34,26 +34,12 @@ from flax import nnx
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from omnismola import pretrained
+from omnismola import predict
 from omnismola import storage
 from omnismola.models import layers
 from omnismola.train import logging as log_lib
 
 MODALITIES = ("image", "prefix", "suffix")
-
-
-def load_model(config, workdir: str) -> nnx.Module:
-  """The workdir's model (see the module docstring for the fallback)."""
-  try:
-    return pretrained.from_pretrained(workdir)
-  except FileNotFoundError as e:
-    if not config.init.checkpoint:
-      raise FileNotFoundError(
-          f"No checkpoint in {workdir} to analyze: train first "
-          "(--mode=train), or set --config.init.checkpoint to a converted "
-          "model.") from e
-    return pretrained.from_pretrained(config.init.checkpoint,
-                                      experts=list(config.experts))
 
 
 def token_modalities(num_image_tokens: int, batch: dict) -> jax.Array:
@@ -126,9 +112,8 @@ def collect(model: nnx.Module, task_batches) -> dict:
       for router, (sums, served) in usage.items():
         if served.ndim == 1:  # Outside a stack: one layer.
           sums, served = sums[None], served[None]
-        if router in totals:
-          sums, served = sums + totals[router][0], served + totals[router][1]
-        totals[router] = (sums, served)
+        summed = totals.get(router, (0, 0))
+        totals[router] = (sums + summed[0], served + summed[1])
     per_task.append(totals)
   return {router: tuple(np.stack([totals[router][i] for totals in per_task])
                         for i in (0, 1))
@@ -212,7 +197,7 @@ def analyze(config, workdir: str) -> list[str]:
   from omnismola.data import pipeline  # TensorFlow only from here on.
 
   workdir = storage.path(workdir)
-  model = load_model(config, workdir)
+  model = predict.load_model(config, workdir)
   pipeline.prepare(config.data)
   tasks = list(config.eval.tasks) or pipeline.mixture_task_names(config.data)
 

@@ -5,6 +5,7 @@ from flax import nnx
 
 from omnismola.experts import attach
 from omnismola.models import presets
+from omnismola.models.connectors import MoVEConfig
 from omnismola.models.vlm import VLM
 
 
@@ -32,7 +33,7 @@ def vlm_config(model_fields) -> presets.VLMConfig:
       decoder=presets.DecoderConfig(**fields.pop("decoder")),
       extra_vits=tuple(presets.ViTConfig(**vit)
                        for vit in fields.pop("extra_vits")),
-      move=presets.MoVEConfig(**fields.pop("move")),
+      move=MoVEConfig(**fields.pop("move")),
       **fields)
 
 

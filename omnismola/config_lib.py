@@ -55,8 +55,7 @@ def check_override_keys(config, argv) -> None:
       continue
     node, seen = config, "config"
     for step in match.group(1).split("."):
-      fields = _fields(node)
-      if fields is None:
+      if not callable(getattr(node, "keys", None)):
         if isinstance(node, (list, tuple)) and step.isdigit():
           raise ConfigKeyError(
               f"{arg!r}: {seen} is a list; index it as {seen}[{step}] "
@@ -64,10 +63,10 @@ def check_override_keys(config, argv) -> None:
         break  # Below a leaf value (e.g. into a dict): let the parser decide.
       parts = _STEP.match(step)
       name, indices = parts.groups() if parts else (step, "")
-      if name not in fields:
+      if name not in node.keys():
         raise ConfigKeyError(
             f"Unknown config key in {arg!r}: {seen} has no field {name!r}. "
-            f"Valid fields of {seen}: {', '.join(sorted(fields))}.")
+            f"Valid fields of {seen}: {', '.join(sorted(node.keys()))}.")
       node, seen = node[name], f"{seen}.{name}"
       for index in re.findall(r"-?\d+", indices):
         if not isinstance(node, (list, tuple)):
@@ -76,12 +75,6 @@ def check_override_keys(config, argv) -> None:
           raise ConfigKeyError(f"{arg!r}: {seen} has {len(node)} entries; "
                                f"[{index}] is out of range.")
         node, seen = node[int(index)], f"{seen}[{index}]"
-
-
-def _fields(node):
-  if hasattr(node, "keys") and callable(node.keys):
-    return list(node.keys())
-  return None
 
 
 def parse_arg(arg: str | None, **defaults) -> "ml_collections.ConfigDict":
@@ -98,10 +91,9 @@ def parse_arg(arg: str | None, **defaults) -> "ml_collections.ConfigDict":
     if key not in defaults:
       raise ConfigKeyError(f"Unknown config argument {key!r}; known: "
                            f"{', '.join(sorted(defaults))}.")
-    default = defaults[key]
     if not sep:
       raise ValueError(f"Config argument {item!r} needs a value: {key}=...")
-    values[key] = _typed(raw.strip(), default, key)
+    values[key] = _typed(raw.strip(), defaults[key], key)
   return ml_collections.ConfigDict(values)
 
 

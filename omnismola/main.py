@@ -107,13 +107,6 @@ def initialize_distributed(coordinator_address: str | None,
     logging.info("No multi-host cluster detected: running one process.")
 
 
-def check_storage(config, workdir: str) -> None:
-  """The workdir's bucket (for a URL) exists and TensorFlow can read the data
-  dir, before anything is written (omnismola/storage.py)."""
-  storage.check_bucket(workdir)
-  storage.tensorflow_location(config.data.tfds_data_dir)
-
-
 def main(argv):
   del argv
   initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
@@ -127,7 +120,10 @@ def main(argv):
   logging.info("Config:\n%s", config)
   try:
     schema.check(config)
-    check_storage(config, _WORKDIR.value)
+    # Before anything is written: the workdir's bucket (for a URL) exists
+    # and TensorFlow can read the data dir (omnismola/storage.py).
+    storage.check_bucket(_WORKDIR.value)
+    storage.tensorflow_location(config.data.tfds_data_dir)
     run_mode(_MODE.value, config, _WORKDIR.value)
   except (guards.NonFiniteError, errors.InputError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -149,12 +145,12 @@ def run_mode(mode: str, config, workdir: str) -> None:
     path = predict.predict_file(config, workdir, _PREDICT_FILE.value,
                                 _PREDICT_OUTPUT.value)
     print(f"Wrote {path}")
-  else:
-    if not (_IMAGE.value and _PROMPT.value):
-      raise app.UsageError("--mode=predict needs --image and --prompt, or "
-                           "--predict_file.")
+  elif _IMAGE.value and _PROMPT.value:
     from omnismola import predict  # pylint: disable=g-import-not-at-top
     print(predict.predict(config, workdir, _IMAGE.value, _PROMPT.value))
+  else:
+    raise app.UsageError("--mode=predict needs --image and --prompt, or "
+                         "--predict_file.")
 
 
 def run():

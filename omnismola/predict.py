@@ -38,31 +38,24 @@ from omnismola.train import init as init_lib
 from omnismola.train import logging as log_lib
 
 
-def check_model_source(config, workdir: str) -> None:
-  """Fails (InputError) unless the workdir or config.init.checkpoint holds
-  a checkpoint, so that bad input is found before any work."""
-  if init_lib.find_step_dir(workdir):
-    return
-  if not config.init.checkpoint:
-    raise errors.InputError(
-        f"No checkpoint in {workdir} to predict with: train first, or pass "
-        "--config.init.checkpoint=DIR (e.g. python -m omnismola.convert's "
-        "output) to use a pretrained model as it is.")
-  if not init_lib.find_step_dir(config.init.checkpoint):
-    raise errors.InputError(f"config.init.checkpoint="
-                            f"{config.init.checkpoint!r}: no checkpoint "
-                            "there.")
-
-
 def load_model(config, workdir: str):
-  """The workdir's model, or config.init.checkpoint's with config.experts."""
-  check_model_source(config, workdir)
+  """The workdir's model, or config.init.checkpoint's with config.experts;
+  an InputError, before any work, where neither holds a checkpoint."""
   if init_lib.find_step_dir(workdir):
     if config.init.checkpoint:
       log_lib.print_line(f"Using the checkpoint in {workdir}; it takes "
                          "precedence over config.init.checkpoint="
                          f"{config.init.checkpoint}.")
     return pretrained.from_pretrained(workdir)
+  if not config.init.checkpoint:
+    raise errors.InputError(
+        f"No checkpoint in {workdir}: train first (--mode=train), or pass "
+        "--config.init.checkpoint=DIR (e.g. python -m omnismola.convert's "
+        "output) to use a pretrained model as it is.")
+  if not init_lib.find_step_dir(config.init.checkpoint):
+    raise errors.InputError(f"config.init.checkpoint="
+                            f"{config.init.checkpoint!r}: no checkpoint "
+                            "there.")
   log_lib.print_line(f"No checkpoint in {workdir}: using "
                      f"config.init.checkpoint={config.init.checkpoint} as it "
                      "is (zero-shot).")
@@ -87,11 +80,6 @@ def predict(config, workdir: str, image_path: str, prompt: str) -> str:
   return pipeline.detokenize(tokens[0].tolist(), vocabulary)
 
 
-def default_output(workdir: str, prompt_file: str) -> str:
-  return str(storage.path(workdir) / "predictions" /
-             storage.path(prompt_file).name)
-
-
 def predict_file(config, workdir: str, prompt_file: str,
                  output: str | None = None) -> str:
   """Answers every line of `prompt_file` (module docstring); returns the
@@ -100,7 +88,8 @@ def predict_file(config, workdir: str, prompt_file: str,
   from omnismola.data import pipeline
 
   prompts = jsonl.read_prompts(prompt_file)
-  output = output or default_output(workdir, prompt_file)
+  output = output or str(storage.path(workdir) / "predictions" /
+                         storage.path(prompt_file).name)
   if storage.path(output) == storage.path(prompt_file):
     raise errors.InputError(f"--predict_output={output} would overwrite the "
                             "prompt file.")

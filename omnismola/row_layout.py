@@ -42,15 +42,12 @@ def row_layout(data_config) -> RowLayout:
 def batch_shapes(layout: RowLayout, batch: int,
                  image_size: int) -> dict[str, tuple[tuple[int, ...], str]]:
   """{key: (shape, dtype name)} of a train batch of `batch` rows."""
-  length = layout.text_length
-  text = ((batch, length), "int32")
+  text = ((batch, layout.text_length), "int32")
   shapes = dict(text=text, mask_ar=text, mask_loss=text, mask_input=text)
-  image = (image_size, image_size, 3)
   if layout.packed:
-    shapes.update(image=((batch, layout.images) + image, "float32"),
-                  segment_ids=text,
-                  task_id=((batch, layout.images), "int32"))
-  else:
-    shapes.update(image=((batch,) + image, "float32"),
-                  task_id=((batch,), "int32"))
+    shapes["segment_ids"] = text
+  # One image and task per example: M per packed row.
+  examples = (batch, layout.images) if layout.packed else (batch,)
+  shapes.update(image=(examples + (image_size, image_size, 3), "float32"),
+                task_id=(examples, "int32"))
   return shapes

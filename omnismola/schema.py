@@ -243,17 +243,11 @@ def check(config) -> None:
   missing, of the wrong type or out of its range."""
   problems = _check_fields(config, base_config(), "")
   if not problems:  # Ranges are read from fields known to be well typed.
-    problems = [f"config.{field} must be {must}, got "
-                f"{_get(config, field)!r}."
+    values = flatten(config.to_dict())
+    problems = [f"config.{field} must be {must}, got {values[field]!r}."
                 for field, is_valid, must in CHECKS if not is_valid(config)]
   if problems:
     raise errors.InputError("Bad config:\n  " + "\n  ".join(problems))
-
-
-def _get(config, field: str):
-  for name in field.split("."):
-    config = config[name]
-  return config
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:

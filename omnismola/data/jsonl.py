@@ -53,9 +53,8 @@ class Split:
   """One split file's examples, as columns (a relative image already
   resolved against the file's folder)."""
   images: list[str]
-  prefixes: list[str]
+  prompts: list[str]  # The line's prefix, or its question.
   has_prefix: list[bool]
-  questions: list[str]
   answers: list[list[str]]
   ids: list[str]
   where: list[str]  # "file:line" of each example, for error messages.
@@ -111,15 +110,13 @@ def records(path) -> Iterator[tuple[str, int, dict]]:
 def read_split(path) -> Split:
   """The examples of one split file; an InputError names a bad line."""
   path = storage.path(path)
-  split = Split([], [], [], [], [], [], [])
+  split = Split([], [], [], [], [], [])
   for where, number, record in records(path):
     split.images.append(image_path(path.parent,
                                    text_field(record, "image", where)))
-    prompt = _one_of(record, ("prefix", "question"), where)
-    text = text_field(record, prompt, where)
-    split.prefixes.append(text if prompt == "prefix" else "")
-    split.questions.append(text if prompt == "question" else "")
-    split.has_prefix.append(prompt == "prefix")
+    field = _one_of(record, ("prefix", "question"), where)
+    split.prompts.append(text_field(record, field, where))
+    split.has_prefix.append(field == "prefix")
     target = _one_of(record, ("answer", "answers"), where)
     answers = record[target] if target == "answers" else [record[target]]
     if not isinstance(answers, list) or not answers:
@@ -176,11 +173,11 @@ def check_images_exist(paths: Sequence[str], where: Sequence[str]) -> None:
       raise errors.InputError(f"{line}: image {image} does not exist.")
 
 
-def _load_image(path: bytes, where: bytes):
+def load_image(path: str, where: str):
+  """images.load_image, raising InputErrors (which name `where`)."""
   try:
-    return images.load_image(path.decode(), example=where.decode())
+    return images.load_image(path, example=where)
   except (FileNotFoundError, ValueError) as e:
-    # Raised inside tf.data; the pipeline turns it back into an InputError.
     raise errors.InputError(str(e)) from None
 
 
@@ -208,14 +205,16 @@ def _dataset(split: str, shuffle_files: bool, *, splits: dict[str, Split],
   columns = splits[split]
   ds = tf.data.Dataset.from_tensor_slices({
       "image": columns.images, "where": columns.where,
-      "prefix": columns.prefixes, "has_prefix": columns.has_prefix,
-      "question": columns.questions, "id": columns.ids,
+      "prompt": columns.prompts, "has_prefix": columns.has_prefix,
+      "id": columns.ids,
       "answers": tf.ragged.constant(columns.answers, dtype=tf.string)})
 
   def read_image(example):
-    image = tf.numpy_function(_load_image,
-                              [example.pop("image"), example.pop("where")],
-                              tf.uint8, stateful=False)
+    # An InputError raised in here comes back as itself from the pipeline.
+    image = tf.numpy_function(
+        lambda path, where: load_image(path.decode(), where.decode()),
+        [example.pop("image"), example.pop("where")], tf.uint8,
+        stateful=False)
     return {**example, "image": tf.ensure_shape(image, [None, None, 3])}
 
   return ds.map(read_image, num_parallel_calls=tf.data.AUTOTUNE)
@@ -223,8 +222,8 @@ def _dataset(split: str, shuffle_files: bool, *, splits: dict[str, Split],
 
 def _prompt(example: dict) -> tf.Tensor:
   """The line's prefix, or PaliGemma's VQA prompt around its question."""
-  return tf.where(example["has_prefix"], example["prefix"],
-                  prompts.question(example))
+  return tf.where(example["has_prefix"], example["prompt"],
+                  prompts.question({"question": example["prompt"]}))
 
 
 def split_files(directory: str) -> dict[str, object]:

@@ -46,7 +46,6 @@ from omnismola import errors
 from omnismola import row_layout
 from omnismola import storage
 from omnismola.data import converter
-from omnismola.data.benchmarks import images
 from omnismola.data import jsonl
 from omnismola.data import mixtures
 from omnismola.data import packing
@@ -55,10 +54,7 @@ from omnismola.data import truncation
 from omnismola.data.synthetic import baselines
 from omnismola.data.synthetic import scenes
 
-EOS_ID = tasks_lib.EOS_ID
-_TRAIN_KEYS = ("image", "text", "mask_ar", "mask_loss", "mask_input",
-               "task_id")
-_PROMPT_KEYS = ("image", "text", "mask_ar", "mask_input", "task_id")
+_PROMPT_KEYS = ("image", "text", "mask_ar", "mask_input")
 
 
 def get_vocabulary(data_config) -> seqio.Vocabulary:
@@ -200,8 +196,7 @@ def _train_dataset(data_config, *, global_batch_size: int, seed: int,
                                    suffix_length=lengths["suffix"]),
         "over_length": x["over_length"]},
                 num_parallel_calls=tf.data.AUTOTUNE)
-    datasets.append(ds.map(
-        lambda x: {k: x[k] for k in _TRAIN_KEYS + ("over_length",)}))
+    datasets.append(ds)
   rates = np.array([rate for _, rate in mixture], np.float64)
   ds = tf.data.Dataset.sample_from_datasets(
       datasets, weights=(rates / rates.sum()).tolist(),
@@ -265,17 +260,17 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
       shard_index=shard_index, shard_count=shard_count, threads=threads)
   shard = (shard_index, shard_count)
   if not state:
-    return TrainIterator(dataset, shard=shard, batches_consumed=0,
-                         over_length=[0] * num_tasks)
-  if tuple(state["shard"]) != shard:
-    logging.warning(
-        "The checkpoint's input position is from shard %s (index, count); "
-        "this run reads shard %s, so it sees other examples than the "
-        "interrupted run would have (the mesh or process count changed).",
-        tuple(state["shard"]), shard)
-  # Replaying is exact and costs one pass over the skipped examples.
-  logging.info("Resuming the input pipeline after %d batches.",
-               state["batches_consumed"])
+    state = dict(batches_consumed=0, over_length=[0] * num_tasks)
+  else:
+    if tuple(state["shard"]) != shard:
+      logging.warning(
+          "The checkpoint's input position is from shard %s (index, count); "
+          "this run reads shard %s, so it sees other examples than the "
+          "interrupted run would have (the mesh or process count changed).",
+          tuple(state["shard"]), shard)
+    # Replaying is exact and costs one pass over the skipped examples.
+    logging.info("Resuming the input pipeline after %d batches.",
+                 state["batches_consumed"])
   return TrainIterator(dataset, shard=shard,
                        batches_consumed=int(state["batches_consumed"]),
                        over_length=state["over_length"])
@@ -318,6 +313,8 @@ class EvalSet:
 
 def _eval_examples(name: str, data_config, split: str,
                    max_examples: int | None) -> tf.data.Dataset:
+  """One task's examples of `split`, in order, images resized."""
+  _use_data_dir(data_config, [name])
   ds = tasks_lib.get_task(name, get_vocabulary(data_config)).get_dataset(
       sequence_length=None, split=split, shuffle=False, num_epochs=1,
       use_cached=False, try_in_mem_cache=False)
@@ -326,17 +323,17 @@ def _eval_examples(name: str, data_config, split: str,
                                   size=data_config.image_size))
 
 
-def _stack(rows: list[dict], batch_size: int, pad_row: dict,
-           keys: Sequence[str] = _PROMPT_KEYS) -> dict:
-  """Stacks the `keys` of `rows` into a batch of `batch_size`, padded with
-  `pad_row`, and their references if they have any.
+def _stack(rows: list[dict], batch_size: int, pad_row: dict) -> dict:
+  """Stacks `rows` into a batch of `batch_size`, padded with `pad_row`; their
+  references and ids, if they have any, become lists.
 
   Padding repeats a real example (rather than zeros) so the model sees
   ordinary inputs; `example_mask` = 0, empty references and ids mark it.
   """
   real = len(rows)
   rows = rows + [pad_row] * (batch_size - real)
-  batch = {k: np.stack([row[k] for row in rows]) for k in keys}
+  batch = {k: np.stack([row[k] for row in rows]) for k in pad_row
+           if k not in ("references", "id")}
   batch["example_mask"] = (np.arange(batch_size) < real).astype(np.int32)
   if "references" in pad_row:
     batch["references"] = [
@@ -373,7 +370,6 @@ def _eval_batches(name: str, task_id: int, data_config, *, batch_size: int,
                   split: str, max_examples: int | None, process_index: int,
                   process_count: int) -> Iterator[dict]:
   """This host's batches of one task; every host yields the same number."""
-  _use_data_dir(data_config, [name])
   prompt = functools.partial(
       converter.prompt_features, task_id=task_id,
       prefix_length=data_config.feature_lengths["prefix"])
@@ -437,7 +433,6 @@ def make_labelled_batches(data_config, name: str, *, batch_size: int,
   if name not in names:
     raise ValueError(f"Task {name!r} is not in the mixture "
                      f"{data_config.mixture!r}, whose tasks are {names}.")
-  _use_data_dir(data_config, [name])
   lengths = data_config.feature_lengths
   rows = list(_eval_examples(name, data_config, split, max_examples).map(
       functools.partial(converter.train_features, task_id=names.index(name),
@@ -445,7 +440,7 @@ def make_labelled_batches(data_config, name: str, *, batch_size: int,
                         suffix_length=lengths["suffix"])).as_numpy_iterator())
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
-    yield _stack(chunk, batch_size, chunk[-1], _TRAIN_KEYS)
+    yield _stack(chunk, batch_size, chunk[-1])
 
 
 def _prompt_row(data_config, image_path: str, prompt: str, *,
@@ -459,11 +454,7 @@ def _prompt_row(data_config, image_path: str, prompt: str, *,
   under config.data.truncation="truncate" and refused otherwise (there is
   no other example to go on to). `example` names the prompt in errors.
   """
-  try:
-    pixels = images.load_image(image_path, example=example)
-  except (FileNotFoundError, ValueError) as e:
-    raise errors.InputError(str(e)) from None
-  image = tasks_lib.image_in_model_range(pixels)
+  image = tasks_lib.image_in_model_range(jsonl.load_image(image_path, example))
   ids = tasks_lib.prompt_ids(get_vocabulary(data_config), tf.constant(prompt))
   length = data_config.feature_lengths["prefix"]
   if len(ids) > length and data_config.truncation != "truncate":
@@ -484,7 +475,7 @@ def prompt_batch(data_config, image_path: str, prompt: str) -> dict:
   """A batch of one prompt on one image file, prepared as evaluation is
   (`_prompt_row`): image, text, mask_ar and mask_input."""
   row = _prompt_row(data_config, image_path, prompt, example=image_path)
-  return {k: row[k][None] for k in _PROMPT_KEYS if k != "task_id"}
+  return {k: row[k][None] for k in _PROMPT_KEYS}
 
 
 def prompt_file_batches(data_config, prompts: jsonl.Prompts, *,

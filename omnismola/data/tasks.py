@@ -43,8 +43,6 @@ def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
   }
 
 
-OUTPUT_FEATURES = output_features(VOCAB)
-
 # Task name -> name of its metric in omnismola.eval.metrics.METRICS.
 TASK_METRICS: dict[str, str] = {}
 
@@ -134,11 +132,9 @@ def tokenize_text(example, output_features):
     if isinstance(feature, seqio.ContinuousFeature):
       continue
     example[f"{key}_pretokenized"] = example[key]
-    if key == "prefix":
-      ids = tf.cast(prompt_ids(feature.vocabulary, example[key]),
-                    feature.dtype)
-    else:
-      ids = tf.cast(feature.vocabulary.encode_tf(example[key]), feature.dtype)
+    ids = tf.cast(prompt_ids(feature.vocabulary, example[key])
+                  if key == "prefix" else
+                  feature.vocabulary.encode_tf(example[key]), feature.dtype)
     if feature.add_eos:
       ids = tf.concat([ids, [feature.vocabulary.eos_id]], axis=0)
     example[key] = ids
@@ -169,7 +165,7 @@ def register_vl_task(name: str, source: seqio.DataSource, metric: str,
       name,
       source=source,
       preprocessors=[*preprocessors, image_to_float, tokenize_text],
-      output_features=OUTPUT_FEATURES,
+      output_features=output_features(VOCAB),
   )
   TASK_METRICS[name] = metric
   return task

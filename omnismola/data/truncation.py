@@ -26,17 +26,11 @@ COUNTER_NAMES = {"truncate": "truncated", "drop": "dropped", "error": None}
 MAX_DROPPED_IN_A_ROW = 1000
 
 
-def is_over_length(example: dict, prefix_length: int,
-                   suffix_length: int) -> tf.Tensor:
-  """bool: the example's prefix or suffix ids exceed their lengths."""
-  return ((tf.size(example["prefix"]) > prefix_length) |
-          (tf.size(example["suffix"]) > suffix_length))
-
-
 def apply(ds: tf.data.Dataset, policy: str, *, task: str, prefix_length: int,
           suffix_length: int) -> tf.data.Dataset:
   """A task's tokenised train stream under `policy`, with `over_length`."""
-  over = lambda x: is_over_length(x, prefix_length, suffix_length)
+  over = lambda x: ((tf.size(x["prefix"]) > prefix_length) |
+                    (tf.size(x["suffix"]) > suffix_length))
   if policy == "truncate":
     return ds.map(lambda x: {**x, "over_length": tf.cast(over(x), tf.int32)})
   if policy == "error":

@@ -164,15 +164,6 @@ def _nucleus(logits, top_p):
   return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def _pick(logits, key, sampling):
-  """The argmax (sampling None) or a draw from the filtered logits."""
-  if sampling is None:
-    token = jnp.argmax(logits, axis=-1)
-  else:
-    token = jax.random.categorical(key, filter_logits(logits, sampling))
-  return token.astype(jnp.int32)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens",
                                              "eos_id", "sampling"))
 def _decode(graphdef, state, prompt, rng, *, max_new_tokens: int,
@@ -183,9 +174,14 @@ def _decode(graphdef, state, prompt, rng, *, max_new_tokens: int,
   logits, cache = _prefill(model, prompt, max_new_tokens)
 
   def emit(step, logits, out, scores, done):
-    """Picks column `step`'s tokens; PAD_ID once an example ended."""
-    key = None if sampling is None else jax.random.fold_in(rng, step)
-    token = jnp.where(done, PAD_ID, _pick(logits, key, sampling))
+    """Picks column `step`'s tokens (the argmax, or a draw from the filtered
+    logits); PAD_ID once an example ended."""
+    if sampling is None:
+      picked = jnp.argmax(logits, axis=-1)
+    else:
+      picked = jax.random.categorical(jax.random.fold_in(rng, step),
+                                      filter_logits(logits, sampling))
+    token = jnp.where(done, PAD_ID, picked.astype(jnp.int32))
     out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
     scores += jnp.where(done, 0.0, _log_prob(logits, token))
     return token, out, scores, done | (token == eos_id)

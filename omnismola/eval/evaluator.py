@@ -109,28 +109,28 @@ def _tag(step: int, split: str) -> str:
   return str(step) if split == "validation" else f"{split}_{step}"
 
 
-def write_results(workdir: str, step: int, results: dict,
-                  split: str = "validation") -> str:
-  """Writes <workdir>/eval/metrics_<step>.json (metrics_<split>_<step>.json
-  for another split than validation; process 0 only)."""
-  path = storage.path(workdir) / "eval" / f"metrics_{_tag(step, split)}.json"
-  if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(step=step, split=split, tasks=results),
-                               indent=2))
-  return os.fspath(path)
-
-
-def write_jsonl(path, records: Iterable[dict]) -> str:
-  """Writes `records` to `path`, one JSON object a line (process 0 only:
-  every process holds all of them)."""
+def _write_text(path, text: str) -> str:
+  """Writes `text` to `path` (process 0 only: every process holds it)."""
   path = storage.path(path)
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-      for record in records:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    path.write_text(text)
   return os.fspath(path)
+
+
+def write_results(workdir: str, step: int, results: dict,
+                  split: str = "validation") -> str:
+  """Writes <workdir>/eval/metrics_<step>.json (metrics_<split>_<step>.json
+  for another split than validation)."""
+  return _write_text(
+      storage.path(workdir) / "eval" / f"metrics_{_tag(step, split)}.json",
+      json.dumps(dict(step=step, split=split, tasks=results), indent=2))
+
+
+def write_jsonl(path, records: Iterable[dict]) -> str:
+  """Writes `records` to `path`, one JSON object a line."""
+  return _write_text(path, "".join(json.dumps(record, ensure_ascii=False) +
+                                   "\n" for record in records))
 
 
 def write_predictions(workdir: str, step: int,

@@ -32,6 +32,15 @@ def _check(predictions, references) -> None:
     raise ValueError("Every prediction needs at least one reference.")
 
 
+def _mean_best(score: Callable[[str, str], float], predictions,
+               references) -> float:
+  """100 x the mean over examples of the best score(prediction, reference)
+  over the example's references."""
+  _check(predictions, references)
+  return 100.0 * float(np.mean([max(score(p, g) for g in refs)
+                                for p, refs in zip(predictions, references)]))
+
+
 # ---------------------------------------------------------------- VQA accuracy
 # The answer normalisation of the official VQA evaluation (vqaEval.py, as run
 # by EvalAI), including its quirks, so scores compare with published numbers.
@@ -149,11 +158,8 @@ def vqa_accuracy(predictions: Sequence[str],
 def exact_match(predictions: Sequence[str],
                 references: Sequence[Sequence[str]]) -> float:
   """% of predictions equal to some reference, after strip and lowercase."""
-  _check(predictions, references)
-  norm = lambda s: s.strip().lower()
-  return 100.0 * float(np.mean([
-      any(norm(p) == norm(r) for r in refs)
-      for p, refs in zip(predictions, references)]))
+  return _mean_best(lambda p, g: p.strip().lower() == g.strip().lower(),
+                    predictions, references)
 
 
 # ------------------------------------------------------------------------ ANLS
@@ -186,10 +192,7 @@ def anls(predictions: Sequence[str],
   Per question: max over answers g of 1 - NL(p, g) where the normalised
   distance NL = Lev(p, g) / max(|p|, |g|) is below 0.5, else 0.
   """
-  _check(predictions, references)
-  return 100.0 * float(np.mean([
-      max(_anls_one(p, g) for g in refs)
-      for p, refs in zip(predictions, references)]))
+  return _mean_best(_anls_one, predictions, references)
 
 
 # ------------------------------------------------------------ relaxed accuracy
@@ -224,10 +227,7 @@ def relaxed_accuracy(predictions: Sequence[str],
   gold up to case (as in the Pix2Struct and PaLI evaluations). Max over
   references, % of questions.
   """
-  _check(predictions, references)
-  return 100.0 * float(np.mean([
-      any(_relaxed_one(p, g) for g in refs)
-      for p, refs in zip(predictions, references)]))
+  return _mean_best(_relaxed_one, predictions, references)
 
 
 # ----------------------------------------------------------------------- CIDEr

@@ -96,9 +96,6 @@ class ExpertSpec:
                        f"{targets!r}: {e}") from e
     return cls(kind=kind, targets=targets, options=entry)
 
-  def name(self, index: int) -> str:
-    return f"{self.kind}_{index}"
-
   def attaches(self, sort: str, name: str) -> bool:
     return sort in KINDS[self.kind].attaches_to and bool(
         re.fullmatch(self.targets, name))
@@ -190,12 +187,11 @@ class _ExpertPlan:
       indices = self.experts.get(child_path)
       if not indices or self._segment_of(child_path) != segment:
         continue
-      replacing = [i for i in indices if KINDS[self.specs[i].kind].replaces]
-      if replacing:
+      kinds = [KINDS[self.specs[i].kind] for i in indices]
+      if kinds[0].replaces:  # Then the block's only entry (see `_check`).
         parent, _, name = "/".join(map(str, relative)).rpartition("/")
-        kind = KINDS[self.specs[replacing[0]].kind]
         setattr(parents[parent], name, self._build(
-            replacing[0], child_path, kind.cls, child.in_features,
+            indices[0], child_path, kinds[0].cls, child.in_features,
             child.mlp_dim, activation=child.activation,
             out_features=child.out_features, causal=child.causal, rngs=rngs))
         continue
@@ -203,14 +199,13 @@ class _ExpertPlan:
       # decoder's): `embed` on both sides, as the connector's projection.
       axes = child.axes if isinstance(child, Dense) else ("embed", "embed")
       adapters = {}
-      for i in indices:
-        kind = KINDS[self.specs[i].kind]
+      for i, kind in zip(indices, kinds):
         context = {}
         if kind.routed:
           context = dict(instance_features=self.instance_features,
                          share_in_block=functools.partial(
                              _share, shared, (i, child_path.rpartition("/")[0])))
-        adapters[self.specs[i].name(i)] = self._build(
+        adapters[f"{kind.name}_{i}"] = self._build(
             i, child_path, kind.cls, child.in_features, child.out_features,
             axes=axes, rngs=rngs, **context)
       child.adapters = nnx.Dict(adapters)

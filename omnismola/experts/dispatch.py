@@ -157,11 +157,6 @@ def _grouped_rows(experts: jax.Array, mask: jax.Array, num_experts: int,
       group_ends)
 
 
-def _group_of(rows: jax.Array, group_ends: jax.Array) -> jax.Array:
-  """The expert owning each row; len(group_ends) for rows past every group."""
-  return jnp.searchsorted(group_ends, rows, side="right")
-
-
 def _scatter_gather(x, rows, gates, buffer_rows, run):
   """Copies of x into a buffer at `rows`, run, and gate-weighted back."""
   top_k = gates.shape[1]
@@ -188,7 +183,9 @@ def ragged_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array,
     y [N, d].
   """
   rows, group_sizes, group_ends = _grouped_rows(experts, mask, num_experts, 1)
-  row_expert = _group_of(jnp.arange(experts.size), group_ends)
+  # The expert owning each row; E for rows past every group.
+  row_expert = jnp.searchsorted(group_ends, jnp.arange(experts.size),
+                                side="right")
 
   def linear(h, w, b):
     out = jax.lax.ragged_dot(h, w.astype(h.dtype), group_sizes)
@@ -205,20 +202,14 @@ def blocked_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array,
                      expert_fn: ExpertFn) -> jax.Array:
   """Dropless without ragged_dot: tiles of one expert each, batched einsum.
 
-  Args:
-    x: [N, d] tokens; experts, gates: [N, k]; mask: bool [N].
-    num_experts: E.
-    tile: rows per tile; each expert's group is padded to a multiple.
-    expert_fn: the experts' MLP.
-
-  Returns:
-    y [N, d].
+  As `ragged_dispatch`, with `tile` rows per tile: each expert's group is
+  padded to a multiple.
   """
   # Sum over e of ceil(size_e / tile) <= copies // tile + E: always fits.
   num_tiles = experts.size // tile + num_experts
   rows, _, group_ends = _grouped_rows(experts, mask, num_experts, tile)
-  tile_expert = jnp.minimum(
-      _group_of(jnp.arange(num_tiles) * tile, group_ends), num_experts - 1)
+  tile_expert = jnp.minimum(jnp.searchsorted(
+      group_ends, jnp.arange(num_tiles) * tile, side="right"), num_experts - 1)
 
   def linear(h, w, b):
     out = jnp.einsum("ntd,ndm->ntm", h, w[tile_expert])

@@ -1,8 +1,18 @@
-"""Router pieces shared by the expert kinds: normalised logits, masked softmax."""
+"""Router pieces shared by the expert kinds: the tokens a modality's experts
+serve, normalised logits, masked softmax."""
 import jax
 import jax.numpy as jnp
 
+# The modalities that experts (SMoLA pools, sparse MoE pools) may serve.
+MODALITIES = ("all", "image", "text")
 _EPS = 1e-6
+
+
+def modality_tokens(tokens, modality: str) -> jax.Array:
+  """bool [B, T]: the tokens (a `TokenInfo`'s) that experts of `modality`
+  serve; padding is served by none."""
+  return {"all": tokens.valid, "image": tokens.is_image & tokens.valid,
+          "text": tokens.is_text}[modality]
 
 
 def inverse_norm(x: jax.Array, axis: int = -1) -> jax.Array:

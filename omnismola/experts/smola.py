@@ -33,21 +33,6 @@ from omnismola.experts.kind import LINEAR, Kind
 from omnismola.models import layers
 from omnismola.models.layers import TokenInfo, token_matmul
 
-MODALITIES = ("text", "image", "all")
-
-
-def pool_mask(tokens: TokenInfo, modality: str) -> jax.Array:
-  """Tokens [B, T] that a pool of the given modality serves."""
-  if modality == "text":
-    return tokens.is_text
-  if modality == "image":
-    return tokens.is_image & tokens.valid
-  if modality == "all":
-    return tokens.valid
-  raise ValueError(f"Unknown SMoLA pool modality {modality!r}; "
-                   f"expected one of {MODALITIES}.")
-
-
 class SMoLAPool(nnx.Module):
   """n low-rank experts with p slots each, serving one modality's tokens."""
 
@@ -55,9 +40,9 @@ class SMoLAPool(nnx.Module):
                num_experts: int, rank: int, slots_per_expert: int = 1,
                alpha: float | None = None, axes=(None, None),
                rngs: nnx.Rngs):
-    if modality not in MODALITIES:
+    if modality not in routing.MODALITIES:
       raise ValueError(f"Unknown SMoLA pool modality {modality!r}; "
-                       f"expected one of {MODALITIES}.")
+                       f"expected one of {routing.MODALITIES}.")
     if num_experts < 1 or rank < 1 or slots_per_expert < 1:
       raise ValueError(
           "SMoLA pools need num_experts, rank and slots_per_expert >= 1, got "
@@ -82,49 +67,39 @@ class SMoLAPool(nnx.Module):
     phi = routing.l2_normalize(self.phi[...].astype(jnp.float32), axis=0)
     return (self.scale[...] * phi).reshape(phi.shape[0], -1)
 
-  def route(self, logits: jax.Array, tokens: TokenInfo):
-    """(per-token weights [B, T, n], combine and dispatch [B, T, n, p],
-    groups [B, T, G]).
-
-    From the router logits [B, T, n, p]. The per-token weights (each
-    token's combine weight summed over an expert's slots) are zero except on
-    causal tokens this pool serves; combine (a softmax over the pool's
-    slots) and dispatch (a softmax over the tokens of the token's group)
-    are zero except on bidirectional ones, the groups' members (G groups,
-    see `TokenInfo.groups`).
-    """
-    serves = pool_mask(tokens, self.modality)
-    groups = tokens.groups & serves[..., None]
-    grouped = jnp.any(groups, axis=-1)
-    causal = serves & ~tokens.bidirectional
-
-    # Combine: each token's softmax over all slots of the pool.
-    combine = jax.nn.softmax(logits, axis=(-2, -1))          # [B, T, n, p]
-    expert_weight = jnp.sum(combine, axis=-1) * causal[..., None]
-    layers.record_usage(self, jnp.sum(combine, axis=-1) * serves[..., None])
-    # Soft MoE over each group's tokens of this modality.
-    dispatch = routing.grouped_softmax(logits, groups)       # over tokens
-    return expert_weight, combine * grouped[..., None, None], dispatch, groups
-
   def mix(self, h: jax.Array, logits: jax.Array,
           tokens: TokenInfo) -> jax.Array:
-    """The pool's rank-space activations [B, T, n, r] from h = x A.
+    """The pool's rank-space activations [B, T, n, r] from h = x A and the
+    router logits [B, T, n, p].
 
     The pool's output is mix(h) B, summed over experts, times the
     multiplier. Experts are linear, so a slot's output
     (sum_t d_t x_t) A_j B_j equals (sum_t d_t h_tj) B_j: Soft MoE's slots and
     combine work on h's rank-r blocks, and one product with B serves the
     per-token and the slot path alike; no [tokens, experts, d_out] work.
-    Each group has its own slots [B, G, n, p, r]; a token combines its
-    group's.
     """
-    expert_weight, combine, dispatch, groups = self.route(logits, tokens)
+    serves = routing.modality_tokens(tokens, self.modality)
+    groups = tokens.groups & serves[..., None]               # [B, T, G]
+    grouped = jnp.any(groups, axis=-1)
+    causal = serves & ~tokens.bidirectional
+
+    # Combine: each token's softmax over all slots of the pool; its weight
+    # on an expert is the sum over the expert's slots.
+    combine = jax.nn.softmax(logits, axis=(-2, -1))          # [B, T, n, p]
+    expert_weight = jnp.sum(combine, axis=-1)                # [B, T, n]
+    layers.record_usage(self, expert_weight * serves[..., None])
+    # Soft MoE over each group's tokens of this modality: each group has its
+    # own slots [B, G, n, p, r]; a bidirectional token combines its group's.
+    combine = combine * grouped[..., None, None]
+    dispatch = routing.grouped_softmax(logits, groups)       # over tokens
     member = groups.astype(h.dtype)
     slots = jnp.einsum("btg,btnp,btnr->bgnpr", member,
                        dispatch.astype(h.dtype), h)
     from_slots = jnp.einsum("btg,btnp,bgnpr->btnr", member,
                             combine.astype(h.dtype), slots)
-    return h * expert_weight[..., None].astype(h.dtype) + from_slots
+    # A causal token mixes its own experts' outputs: sum_j w_j E_j(x_t).
+    per_token = expert_weight * causal[..., None]
+    return h * per_token[..., None].astype(h.dtype) + from_slots
 
   def __call__(self, x: jax.Array, tokens: TokenInfo) -> jax.Array:
     return mix_pools([self], x, tokens)
@@ -179,10 +154,10 @@ class SMoLA(nnx.Module):
     if not pools:
       raise ValueError("A SMoLA adapter needs at least one pool, e.g. "
                        "pools=dict(text=16, image=16, all=16).")
-    unknown = sorted(set(pools) - set(MODALITIES))
+    unknown = sorted(set(pools) - set(routing.MODALITIES))
     if unknown:
       raise ValueError(f"Unknown SMoLA pool(s) {unknown}; pools are keyed by "
-                       f"modality, one of {MODALITIES}.")
+                       f"modality, one of {routing.MODALITIES}.")
     # Sorted for a stable parameter layout whatever the config's dict order.
     self.pools = nnx.Dict({
         modality: SMoLAPool(in_features, out_features, modality=modality,

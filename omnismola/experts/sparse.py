@@ -39,7 +39,6 @@ from omnismola.experts.kind import BLOCK, Kind
 from omnismola.models import layers
 from omnismola.models.layers import Dense, TokenInfo, record_usage
 
-POOLS = ("all", "image", "text")
 DISPATCHES = ("capacity", "dropless", "ragged", "blocked")
 
 
@@ -68,11 +67,9 @@ class MoEAux:
 def pool_of_tokens(tokens: TokenInfo, pool_names) -> jax.Array:
   """int [B, T]: index into `pool_names` of the pool serving each token, or
   -1 (padding, or a modality no pool serves)."""
-  serves = {"all": tokens.valid, "image": tokens.is_image & tokens.valid,
-            "text": tokens.is_text}
   index = jnp.full(tokens.valid.shape, -1, jnp.int32)
   for i, name in enumerate(pool_names):
-    index = jnp.where(serves[name], i, index)
+    index = jnp.where(routing.modality_tokens(tokens, name), i, index)
   return index
 
 
@@ -86,50 +83,22 @@ def top_k_gates(probs: jax.Array, top_k: int, renormalize: bool):
   return gates, experts
 
 
-def z_loss(logits: jax.Array, allowed: jax.Array,
-           routed: jax.Array) -> jax.Array:
-  """Mean over routed tokens of logsumexp(logits over the pool)^2 (ST-MoE).
-
-  Keeps router logits small, where bfloat16 rounding is harmless.
-  """
-  lse = jax.nn.logsumexp(jnp.where(allowed, logits, -jnp.inf), axis=-1)
-  return _mean(jnp.square(lse), routed)
-
-
-def balance_loss(probs: jax.Array, experts: jax.Array, routed: jax.Array,
-                 allowed: jax.Array, pool_size: jax.Array) -> jax.Array:
-  """Load balance, sum_pools (n_p / n) * E_p * sum_{e in p} f_e * P_e.
-
-  f_e: the share of pool p's routed token copies (all k choices) sent to e;
-  P_e: the mean router probability of e over pool p's routed tokens; n_p:
-  routed tokens of pool p, n: of all pools; E_p: experts in pool p. One
-  pool gives Switch's E * sum_e f_e P_e; a pool absent from the batch
-  contributes 0.
-
-  Args:
-    probs: [..., E] router softmax (0 outside the token's pool).
-    experts: int [..., k] chosen experts.
-    routed: bool [...], tokens that count.
-    allowed: bool [..., E], the experts of each token's pool.
-    pool_size: [E], the number of experts in each expert's pool.
-  """
-  top_k = experts.shape[-1]
-  counts = _expert_counts(experts, routed, pool_size.shape[0])
-  prob_sum = jnp.sum(probs * routed[..., None], axis=tuple(range(routed.ndim)))
-  pool_tokens = jnp.sum(allowed & routed[..., None],
-                        axis=tuple(range(routed.ndim)))
-  total = jnp.maximum(jnp.sum(routed), 1)
-  return jnp.sum(pool_size * counts * prob_sum /
-                 (top_k * total * jnp.maximum(pool_tokens, 1)))
-
-
 def routing_aux(logits: jax.Array, probs: jax.Array, experts: jax.Array,
                 routed: jax.Array, allowed: jax.Array, pool_size: jax.Array,
                 kept: jax.Array) -> MoEAux:
   """Losses and statistics of one routing decision (see MoEAux).
 
+  The load balance loss is sum_pools (n_p / n) * E_p * sum_{e in p} f_e P_e,
+  with f_e the share of pool p's routed token copies (all k choices) sent
+  to e, P_e the mean router probability of e over pool p's routed tokens,
+  n_p the routed tokens of pool p, n those of all pools, and E_p the
+  experts in pool p. One pool gives Switch's E * sum_e f_e P_e; a pool
+  absent from the batch contributes 0. The z-loss (ST-MoE) keeps router
+  logits small, where bfloat16 rounding is harmless.
+
   Args:
-    logits, probs: [..., E] router logits and softmax within the pool.
+    logits, probs: [..., E] router logits and softmax within the pool (0
+      outside the token's pool).
     experts: int [..., k] chosen experts.
     routed: bool [...], tokens routed at all.
     allowed: bool [..., E], the experts of each token's pool.
@@ -138,26 +107,27 @@ def routing_aux(logits: jax.Array, probs: jax.Array, experts: jax.Array,
   """
   axes = tuple(range(routed.ndim))
   top_k = experts.shape[-1]
-  counts = _expert_counts(experts, routed, pool_size.shape[0])
-  mean_load = jnp.sum(allowed & routed[..., None], axis=axes) * top_k / (
-      pool_size)
+  # Per expert [E]: the routed token copies choosing it, the routed tokens
+  # of its pool, and its router probability summed over them.
+  counts = jnp.sum(jax.nn.one_hot(experts, pool_size.shape[0]) *
+                   routed[..., None, None], axis=tuple(range(experts.ndim)))
+  pool_tokens = jnp.sum(allowed & routed[..., None], axis=axes)
+  prob_sum = jnp.sum(probs * routed[..., None], axis=axes)
+  balance = jnp.sum(pool_size * counts * prob_sum / (
+      top_k * jnp.maximum(jnp.sum(routed), 1) * jnp.maximum(pool_tokens, 1)))
+  lse = jax.nn.logsumexp(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+  mean_load = pool_tokens * top_k / pool_size
   violation = jnp.where(mean_load > 0,
                         counts / jnp.maximum(mean_load, 1e-9) - 1, -1.0)
   entropy = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(probs), 0.0), -1)
   copies = jnp.maximum(jnp.sum(routed) * top_k, 1)
   return MoEAux(
-      balance_loss=balance_loss(probs, experts, routed, allowed, pool_size),
-      z_loss=z_loss(logits, allowed, routed),
+      balance_loss=balance,
+      z_loss=_mean(jnp.square(lse), routed),
       tokens_per_expert=counts,
       max_violation=jnp.maximum(jnp.max(violation), 0.0),
       router_entropy=_mean(entropy, routed),
       dropped_fraction=1.0 - jnp.sum(kept & routed[..., None]) / copies)
-
-
-def _expert_counts(experts, routed, num_experts):
-  """float [E]: routed token copies choosing each expert."""
-  hot = jax.nn.one_hot(experts, num_experts) * routed[..., None, None]
-  return jnp.sum(hot, axis=tuple(range(experts.ndim)))
 
 
 def _mean(values, mask):
@@ -296,7 +266,7 @@ class SparseMoE(nnx.Module):
       raise ValueError("Give exactly one of num_experts (one shared "
                        "pool) and pools (e.g. dict(image=8, text=8)).")
     pools = dict(all=num_experts) if pools is None else dict(pools)
-    unknown = sorted(set(pools) - set(POOLS))
+    unknown = sorted(set(pools) - set(routing.MODALITIES))
     if unknown or ("all" in pools and len(pools) > 1):
       raise ValueError(f"pools must be dict(all=n) or keyed by "
                        f"'image'/'text', got {pools}.")

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omnismola.experts.kind import BLOCK, LINEAR, Kind
+from omnismola.experts.lora import LowRank
 from omnismola.models.layers import (Base, TokenInfo, record_usage,
                                      token_matmul)
 from omnismola import flops
@@ -65,25 +66,6 @@ class Router(nnx.Module):
     # float32: routing decisions must not flip with bfloat16 rounding.
     logits = u.astype(jnp.float32) @ self.kernel[...].astype(jnp.float32)
     return jax.nn.softmax(logits, axis=-1)
-
-
-class LowRank(nnx.Module):
-  """act(x A) B with A [(E,) in, r] and B [(E,) r, out], B = 0 at init.
-
-  With `num_experts` the maps get a leading expert axis, the layout
-  `upcycle.expert_copies` makes from one LoRA's {a, b}.
-  """
-
-  def __init__(self, in_features: int, out_features: int, rank: int, *,
-               num_experts: int | None = None, axes, rngs: nnx.Rngs):
-    in_axis, out_axis = axes
-    lead = () if num_experts is None else (num_experts,)
-    lead_axes = () if num_experts is None else ("expert",)
-    init_a = jax.nn.initializers.normal(stddev=in_features**-0.5)
-    self.a = nnx.Param(init_a(rngs.params(), lead + (in_features, rank)),
-                       logical_axes=lead_axes + (in_axis, "lora_rank"))
-    self.b = nnx.Param(jnp.zeros(lead + (rank, out_features)),
-                       logical_axes=lead_axes + ("lora_rank", out_axis))
 
 
 def top_k_weights(probs: jax.Array, top_k: int):
@@ -146,11 +128,10 @@ class SparseLoRA(nnx.Module):
     self.top_k = top_k
     self.activation = activation
     self.multiplier = (rank if alpha is None else alpha) / rank
-    in_axis, out_axis = axes
     features = instance_features if routing == "instance" else in_features
     make_router = lambda: Router(
         features, num_experts,
-        axis="embed" if routing == "instance" else in_axis, rngs=rngs)
+        axis="embed" if routing == "instance" else axes[0], rngs=rngs)
     self.router = (share_in_block(make_router)
                    if share_gate and share_in_block else make_router())
     if self.router.kernel.shape != (features, num_experts):
@@ -167,30 +148,23 @@ class SparseLoRA(nnx.Module):
     self.scale = (nnx.Param(jnp.ones(()), logical_axes=())
                   if learned_scale else None)
 
-  def route(self, x: jax.Array, tokens: TokenInfo):
-    """(expert weights [B, T, E], global expert weight [B, T]), float32,
-    zero on padding."""
-    if self.routing == "token":
-      probs = self.router(x)
-    elif tokens.instance is None:
+  def __call__(self, x: jax.Array, tokens: TokenInfo,
+               base: Base | None = None) -> jax.Array:
+    del base  # x and its tokens (or its instance) alone decide.
+    if self.routing == "instance" and tokens.instance is None:
       raise ValueError(
           "sparse_lora routing='instance' needs TokenInfo.instance (the "
           "prompt embedding), which the VLM gives its decoder, connector and "
           "vision tower; this call has none (a tower run on its own?). Use "
           "routing='token' here.")
-    else:
-      probs = self.router(tokens.instance)   # [B, T, E]
+    probs = self.router(x if self.routing == "token" else tokens.instance)
     weights, top_gate = top_k_weights(probs, self.top_k)
-    valid = tokens.valid
-    return (jnp.where(valid[..., None], weights, 0.0),
-            jnp.where(valid, 1.0 - top_gate, 0.0))
-
-  def __call__(self, x: jax.Array, tokens: TokenInfo,
-               base: Base | None = None) -> jax.Array:
-    del base  # x and its tokens (or its instance) alone decide.
-    act = ACTIVATIONS[self.activation]
-    weights, global_weight = self.route(x, tokens)
+    # Expert weights [B, T, E] and the global expert's [B, T], float32, zero
+    # on padding.
+    weights = jnp.where(tokens.valid[..., None], weights, 0.0)
+    global_weight = jnp.where(tokens.valid, 1.0 - top_gate, 0.0)
     record_usage(self, weights)
+    act = ACTIVATIONS[self.activation]
     # Every expert in one pair of wide products: [d, E*r], then [E*r, out].
     a, b = self.experts.a[...], self.experts.b[...]
     num_experts, rank = a.shape[0], a.shape[-1]

@@ -2,7 +2,8 @@
 
 `make_connector(kind, ...)` is the one entry point; kinds register in
 `CONNECTORS` and share one signature: built from the vision encoders'
-configs ({module name: ViTConfig}, `vit` first), called as
+configs ({module name: ViTConfig}, `vit` first; `VLMConfig` checks that
+`move` gets two or more, the others `vit` alone), called as
 `y, reports = connector(features, tokens)` with one feature map
 [B, N_i, d_i] per encoder and the TokenInfo of the L output tokens.
 `reports` are those of the routers in scanned layers (MoVE's ADT), as
@@ -75,25 +76,16 @@ class MoVEConfig:
                        f"{MOVE_MIXERS}.")
 
 
-def _single_encoder(kind: str, encoders: dict[str, ViTConfig]) -> ViTConfig:
-  if len(encoders) != 1:
-    raise ValueError(f"connector={kind!r} maps one vision encoder, got "
-                     f"{len(encoders)} ({sorted(encoders)}); mixing several "
-                     "needs connector='move'.")
-  return next(iter(encoders.values()))
-
-
 class LinearConnector(nnx.Module):
   """One projection, as in PaliGemma."""
 
   def __init__(self, encoders: dict[str, ViTConfig], out_features: int, *,
                move: MoVEConfig, plan: stack.Plan, rngs: nnx.Rngs):
     del move, plan  # No options, no towers.
-    in_features = _single_encoder("linear", encoders).width
     # Both sides are model widths; `embed` twice lets the sharding rules
     # shard one of them (they never shard a mesh axis twice).
-    self.proj = Dense(in_features, out_features, axes=("embed", "embed"),
-                      use_bias=True, rngs=rngs)
+    self.proj = Dense(encoders["vit"].width, out_features,
+                      axes=("embed", "embed"), use_bias=True, rngs=rngs)
 
   def __call__(self, features: tuple[jax.Array, ...], tokens: TokenInfo):
     (x,) = features
@@ -110,8 +102,7 @@ class MlpConnector(nnx.Module):
   def __init__(self, encoders: dict[str, ViTConfig], out_features: int, *,
                move: MoVEConfig, plan: stack.Plan, rngs: nnx.Rngs):
     del move, plan  # No options, no towers.
-    in_features = _single_encoder("mlp", encoders).width
-    self.mlp = layers.Mlp(in_features, out_features,
+    self.mlp = layers.Mlp(encoders["vit"].width, out_features,
                           out_features=out_features, rngs=rngs)
 
   def __call__(self, features: tuple[jax.Array, ...], tokens: TokenInfo):
@@ -267,12 +258,7 @@ class MoVEConnector(nnx.Module):
 
   def __init__(self, encoders: dict[str, ViTConfig], out_features: int, *,
                move: MoVEConfig, plan: stack.Plan, rngs: nnx.Rngs):
-    if len(encoders) < 2:
-      raise ValueError(f"connector='move' mixes two or more vision encoders, "
-                       f"got {sorted(encoders)}: add encoders to "
-                       "model.extra_vits.")
-    primary = next(iter(encoders.values()))
-    num_tokens = move.num_tokens or primary.num_patches
+    num_tokens = move.num_tokens or encoders["vit"].num_patches
     self.names = tuple(encoders)
     for name, encoder in encoders.items():
       setattr(self, name, MoVEBranch(
@@ -296,9 +282,7 @@ class MoVEConnector(nnx.Module):
       raise ValueError("connector='move' routes by TokenInfo.instance (the "
                        "prompt's mean embedding); embed_image needs it.")
     weights = self.router(example_instance(tokens))  # [B, encoders]
-    record_usage(self, jnp.broadcast_to(
-        weights[:, None], (weights.shape[0], tokens.valid.shape[1],
-                           weights.shape[1])))
+    record_usage(self, layers.per_token(weights, tokens.valid.shape[1]))
     mixed = sum(weights[:, i, None, None].astype(y.dtype) * y
                 for i, y in enumerate(branches))
     return mixed, reports

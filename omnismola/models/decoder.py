@@ -12,11 +12,11 @@ experts attach to some layers only (`decoder/layers_0_4`, ...); per-layer
 inputs (the KV cache, which layers slide) keep their axis over all layers.
 Experts attach by the plan the decoder is given (`stack.Plan`). The MLP
 blocks are built with `causal=True`: suffix tokens must not see later
-tokens, not even through an MLP's routing (a replacement must respect it). The decoder does not
-build attention masks or positions: the caller (`vlm.py`) owns the sequence
-layout and hands them in, together with the TokenInfo. The KV cache is a pytree
-passed in and returned, never stored in the module, so decoding stays a pure
-function that jit and scan can carry.
+tokens, not even through an MLP's routing (a replacement must respect it).
+The decoder does not build attention masks or positions: the caller
+(`vlm.py`) owns the sequence layout and hands them in, together with the
+TokenInfo. The KV cache is a pytree passed in and returned, never stored in
+the module, so decoding stays a pure function that jit and scan can carry.
 """
 import dataclasses
 
@@ -98,18 +98,6 @@ class KVCache:
   positions: jax.Array
   index: jax.Array
   instance: jax.Array
-
-  @classmethod
-  def empty(cls, config: DecoderConfig, batch: int, length: int,
-            dtype=jnp.float32) -> "KVCache":
-    shape = (config.depth, batch, length, config.num_kv_heads,
-             config.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               valid=jnp.zeros((batch, length), bool),
-               key_positions=jnp.zeros((batch, length), jnp.int32),
-               positions=jnp.zeros((batch,), jnp.int32),
-               index=jnp.zeros((), jnp.int32),
-               instance=jnp.zeros((batch, config.width), jnp.float32))
 
   def take(self, indices: jax.Array) -> "KVCache":
     """The cache of examples `indices` (int [B']), e.g. reordered beams."""
@@ -244,14 +232,20 @@ class Decoder(nnx.Module):
 
 def sliding_window_mask(mask: jax.Array, positions: jax.Array,
                         key_positions: jax.Array, window: int,
-                        bidirectional_pairs: jax.Array | None = None):
-  """`mask` limited to keys less than `window` positions behind the query.
+                        query_bidirectional: jax.Array | None = None,
+                        key_bidirectional: jax.Array | None = None):
+  """`mask` limited to keys less than `window` positions behind the query:
+  the mask of sliding-window layers, None when `window` is 0 (none).
 
-  Pairs of tokens in the bidirectional group (`bidirectional_pairs`, bool
-  [B, T, S]) keep seeing each other whatever their distance, as in
-  transformers' PaliGemma 2: the window bounds causal attention only.
+  Pairs of bidirectional tokens (`query_bidirectional` bool [B, T] x
+  `key_bidirectional` [B, S]) keep seeing each other whatever their
+  distance, as in transformers' PaliGemma 2: the window bounds causal
+  attention only.
   """
+  if not window:
+    return None
   near = positions[:, :, None] - key_positions[:, None, :] < window
-  if bidirectional_pairs is not None:
-    near = near | bidirectional_pairs
+  if query_bidirectional is not None:
+    near = near | (query_bidirectional[:, :, None] &
+                   key_bidirectional[:, None, :])
   return mask & near

@@ -235,7 +235,7 @@ class Dense(nnx.Module):
     self.axes = tuple(axes)
     init = jax.nn.initializers.lecun_normal()
     self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features)),
-                            logical_axes=tuple(axes))
+                            logical_axes=self.axes)
     self.bias = (nnx.Param(jnp.zeros((out_features,)),
                            logical_axes=(axes[1],)) if use_bias else None)
     self.adapters: nnx.Dict | None = nnx.data(None)  # Set by attach.
@@ -384,9 +384,6 @@ class Attention(nnx.Module):
                head_dim: int, use_bias: bool,
                rope_max_wavelength: float | None, rngs: nnx.Rngs,
                query_scale: float | None = None, logit_cap: float = 0.0):
-    if num_heads % num_kv_heads:
-      raise ValueError(f"num_kv_heads={num_kv_heads} must divide "
-                       f"num_heads={num_heads}.")
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim

@@ -15,7 +15,6 @@ counts are checked against the published figures) and in the AOT check.
 """
 import dataclasses
 
-from omnismola.models.connectors import MoVEConfig
 from omnismola.models.decoder import DecoderConfig
 from omnismola.models.vit import ViTConfig
 from omnismola.models.vlm import VLMConfig
@@ -33,12 +32,6 @@ def _siglip_so400m(image_size: int) -> ViTConfig:
                    depth=27, num_heads=16, mlp_dim=4304)
 
 
-# Gemma 1 2B, PaliGemma's language model.
-_GEMMA_2B = DecoderConfig(vocab_size=_PALIGEMMA_VOCAB, width=2048, depth=18,
-                          num_heads=8, num_kv_heads=1, head_dim=256,
-                          mlp_dim=16_384)
-
-
 def _gemma2(width, depth, num_heads, num_kv_heads, head_dim, mlp_dim,
             query_pre_attn_scalar) -> DecoderConfig:
   """A Gemma 2 size: post norms, soft caps 50 / 30, window 4096."""
@@ -50,10 +43,15 @@ def _gemma2(width, depth, num_heads, num_kv_heads, head_dim, mlp_dim,
                        sliding_window=4096)
 
 
-_GEMMA2 = {
-    "3b": _gemma2(2304, 26, 8, 4, 256, 9216, 256),
-    "10b": _gemma2(3584, 42, 16, 8, 256, 14_336, 256),
-    "28b": _gemma2(4608, 46, 32, 16, 128, 36_864, 144),
+# PaliGemma's language model (Gemma 1 2B) and PaliGemma 2's (Gemma 2 2B /
+# 9B / 27B), by the name prefix of their presets.
+_PALIGEMMA_DECODERS = {
+    "paligemma_3b": DecoderConfig(
+        vocab_size=_PALIGEMMA_VOCAB, width=2048, depth=18, num_heads=8,
+        num_kv_heads=1, head_dim=256, mlp_dim=16_384),
+    "paligemma2_3b": _gemma2(2304, 26, 8, 4, 256, 9216, 256),
+    "paligemma2_10b": _gemma2(3584, 42, 16, 8, 256, 14_336, 256),
+    "paligemma2_28b": _gemma2(4608, 46, 32, 16, 128, 36_864, 144),
 }
 _RESOLUTIONS = (224, 448, 896)
 
@@ -72,16 +70,11 @@ PRESETS: dict[str, VLMConfig] = {
         decoder=DecoderConfig(vocab_size=_BYTE_VOCAB, width=128, depth=3,
                               num_heads=4, num_kv_heads=1, head_dim=32,
                               mlp_dim=256)),
-    # PaliGemma 3B (SigLIP So400m + Gemma 2B): 256 / 1024 / 4096 image tokens.
-    **{f"paligemma_3b_{res}": VLMConfig(vit=_siglip_so400m(res),
-                                        decoder=_GEMMA_2B,
-                                        remat_policy="dots_no_batch")
+    # SigLIP So400m + those decoders: 256 / 1024 / 4096 image tokens.
+    **{f"{name}_{res}": VLMConfig(vit=_siglip_so400m(res), decoder=decoder,
+                                  remat_policy="dots_no_batch")
+       for name, decoder in _PALIGEMMA_DECODERS.items()
        for res in _RESOLUTIONS},
-    # PaliGemma 2: SigLIP So400m + Gemma 2 2B / 9B / 27B.
-    **{f"paligemma2_{size}_{res}": VLMConfig(vit=_siglip_so400m(res),
-                                             decoder=decoder,
-                                             remat_policy="dots_no_batch")
-       for size, decoder in _GEMMA2.items() for res in _RESOLUTIONS},
     # PaLI-X scale (~55B) for sharding and memory checks, not a PaLI-X
     # reimplementation: the ViT-22B encoder shape, and a Gemma-style
     # decoder-only LM of ~33B standing in for PaLI-X's 32B UL2

@@ -30,11 +30,12 @@ finds towers in a built model. The default plan attaches nothing: every
 tower is one segment.
 
 Routers inside a layer report their losses, statistics and usage
-(`layers.report`); `scan_stack` collects each layer's reports and returns
+(`layers.report`); `scan_tower` collects each layer's reports and returns
 them stacked along the segment's layer axis, so `decoder/layers/mlp`'s
-balance loss comes back as [depth] (`decoder/layers_0_4/mlp`'s as [4]). Per-layer inputs and outputs (the KV
-cache, which layers use a sliding window) keep a leading axis over the
-whole tower: `scan_tower` slices them per segment and joins the results.
+balance loss comes back as [depth] (`decoder/layers_0_4/mlp`'s as [4]).
+Per-layer inputs and outputs (the KV cache, which layers use a sliding
+window) keep a leading axis over the whole tower: `scan_tower` slices them
+per segment and joins the results.
 
 A checkpoint written with another segmentation (a converted PaliGemma, a
 dense run) loads through `restack`, which slices and joins its stacked
@@ -114,10 +115,6 @@ def split_segments(signatures: list[Hashable], prefix: str
       for start, stop in zip(starts, stops))
 
 
-def _attach_nothing(module: nnx.Module, path: str, rngs: nnx.Rngs) -> None:
-  del module, path, rngs
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """How a model's towers are split and where experts attach.
@@ -133,7 +130,8 @@ class Plan:
   prefix: str = ""
   towers: Mapping[str, tuple[Segment, ...]] = dataclasses.field(
       default_factory=dict)
-  attach: Callable[[nnx.Module, str, nnx.Rngs], None] = _attach_nothing
+  attach: Callable[[nnx.Module, str, nnx.Rngs], None] = (
+      lambda module, path, rngs: None)
 
   def child(self, name: str) -> "Plan":
     """The plan of the child `name` of the module at `prefix`."""
@@ -188,24 +186,10 @@ def add_tower_layers(owner: nnx.Module, name: str,
   return segments
 
 
-def scan_stack(stack: nnx.Module, body: Callable, carry, xs, *, path: str,
-               loop: LayerLoop = LayerLoop()):
-  """Runs `carry, y = body(layer, carry, x)` over the layers of `stack`.
-
-  Args:
-    stack: a module from `create_stack`.
-    body: one layer's step; `x` is layer i's slice of `xs`.
-    carry: what flows from layer to layer (the residual stream).
-    xs: a pytree of per-layer inputs with a leading layer axis (e.g. a KV
-      cache, or which layers use a sliding window); () for none.
-    path: the stack's module path, which the reports are keyed under.
-    loop: remat policy, scanned or unrolled.
-
-  Returns:
-    (final carry, ys, reports): ys stacked along a leading layer axis, and
-    what the layers' routers reported ({'<path>/<router path>': {name:
-    value}}, `layers.pop_reports`), every leaf stacked likewise.
-  """
+def _scan_stack(stack: nnx.Module, body: Callable, carry, xs, *, path: str,
+                loop: LayerLoop):
+  """`scan_tower` over one segment's `stack` (a module from `create_stack`),
+  its reports keyed under the stack's module `path`."""
   policy = REMAT_POLICIES[loop.remat_policy]
   # A plain lax.scan over the split state rather than nnx.scan: callers run
   # stacks inside their own loops (decoding's while_loop) under traces the
@@ -236,29 +220,33 @@ def scan_stack(stack: nnx.Module, body: Callable, carry, xs, *, path: str,
 
 def scan_tower(owner: nnx.Module, segments: tuple[Segment, ...],
                body: Callable, carry, xs, *, loop: LayerLoop = LayerLoop()):
-  """`scan_stack` over the segments of a tower, one after the other.
+  """Runs `carry, y = body(layer, carry, x)` over the layers of a tower,
+  segment after segment.
 
   Args:
     owner: the module `add_tower_layers` set the stacks on.
     segments: what it returned.
-    body, carry, loop: as for `scan_stack`.
-    xs: per-layer inputs with a leading axis over the whole tower, sliced
-      per segment.
+    body: one layer's step; `x` is layer i's slice of `xs`.
+    carry: what flows from layer to layer (the residual stream).
+    xs: a pytree of per-layer inputs with a leading axis over the whole
+      tower (e.g. a KV cache, or which layers use a sliding window); () for
+      none.
+    loop: remat policy, scanned or unrolled.
 
   Returns:
-    (final carry, ys joined over the whole tower, reports with each
-    segment's under its own paths, stacked over its layers).
+    (final carry, ys stacked along a leading axis over the whole tower,
+    reports): what each segment's routers reported ({'<segment path>/<router
+    path>': {name: value}}, `layers.pop_reports`), every leaf stacked over
+    the segment's layers.
   """
   parts, reports = [], {}
   for segment in segments:
-    carry, ys, segment_reports = scan_stack(
+    carry, ys, segment_reports = _scan_stack(
         getattr(owner, segment.attribute), body, carry,
         jax.tree.map(lambda x: x[segment.start:segment.stop], xs),
         path=segment.path, loop=loop)
     parts.append(ys)
     reports.update(segment_reports)
-  if len(parts) == 1:
-    return carry, parts[0], reports
   return carry, jax.tree.map(lambda *y: jnp.concatenate(y), *parts), reports
 
 

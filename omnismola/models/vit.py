@@ -91,8 +91,7 @@ class ViT(nnx.Module):
                loop: stack.LayerLoop = stack.LayerLoop(), rngs: nnx.Rngs):
     self.config = config
     self.loop = loop
-    patch_pixels = config.patch_size**2 * 3
-    self.embedding = Dense(patch_pixels, config.width,
+    self.embedding = Dense(config.patch_size**2 * 3, config.width,
                            axes=("patch", "embed"), use_bias=True, rngs=rngs)
     init = jax.nn.initializers.normal(stddev=config.width**-0.5)
     self.pos_embedding = nnx.Param(

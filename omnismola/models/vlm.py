@@ -89,26 +89,6 @@ def filled_slots(segment_ids: jax.Array, num_images: int) -> jax.Array:
                  axis=1)
 
 
-def _token_segments(num_image_tokens: int, mask_input: jax.Array,
-                   segment_ids: jax.Array | None = None, num_images: int = 1):
-  """The segment (packed example, from 1; 0: none) of each token of
-  [image tokens, text] (see `sequence_layout`).
-
-  Returns:
-    (image int32 [B, M N]: 0 in an empty slot, text int32 [B, L]: 0 on
-     padding), M = 1 without `segment_ids`.
-  """
-  text_valid = mask_input.astype(bool)
-  if segment_ids is None:
-    text = text_valid.astype(jnp.int32)
-    slots = jnp.ones((text.shape[0], 1), jnp.int32)
-  else:
-    text = jnp.where(text_valid, segment_ids, 0).astype(jnp.int32)
-    slots = jnp.where(filled_slots(text, num_images),
-                      jnp.arange(1, num_images + 1), 0)
-  return jnp.repeat(slots, num_image_tokens, axis=1), text
-
-
 def sequence_layout(num_image_tokens: int, mask_ar: jax.Array,
                     mask_input: jax.Array, segment_ids: jax.Array | None = None,
                     num_images: int = 1):
@@ -135,9 +115,17 @@ def sequence_layout(num_image_tokens: int, mask_ar: jax.Array,
      [B, M N + L, M N + L], positions: int32 [B, M N + L]).
   """
   text_valid = mask_input.astype(bool)
-  image_segment, text_segment = _token_segments(num_image_tokens, mask_input,
-                                                segment_ids, num_images)
-  num_slots = image_segment.shape[1] // num_image_tokens
+  # Each text token's segment (0 on padding) and each image slot's (0: an
+  # empty slot).
+  if segment_ids is None:
+    text_segment = text_valid.astype(jnp.int32)
+    slots = jnp.ones((text_segment.shape[0], 1), jnp.int32)
+  else:
+    text_segment = jnp.where(text_valid, segment_ids, 0).astype(jnp.int32)
+    slots = jnp.where(filled_slots(text_segment, num_images),
+                      jnp.arange(1, num_images + 1), 0)
+  num_slots = slots.shape[1]
+  image_segment = jnp.repeat(slots, num_image_tokens, axis=1)
   # Per-segment totals [B, M + 1] (segment 0 is padding), to restart the
   # causal count and the positions at each segment's first text token.
   in_segment = (text_segment[:, :, None] ==
@@ -254,22 +242,6 @@ class VLM(nnx.Module):
     # connector's MoE) are still sown on their modules, collected here.
     return x, {**reports, **connector_reports, **layers.pop_reports(self)}
 
-  def _sliding_mask(self, mask, positions, key_positions,
-                    query_bidirectional=None, key_bidirectional=None):
-    """The sliding-window layers' mask, or None if the decoder has none.
-
-    Pairs of bidirectional tokens (`query_bidirectional` [B, T] x
-    `key_bidirectional` [B, S]) stay visible whatever their distance.
-    """
-    window = self.config.decoder.sliding_window
-    if not window:
-      return None
-    pairs = None
-    if query_bidirectional is not None:
-      pairs = (query_bidirectional[:, :, None] &
-               key_bidirectional[:, None, :])
-    return sliding_window_mask(mask, positions, key_positions, window, pairs)
-
   def _run_sequence(self, image, text, mask_ar, mask_input, segment_ids=None,
                     free_slots=0, kv=None):
     """Runs the decoder over [image tokens, text].
@@ -311,9 +283,9 @@ class VLM(nnx.Module):
         axis=1))
     pad = lambda y: jnp.pad(y, ((0, 0),) * (y.ndim - 1) + ((0, free_slots),))
     mask = pad(mask)
-    sliding_mask = self._sliding_mask(mask, positions, pad(positions),
-                                      tokens.bidirectional,
-                                      pad(tokens.bidirectional))
+    sliding_mask = sliding_window_mask(
+        mask, positions, pad(positions), self.config.decoder.sliding_window,
+        tokens.bidirectional, pad(tokens.bidirectional))
     h, kv, decoder_reports = self.decoder(x, tokens, mask, positions,
                                           sliding_mask=sliding_mask, kv=kv,
                                           index=0)
@@ -365,10 +337,12 @@ class VLM(nnx.Module):
       raise ValueError(f"cache_length={cache_length} cannot hold the "
                        f"{length} image + prompt tokens.")
     free = cache_length - length
-    empty = KVCache.empty(self.config.decoder, batch, cache_length,
-                          self.decoder.embedder.embedding.dtype)
+    config = self.config.decoder
+    empty = jnp.zeros((config.depth, batch, cache_length,
+                       config.num_kv_heads, config.head_dim),
+                      self.decoder.embedder.embedding.dtype)
     run = self._run_sequence(image, text, mask_ar, mask_input,
-                             free_slots=free, kv=(empty.k, empty.v))
+                             free_slots=free, kv=(empty, empty))
     tokens, positions, (k, v) = run.tokens, run.positions, run.kv
     last = jnp.max(jnp.where(tokens.valid, jnp.arange(length), -1), axis=1)
     h_last = jnp.take_along_axis(run.hidden, last[:, None, None],
@@ -400,7 +374,9 @@ class VLM(nnx.Module):
     positions = cache.positions[:, None]
     h, (k, v), _ = self.decoder(
         x, TokenInfo.decode_step(batch, cache.instance), mask, positions,
-        sliding_mask=self._sliding_mask(mask, positions, key_positions),
+        sliding_mask=sliding_window_mask(
+            mask, positions, key_positions,
+            self.config.decoder.sliding_window),
         kv=(cache.k, cache.v), index=cache.index)
     cache = cache.replace(k=k, v=v, valid=valid, key_positions=key_positions,
                           positions=cache.positions + 1,

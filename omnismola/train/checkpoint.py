@@ -182,11 +182,10 @@ class Checkpointer:
       try:
         restored = self._reader.restore(self.step_dir(step),
                                         ocp.args.Composite(**items))
+        break
       # Orbax and TensorStore raise many types for a missing or bad file.
       except Exception as e:  # pylint: disable=broad-exception-caught
         error = e
-        continue
-      break
     if all_processes(restored is not None):
       return restored, None
     return None, error

@@ -13,17 +13,16 @@ from omnismola.train import logging as log_lib
 def summarize(step_metrics: list[dict], task_names: list[str]) -> dict:
   """Averages the metrics of the steps since the last log line.
 
-  Skipped (non-finite) steps are counted, and left out of the averages
-  unless every step was skipped.
+  Every metric of the train step (trainer.make_train_step) is averaged but
+  the four summarized otherwise below. Skipped (non-finite) steps are
+  counted, and left out of the averages unless every step was skipped.
   """
   host = jax.device_get(step_metrics)
   applied = [m for m in host if not m["nonfinite"]] or host
-  averaged = ["loss", "grad_norm", "learning_rate", "aux_loss"] + [
-      k for k in host[0] if k.startswith("moe/")]
-  out = {k: float(np.mean([m[k] for m in applied])) for k in averaged}
+  out = {k: float(np.mean([m[k] for m in applied])) for k in host[0]
+         if k not in ("nonfinite", "examples", "task_nll", "task_tokens")}
   out["skipped_steps"] = float(sum(m["nonfinite"] for m in host))
-  out["target_tokens_per_step"] = float(
-      np.mean([m["target_tokens"] for m in applied]))
+  out["target_tokens_per_step"] = out.pop("target_tokens")
   # Every step consumed its examples, applied or not.
   out["examples_per_step"] = float(np.mean([m["examples"] for m in host]))
   nll = np.sum([m["task_nll"] for m in applied], axis=0)

@@ -97,10 +97,8 @@ def agree_with_checkpoint(config, checkpoint: str | None = None) -> None:
 def read_parameters(step_dir: str) -> dict[str, object]:
   """{path: array} of a checkpoint step's parameters, trained and frozen."""
   saved = ocp.StandardCheckpointer().restore(storage.path(step_dir) / "state")
-  parameters = {}
-  for group in ("params", "frozen"):
-    parameters.update(flatten_by_path(saved.get(group, {})))
-  return parameters
+  return {path: array for group in ("params", "frozen")
+          for path, array in flatten_by_path(saved.get(group, {})).items()}
 
 
 def _nested(flat: dict, prefix: str) -> dict:
@@ -233,10 +231,8 @@ def load_partial(path: str, state, abstract_state, *, upcycle: bool = True,
   loaded, fresh = [], []
 
   def merge_group(current, abstract):
-    flat_current = flatten_by_path(current)
-    flat_abstract = flatten_by_path(abstract)
-    leaves = []
-    for key, value in flat_current.items():
+    flat_abstract, leaves = flatten_by_path(abstract), []
+    for key, value in flatten_by_path(current).items():
       if key in source:
         if tuple(source[key].shape) != tuple(value.shape):
           raise ValueError(_shape_mismatch(step_dir, key, source[key].shape,

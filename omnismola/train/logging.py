@@ -4,7 +4,6 @@ import io
 import json
 import math
 import os
-import sys
 import time
 
 import jax
@@ -15,18 +14,17 @@ from omnismola import flops
 
 
 class MetricWriter:
-  """Appends scalars to <workdir>/<name>.jsonl and to TensorBoard.
+  """Appends scalars to <workdir>/train_metrics.jsonl and to TensorBoard.
 
   Only process 0 writes. TensorBoard goes through tensorboardX, which needs
   no TensorFlow; where it is not installed the JSON lines still are written.
   The workdir may be a storage URL (omnismola/storage.py).
   """
 
-  def __init__(self, workdir: str, name: str = "train_metrics"):
+  def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
     self._workdir = storage.path(workdir)
-    self._name = name
-    self.path = self._workdir / f"{name}.jsonl"
+    self.path = self._workdir / "train_metrics.jsonl"
     # Opened at the first write, so that a run failing before its first
     # log line (bad data, a refused resume) leaves no files behind.
     self._tb = None
@@ -37,7 +35,7 @@ class MetricWriter:
       return
     if not self._tb_opened:
       self._workdir.mkdir(parents=True, exist_ok=True)
-      self._tb, self._tb_opened = _tensorboard(self._workdir, self._name), True
+      self._tb, self._tb_opened = _tensorboard(self._workdir), True
     record = {"step": int(step)}
     record.update({k: float(v) for k, v in scalars.items()})
     storage.append_text(self.path, json.dumps(record) + "\n")
@@ -51,9 +49,9 @@ class MetricWriter:
       self._tb.close()
 
 
-def _tensorboard(workdir, name: str):
-  """A tensorboardX SummaryWriter of <workdir>/tensorboard/<name>, or None
-  (with a warning) where tensorboardX is not installed."""
+def _tensorboard(workdir):
+  """A tensorboardX SummaryWriter of <workdir>/tensorboard/train_metrics,
+  or None (with a warning) where tensorboardX is not installed."""
   try:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
@@ -65,7 +63,7 @@ def _tensorboard(workdir, name: str):
     # one), so events go through the same client as every other file.
     record_writer.register_writer_factory(
         os.fspath(workdir).split("://")[0], _BucketEventFiles())
-  return SummaryWriter(os.fspath(workdir / "tensorboard" / name))
+  return SummaryWriter(os.fspath(workdir / "tensorboard" / "train_metrics"))
 
 
 class _BucketEventFile:
@@ -152,10 +150,8 @@ class Progress:
     self.num_devices = num_devices
     self.peak_flops = peak_flops
     self._clock = clock
-    self._start = None
-    self._start_step = first_step
-    self._last_time = None
-    self._last_step = first_step
+    self._start = self._last_time = None
+    self._start_step = self._last_step = first_step
 
   def start(self, step: int) -> None:
     """Called after the first (compiling) step so compile time is excluded."""
@@ -222,4 +218,4 @@ def peak_memory() -> dict[str, float]:
 def print_line(text: str) -> None:
   """A progress line on stdout for people, from process 0."""
   if jax.process_index() == 0:
-    print(text, file=sys.stdout, flush=True)
+    print(text, flush=True)

@@ -6,13 +6,9 @@ import optax
 from flax import nnx
 
 
-def path_str(path) -> str:
-  """'decoder/layers/0/attn/q/kernel' from an NNX path tuple."""
-  return "/".join(str(p) for p in path)
-
-
 def key_path_str(key_path) -> str:
-  """'decoder/layers/0/attn/q/kernel' from a jax key path of a pure dict."""
+  """'decoder/layers/0/attn/q/kernel' from a jax key path of a pure dict or
+  an NNX path tuple (of plain names and indices)."""
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k)))
                   for k in key_path)
 
@@ -34,14 +30,14 @@ def trainable_filter(regex: str):
 
   def is_trainable(path, variable) -> bool:
     return (isinstance(variable, nnx.Param) and
-            pattern.fullmatch(path_str(path)) is not None)
+            pattern.fullmatch(key_path_str(path)) is not None)
 
   return is_trainable
 
 
-# The train fields the learning rate of a step depends on.
 # config.train.schedule's values (schema.py checks it).
 SCHEDULES = ("cosine", "constant")
+# The train fields the learning rate of a step depends on.
 SCHEDULE_FIELDS = ("schedule", "lr", "warmup_steps", "schedule_start", "steps")
 
 

@@ -153,8 +153,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int],
     for rule_name, target in rules:
       if name is None or rule_name != name:
         continue
-      axes = tuple(a for a in _as_axes(target)
-                   if a in mesh.shape and mesh.shape[a] > 1)
+      axes = tuple(a for a in _as_axes(target) if mesh.shape.get(a, 1) > 1)
       size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
       if axes and not used & set(axes) and dim % size == 0:
         chosen = axes[0] if len(axes) == 1 else axes
@@ -166,17 +165,18 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int],
   return PartitionSpec(*spec)
 
 
+def _logical_axes(variable: nnx.Variable) -> tuple[str | None, ...]:
+  """A variable's `logical_axes` metadata; all None where it has none."""
+  return tuple(variable.get_metadata().get("logical_axes") or
+               (None,) * len(variable.shape))
+
+
 def state_shardings(state: nnx.State, rules, mesh: Mesh) -> dict:
   """NamedShardings (as a pure dict) for every variable of an NNX state."""
-  def one(variable):
-    axes = variable.get_metadata().get("logical_axes")
-    shape = variable.shape
-    if axes is None:
-      axes = (None,) * len(shape)
-    return NamedSharding(mesh, logical_to_spec(axes, shape, rules, mesh))
-
-  shardings = jax.tree.map(one, state,
-                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+  shardings = jax.tree.map(
+      lambda v: NamedSharding(mesh, logical_to_spec(_logical_axes(v),
+                                                    v.shape, rules, mesh)),
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.to_pure_dict(shardings)
 
 
@@ -231,32 +231,22 @@ def parameter_layouts(states: Sequence[nnx.State], rules,
   out = []
   for state in states:
     for path, variable in nnx.to_flat_state(state):
-      shape = tuple(variable.shape)
-      axes = variable.get_metadata().get("logical_axes") or (None,) * len(
-          shape)
+      shape, axes = tuple(variable.shape), _logical_axes(variable)
       out.append(Parameter(
-          path="/".join(str(k) for k in path), shape=shape,
-          logical_axes=tuple(axes),
+          path="/".join(str(k) for k in path), shape=shape, logical_axes=axes,
           nbytes=int(np.prod(shape)) * np.dtype(variable.dtype).itemsize,
           spec=logical_to_spec(axes, shape, rules, mesh)))
   return out
 
 
-def replicated_fraction(parameters: Sequence[Parameter], mesh: Mesh) -> float:
-  """Share of parameter bytes that every device holds whole.
-
-  On a one-device mesh nothing is replicated *across* devices: 0.
-  """
-  total = sum(p.nbytes for p in parameters)
-  if mesh.size == 1 or not total:
-    return 0.0
-  return sum(p.nbytes for p in parameters if p.replicated) / total
-
-
 def check_replication(parameters: Sequence[Parameter], mesh: Mesh,
                       max_fraction: float, *, show: int = 5) -> float:
-  """The replicated fraction; an error naming the largest if above max."""
-  fraction = replicated_fraction(parameters, mesh)
+  """Share of parameter bytes that every device holds whole; an error
+  naming the largest such parameters if above `max_fraction`."""
+  total = sum(p.nbytes for p in parameters)
+  # On a one-device mesh nothing is replicated *across* devices.
+  fraction = (0.0 if mesh.size == 1 or not total else
+              sum(p.nbytes for p in parameters if p.replicated) / total)
   if fraction <= max_fraction:
     return fraction
   largest = sorted((p for p in parameters if p.replicated),
@@ -265,7 +255,6 @@ def check_replication(parameters: Sequence[Parameter], mesh: Mesh,
            f"{p.nbytes / 2**20:,.1f} MiB; could shard: "
            f"{_shardable(p, mesh) or 'no dimension divides a mesh axis'}"
            for p in largest]
-  total = sum(p.nbytes for p in parameters)
   raise ValueError(
       f"{fraction:.1%} of the parameter bytes ({fraction * total / 2**30:.2f}"
       f" of {total / 2**30:.2f} GiB) are replicated whole on each of the "

@@ -72,11 +72,6 @@ def _fill(template: nnx.State, values) -> nnx.State:
   return state
 
 
-def split_model(model: nnx.Module, trainable_regex: str):
-  """(graphdef, trainable params, everything else) of a model."""
-  return nnx.split(model, optim.trainable_filter(trainable_regex), ...)
-
-
 def opt_state_shardings(opt_state, params_shardings, mesh):
   """Optimizer leaves mirroring a parameter take its sharding; others replicate.
 
@@ -99,8 +94,8 @@ def opt_state_shardings(opt_state, params_shardings, mesh):
 def model_parts(config) -> ModelParts:
   """The ModelParts of `config`'s model, from its shapes alone."""
   abstract_model = nnx.eval_shape(lambda: build.build_model(config))
-  graphdef, params_t, frozen_t = split_model(abstract_model,
-                                             config.train.trainable)
+  graphdef, params_t, frozen_t = nnx.split(
+      abstract_model, optim.trainable_filter(config.train.trainable), ...)
   if not jax.tree.leaves(params_t):
     raise ValueError(f"config.train.trainable={config.train.trainable!r} "
                      "matches no parameter: nothing would be trained.")
@@ -129,7 +124,8 @@ def create_state(config, mesh, optimizer):
 
   def init_fn(key):
     model = build.build_model(config, rng=key)
-    _, params, frozen = split_model(model, config.train.trainable)
+    _, params, frozen = nnx.split(
+        model, optim.trainable_filter(config.train.trainable), ...)
     params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       frozen=frozen, opt_state=optimizer.init(params))
@@ -180,16 +176,12 @@ def split_microbatches(batch: dict, num: int) -> dict:
 
   Strided rather than contiguous rows: each device's contiguous shard of the
   batch then splits evenly, so every microbatch spans all data-parallel
-  devices instead of sitting on a few of them.
+  devices instead of sitting on a few of them. The batch size is a multiple
+  of `num` (schema.py checks config.train.microbatches).
   """
-  def split(x):
-    if x.shape[0] % num:
-      raise ValueError(f"The batch of {x.shape[0]} does not split into "
-                       f"config.train.microbatches={num} equal parts.")
-    return jnp.swapaxes(x.reshape((x.shape[0] // num, num) + x.shape[1:]),
-                        0, 1)
-
-  return jax.tree.map(split, batch)
+  return jax.tree.map(
+      lambda x: jnp.swapaxes(
+          x.reshape((x.shape[0] // num, num) + x.shape[1:]), 0, 1), batch)
 
 
 def all_finite(tree) -> jax.Array:

@@ -25,7 +25,6 @@ from etils import epath
 from omnismola.data.benchmarks import manual
 from omnismola.data.benchmarks.manual import Record
 
-_V1 = tfds.core.Version("1.0.0")
 # TFDS split -> the official split name, for datasets that name files by it.
 _OFFICIAL = {"train": "train", "validation": "val", "test": "test"}
 
@@ -79,7 +78,6 @@ def data_list_records(
 class CocoCaptions(manual.ManualBuilder):
   """COCO Captions 2017: five captions per image."""
   name = "omnismola_coco_captions"
-  VERSION = _V1
   HOMEPAGE = "https://cocodataset.org/#download"
   MANUAL_FILES = {
       "train": ("annotations/captions_train2017.json", "train2017/"),
@@ -98,7 +96,6 @@ class CocoCaptions(manual.ManualBuilder):
 class TextCaps(manual.ManualBuilder):
   """TextCaps 0.1: captions that read the text in the image."""
   name = "omnismola_textcaps"
-  VERSION = _V1
   HOMEPAGE = "https://textvqa.org/textcaps/dataset/"
   # Validation images are in train_images/, as TextVQA ships them.
   MANUAL_FILES = {
@@ -118,7 +115,6 @@ class TextCaps(manual.ManualBuilder):
 class Vqav2(manual.ManualBuilder):
   """VQAv2 (balanced real images), ten answers per question."""
   name = "omnismola_vqav2"
-  VERSION = _V1
   HOMEPAGE = "https://visualqa.org/download.html"
   # (questions, annotations, image directory) per split.
   MANUAL_FILES = {
@@ -135,7 +131,6 @@ class Vqav2(manual.ManualBuilder):
 class OkVqa(manual.ManualBuilder):
   """OK-VQA: questions needing outside knowledge, in the VQA format."""
   name = "omnismola_okvqa"
-  VERSION = _V1
   HOMEPAGE = "https://okvqa.allenai.org/download.html"
   MANUAL_FILES = {
       "train": ("OpenEnded_mscoco_train2014_questions.json",
@@ -152,7 +147,6 @@ class OkVqa(manual.ManualBuilder):
 class TextVqa(manual.ManualBuilder):
   """TextVQA 0.5.1: questions about text in natural images."""
   name = "omnismola_textvqa"
-  VERSION = _V1
   HOMEPAGE = "https://textvqa.org/dataset/"
   MANUAL_FILES = {
       "train": ("TextVQA_0.5.1_train.json", "train_images/"),
@@ -188,7 +182,6 @@ def _docvqa_files(official: str) -> tuple[manual.OneOf, manual.OneOf]:
 class DocVqa(manual.ManualBuilder):
   """DocVQA (single page, "spdocvqa"): questions about scanned documents."""
   name = "omnismola_docvqa"
-  VERSION = _V1
   HOMEPAGE = "https://rrc.cvc.uab.es/?ch=17&com=downloads"
   MANUAL_FILES = {split: _docvqa_files(_OFFICIAL[split])
                   for split in ("train", "validation")}
@@ -216,7 +209,6 @@ def _infovqa_annotations(*names: str) -> manual.OneOf:
 class InfoVqa(manual.ManualBuilder):
   """InfographicVQA: questions about infographics."""
   name = "omnismola_infovqa"
-  VERSION = _V1
   HOMEPAGE = "https://rrc.cvc.uab.es/?ch=17&com=downloads"
   # images/ is big_vision's name for the images archive's folder.
   _IMAGES = manual.OneOf("infographicsvqa_images/", "images/")
@@ -241,17 +233,13 @@ class InfoVqa(manual.ManualBuilder):
 
 
 # ---------------------------------------------------------- one-of-a-kind
-class ChartQaConfig(tfds.core.BuilderConfig):
-  """ChartQA's question sets: `human` (written) or `augmented` (generated)."""
-
-
 class ChartQa(manual.ManualBuilder):
-  """ChartQA: questions about charts; one config per question set."""
+  """ChartQA: questions about charts; one config per question set, `human`
+  (written) or `augmented` (generated)."""
   name = "omnismola_chartqa"
-  VERSION = _V1
   HOMEPAGE = "https://github.com/vis-nlp/ChartQA"
-  BUILDER_CONFIGS = [ChartQaConfig(name="human"),
-                     ChartQaConfig(name="augmented")]
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="human"),
+                     tfds.core.BuilderConfig(name="augmented")]
   MANUAL_FILES = {
       split: (f"{official}/{official}_human.json",
               f"{official}/{official}_augmented.json", f"{official}/png/")
@@ -274,7 +262,6 @@ class Ai2d(manual.ManualBuilder):
   get the letters of annotations/<image>.json drawn over the words.
   """
   name = "omnismola_ai2d"
-  VERSION = _V1
   HOMEPAGE = "https://allenai.org/data/diagrams"
   _FILES = ("ai2d_test_ids.csv", "questions/", "images/", "annotations/")
   MANUAL_FILES = {"train": _FILES, "test": _FILES}
@@ -311,7 +298,6 @@ class OcrVqa(manual.ManualBuilder):
   images/<id><extension of imageURL>.
   """
   name = "omnismola_ocrvqa"
-  VERSION = _V1
   HOMEPAGE = "https://ocr-vqa.github.io/"
   MANUAL_FILES = {split: ("dataset.json", "images/")
                   for split in ("train", "validation", "test")}
@@ -336,7 +322,6 @@ class TallyQa(manual.ManualBuilder):
   train2014/COCO_train2014_....jpg. There is no validation split.
   """
   name = "omnismola_tallyqa"
-  VERSION = _V1
   HOMEPAGE = "https://github.com/manoja328/TallyQA_dataset"
   _IMAGES = ("VG_100K/", "VG_100K_2/", "train2014/", "val2014/")
   MANUAL_FILES = {"train": ("train.json", *_IMAGES),
@@ -355,7 +340,6 @@ class ScienceQa(manual.ManualBuilder):
   has it at images/<split>/<pid>/<problem's "image">.
   """
   name = "omnismola_scienceqa"
-  VERSION = _V1
   HOMEPAGE = "https://scienceqa.github.io/"
   MANUAL_FILES = {
       split: ("problems.json", "pid_splits.json", f"images/{official}/")

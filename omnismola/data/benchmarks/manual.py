@@ -127,12 +127,13 @@ def _exists(path: epath.Path, name: str) -> bool:
 class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A builder of FEATURES examples from the official files in manual_dir.
 
-  Subclasses set VERSION, HOMEPAGE, MANUAL_FILES ({TFDS split: paths
-  relative to manual_dir, directories ending in /, or OneOf those}) and
-  implement `_records(root, split)`, which finds a OneOf's path with
-  `resolve`.
+  Subclasses set HOMEPAGE, MANUAL_FILES ({TFDS split: paths relative to
+  manual_dir, directories ending in /, or OneOf those}), VERSION when it is
+  not 1.0.0, and implement `_records(root, split)`, which finds a OneOf's
+  path with `resolve`.
   """
 
+  VERSION = tfds.core.Version("1.0.0")
   HOMEPAGE = ""
   MANUAL_FILES: Mapping[str, Sequence[Entry]] = {}
 

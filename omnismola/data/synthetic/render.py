@@ -79,7 +79,6 @@ _GLYPHS = {
 }
 FONT = {ch: np.array([[p == "#" for p in row] for row in rows.split()])
         for ch, rows in _GLYPHS.items()}
-CHARSET = frozenset(FONT) | {" "}
 
 
 def blank() -> np.ndarray:

@@ -5,7 +5,7 @@
 fine-tuning runs) and returns `(config_fields, params)`: the sizes our
 `VLMConfig` needs, inferred from the array shapes, and our parameter tree
 (nested dict of numpy arrays, layers stacked on a leading depth axis). Only
-numpy is needed; each array is read from the zip once.
+numpy and ml_dtypes are needed; each array is read from the zip once.
 
 Everything below was established from google-research/big_vision (commit
 0127fb6b337ee2a27bf4e54dea79cff176527356) unless said otherwise; "L"
@@ -22,7 +22,7 @@ File format (big_vision/utils.py)
   chosen root (optimizer state).
 * bfloat16 arrays come back from `np.load` as the 2-byte void dtype `V2`;
   `recover_dtype` (L827-833) views them as bfloat16. We do the same with
-  `ml_dtypes.bfloat16` (or widen to float32 when ml_dtypes is missing).
+  `ml_dtypes.bfloat16`.
 * PaliGemma is `proj/paligemma/paligemma.py`: the image tower is module `img`
   and the LLM `llm` (L61-69); `paligemma.load` reads `<file>:img` and
   `<file>:llm` from one npz (L277-295).
@@ -130,8 +130,6 @@ norms. Not inferable from the weights, so taken as constants:
   the same). We return the variant's 30.0; a caller fine-tuning like
   big_vision may set it to 0.0 on the returned dict.
 """
-from __future__ import annotations
-
 import math
 import re
 import warnings
@@ -139,6 +137,7 @@ import zipfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from omnismola import storage
@@ -220,32 +219,22 @@ def _recover_dtype(a: np.ndarray, dtype) -> np.ndarray:
     if a.dtype.itemsize != 2:
       raise CheckpointLayoutError(f"unknown void dtype {a.dtype} (only "
                                   "bfloat16 stored as V2 is known)")
-    try:
-      import ml_dtypes  # pylint: disable=g-import-not-at-top
-      a = a.view(ml_dtypes.bfloat16)
-    except ImportError:  # Widen bit-exactly: bf16 is float32's top half.
-      a = (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    a = a.view(ml_dtypes.bfloat16)
   if dtype is not None and a.dtype != np.dtype(dtype):
     a = a.astype(dtype)
   return a
 
 
-class _Reader:
-  """Reads each array of the chosen root once, recovering bfloat16."""
-
-  def __init__(self, arrays: Mapping[str, Any], root: str, dtype):
-    self._arrays = arrays
-    self._root = root
-    self._dtype = dtype
-
-  def __call__(self, key: str) -> np.ndarray:
-    return _recover_dtype(np.asarray(self._arrays[self._root + key]),
-                          self._dtype)
-
-
-def _layer_indices(keys, prefix: str) -> list[int]:
-  pattern = re.compile(re.escape(prefix) + r"(\d+)/")
-  return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
+def _layers(keys: set[str], scan_prefix: str, loop_stem: str):
+  """How the checkpoint stores a tower's layers: ("scan", [scan_prefix]) or
+  ("loop", [f"{loop_stem}{i}/" for every layer i])."""
+  loop = re.compile(re.escape(loop_stem) + r"(\d+)/")
+  matches = {k: loop.match(k) for k in keys}
+  indices = {int(m.group(1)) for m in matches.values() if m}
+  if not indices or any(k.startswith(scan_prefix) and not m
+                        for k, m in matches.items()):
+    return "scan", [scan_prefix]
+  return "loop", [f"{loop_stem}{i}/" for i in range(max(indices) + 1)]
 
 
 def _layout(keys: set[str]):
@@ -253,32 +242,18 @@ def _layout(keys: set[str]):
 
   Returns:
     (vit_layers, llm_layers, flavour, expected) where `*_layers` is either
-    ("scan", prefix) or ("loop", [prefix of layer i, ...]), `flavour` is
+    ("scan", [prefix]) or ("loop", [prefix of layer i, ...]), `flavour` is
     (fused_qkv: bool, post_norms: bool) and `expected` the set of keys the
     checkpoint must have.
   """
   expected = set(_VIT_TOP_KEYS) | set(_LLM_TOP_KEYS)
-
-  # ViT: scanned "encoderblock/" or python-loop "encoderblock_{i}/".
-  scan_prefix = "img/Transformer/encoderblock/"
-  loop_idx = _layer_indices(keys, "img/Transformer/encoderblock_")
-  if any(k.startswith(scan_prefix) for k in keys) or not loop_idx:
-    vit_layers = ("scan", [scan_prefix])
-  else:
-    vit_layers = ("loop", [f"img/Transformer/encoderblock_{i}/"
-                           for i in range(max(loop_idx) + 1)])
+  # Scanned "encoderblock/..." or python-loop "encoderblock_{i}/...".
+  vit_layers = _layers(keys, "img/Transformer/encoderblock/",
+                       "img/Transformer/encoderblock_")
   for prefix in vit_layers[1]:
     expected.update(prefix + k for k in _VIT_LAYER_KEYS)
-
-  # LLM: scanned "layers/<module>" or python-loop "layers/{i}/<module>".
-  loop_idx = _layer_indices(keys, "llm/layers/")
-  scanned = any(k.startswith("llm/layers/") and
-                not re.match(r"llm/layers/\d+/", k) for k in keys)
-  if scanned or not loop_idx:
-    llm_layers = ("scan", ["llm/layers/"])
-  else:
-    llm_layers = ("loop", [f"llm/layers/{i}/"
-                           for i in range(max(loop_idx) + 1)])
+  # Scanned "layers/<module>" or python-loop "layers/{i}/<module>".
+  llm_layers = _layers(keys, "llm/layers/", "llm/layers/")
   first = llm_layers[1][0]
   fused = (first + _LLM_QKV_FUSED[0]) in keys
   post_norms = any(first + k in keys for k in _LLM_POST_NORMS)
@@ -302,11 +277,22 @@ def _choose_root(names) -> tuple[str, set[str]]:
       + _fmt_keys(names, limit=10))
 
 
-def _check_shape(key: str, arr: np.ndarray, shape: tuple) -> None:
-  if tuple(arr.shape) != tuple(shape):
+def _check_shape(key: str, arr: np.ndarray, shape: tuple,
+                 sizes: dict[str, int]) -> np.ndarray:
+  """`arr`, after checking its shape against `shape`: ints, and names of
+  sizes that `sizes` holds or, where a name first appears, takes from `arr`.
+  """
+  found = dict(sizes)
+  fits = arr.ndim == len(shape) and all(
+      dim == (found.setdefault(want, dim) if isinstance(want, str) else want)
+      for dim, want in zip(arr.shape, shape))
+  if not fits:
+    expected = ", ".join(str(sizes.get(d, d)) for d in shape)
     raise CheckpointLayoutError(
-        f"{key}: shape {tuple(arr.shape)}, expected {tuple(shape)} "
+        f"{key}: shape {tuple(arr.shape)}, expected [{expected}] "
         "(from the other arrays of the checkpoint)")
+  sizes.update(found)
+  return arr
 
 
 def _stacked(read: Callable[[str], np.ndarray], layers, key: str):
@@ -316,7 +302,7 @@ def _stacked(read: Callable[[str], np.ndarray], layers, key: str):
     return read(prefixes[0] + key)
   parts = [read(p + key) for p in prefixes]
   for p, a in zip(prefixes, parts):
-    _check_shape(p + key, a, parts[0].shape)
+    _check_shape(p + key, a, parts[0].shape, {})
   return np.stack(parts)
 
 
@@ -342,9 +328,7 @@ def decoder_constants(decoder: Mapping[str, Any]) -> dict[str, Any]:
         f"({', '.join(GEMMA_VARIANTS)}); using gemma2_2b/9b constants: "
         "softcaps 50/30, queries scaled by head_dim**-0.5, sliding window "
         f"{GEMMA2_SLIDING_WINDOW}.", stacklevel=3)
-    variant = GEMMA_VARIANTS["gemma2_2b"]
-  else:
-    variant = GEMMA_VARIANTS[name]
+  variant = GEMMA_VARIANTS[name or "gemma2_2b"]
   consts.update(attn_logit_softcap=variant["attn_logits_softcap"],
                 final_logit_softcap=variant["final_logits_softcap"],
                 sliding_window=GEMMA2_SLIDING_WINDOW)
@@ -377,70 +361,60 @@ def convert(arrays: Mapping[str, Any], *, dtype=None,
         f"{source} (root {root or '<top>'!r}) is not big_vision's PaliGemma "
         "layout", missing=[root + k for k in missing],
         unexpected=[root + k for k in unexpected])
-  read = _Reader(arrays, root, dtype)
+
+  def read(key: str) -> np.ndarray:
+    """Reads one array of the chosen root (once), recovering bfloat16."""
+    return _recover_dtype(np.asarray(arrays[root + key]), dtype)
+
+  # Named sizes, each taken from the first array that shows it and checked
+  # against every later one (_check_shape).
+  sizes = {}
+  top = lambda key, *shape: _check_shape(key, read(key), shape, sizes)
+  vit_get = lambda key, *shape: _check_shape(
+      f"ViT {key} (stacked)", _stacked(read, vit_layers, key),
+      ("vit_depth", *shape), sizes)
+  llm_get = lambda key, *shape: _check_shape(
+      f"llm {key} (stacked)", _stacked(read, llm_layers, key),
+      ("depth", *shape), sizes)
 
   # ---- ViT -----------------------------------------------------------------
-  conv = read("img/embedding/kernel")
-  if conv.ndim != 4 or conv.shape[0] != conv.shape[1] or conv.shape[2] != 3:
-    raise CheckpointLayoutError(f"img/embedding/kernel: shape {conv.shape}, "
-                                "expected [p, p, 3, width]")
+  conv = top("img/embedding/kernel", "patch", "patch", 3, "vit_width")
   patch, _, _, vit_width = conv.shape
-  pos = read("img/pos_embedding")
-  if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != vit_width:
-    raise CheckpointLayoutError(f"img/pos_embedding: shape {pos.shape}, "
-                                f"expected [1, N, {vit_width}]")
+  pos = top("img/pos_embedding", 1, "positions", "vit_width")
   grid = math.isqrt(pos.shape[1])
   if grid * grid != pos.shape[1]:
     raise CheckpointLayoutError(f"img/pos_embedding: {pos.shape[1]} "
                                 "positions is not a square grid")
-  vit_block = lambda k: _stacked(read, vit_layers, k)
   attn = "MultiHeadDotProductAttention_0/"
-  query = vit_block(attn + "query/kernel")
-  if query.ndim != 4 or query.shape[1] != vit_width:
-    raise CheckpointLayoutError(
-        f"ViT {attn}query/kernel: shape {query.shape}, expected "
-        f"[depth, {vit_width}, heads, head_dim]")
+  head_shape = ("vit_width", "vit_heads", "vit_hd")
+  query = vit_get(attn + "query/kernel", *head_shape)
   vit_depth, _, vit_heads, vit_hd = query.shape
   if vit_heads * vit_hd != vit_width:
     raise CheckpointLayoutError(
         f"ViT heads {vit_heads} x head_dim {vit_hd} != width {vit_width}")
-  fc1 = vit_block("MlpBlock_0/Dense_0/kernel")
+  fc1 = vit_get("MlpBlock_0/Dense_0/kernel", "vit_width", "vit_mlp")
   vit_mlp = fc1.shape[-1]
-  head_kernel = read("img/head/kernel")
-  if head_kernel.ndim != 2 or head_kernel.shape[0] != vit_width:
-    raise CheckpointLayoutError(f"img/head/kernel: shape {head_kernel.shape}, "
-                                f"expected [{vit_width}, llm width]")
+  head_kernel = top("img/head/kernel", "vit_width", "width")
   width = head_kernel.shape[1]
-
-  def vit_get(key, shape):
-    a = vit_block(key)
-    _check_shape(f"ViT {key} (stacked)", a, (vit_depth, *shape))
-    return a
 
   qkv_dim = vit_heads * vit_hd
   vit_attn = {}
   for ours, theirs in (("q", "query"), ("k", "key"), ("v", "value")):
-    kernel = query if ours == "q" else vit_get(
-        f"{attn}{theirs}/kernel", (vit_width, vit_heads, vit_hd))
-    bias = vit_get(f"{attn}{theirs}/bias", (vit_heads, vit_hd))
+    kernel = query if ours == "q" else vit_get(f"{attn}{theirs}/kernel",
+                                               *head_shape)
+    bias = vit_get(f"{attn}{theirs}/bias", "vit_heads", "vit_hd")
     vit_attn[ours] = dict(
         kernel=kernel.reshape(vit_depth, vit_width, qkv_dim),
         bias=bias.reshape(vit_depth, qkv_dim))
   vit_attn["o"] = dict(
-      kernel=vit_get(f"{attn}out/kernel", (vit_heads, vit_hd, vit_width)
+      kernel=vit_get(f"{attn}out/kernel", "vit_heads", "vit_hd", "vit_width"
                      ).reshape(vit_depth, qkv_dim, vit_width),
-      bias=vit_get(f"{attn}out/bias", (vit_width,)))
-  norm = lambda name: {p: vit_get(f"{name}/{p}", (vit_width,))
+      bias=vit_get(f"{attn}out/bias", "vit_width"))
+  norm = lambda name: {p: vit_get(f"{name}/{p}", "vit_width")
                        for p in ("scale", "bias")}
-
-  def top(key, shape):
-    a = read(key)
-    _check_shape(key, a, shape)
-    return a
-
   vit = dict(
       embedding=dict(kernel=conv.reshape(patch * patch * 3, vit_width),
-                     bias=top("img/embedding/bias", (vit_width,))),
+                     bias=top("img/embedding/bias", "vit_width")),
       pos_embedding=pos.reshape(pos.shape[1], vit_width),
       layers=dict(
           norm1=norm("LayerNorm_0"),
@@ -448,54 +422,32 @@ def convert(arrays: Mapping[str, Any], *, dtype=None,
           norm2=norm("LayerNorm_1"),
           mlp=dict(
               fc1=dict(kernel=fc1,
-                       bias=vit_get("MlpBlock_0/Dense_0/bias", (vit_mlp,))),
+                       bias=vit_get("MlpBlock_0/Dense_0/bias", "vit_mlp")),
               fc2=dict(kernel=vit_get("MlpBlock_0/Dense_1/kernel",
-                                      (vit_mlp, vit_width)),
+                                      "vit_mlp", "vit_width"),
                        bias=vit_get("MlpBlock_0/Dense_1/bias",
-                                    (vit_width,))))),
-      norm={p: top(f"img/Transformer/encoder_norm/{p}", (vit_width,))
+                                    "vit_width")))),
+      norm={p: top(f"img/Transformer/encoder_norm/{p}", "vit_width")
             for p in ("scale", "bias")},
   )
-  _check_shape("ViT MlpBlock_0/Dense_0/kernel (stacked)", fc1,
-               (vit_depth, vit_width, vit_mlp))
   connector = dict(proj=dict(kernel=head_kernel,
-                             bias=top("img/head/bias", (width,))))
+                             bias=top("img/head/bias", "width")))
 
   # ---- LLM -----------------------------------------------------------------
-  embedding = read("llm/embedder/input_embedding")
-  if embedding.ndim != 2 or embedding.shape[1] != width:
-    raise CheckpointLayoutError(
-        f"llm/embedder/input_embedding: shape {embedding.shape}, expected "
-        f"[vocab, {width}] (width from img/head/kernel)")
+  embedding = top("llm/embedder/input_embedding", "vocab", "width")
   vocab = embedding.shape[0]
-  llm_block = lambda k: _stacked(read, llm_layers, k)
   if fused:
-    qkv = llm_block("attn/qkv_einsum/w")            # [D, 3, H, Wd, hd]
-    if qkv.ndim != 5 or qkv.shape[1] != 3 or qkv.shape[3] != width:
-      raise CheckpointLayoutError(
-          f"llm attn/qkv_einsum/w (stacked): shape {qkv.shape}, expected "
-          f"[depth, 3, heads, {width}, head_dim]")
-    depth, _, heads, _, head_dim = qkv.shape
-    kv_heads = heads
+    qkv = llm_get("attn/qkv_einsum/w", 3, "heads", "width", "head_dim")
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]       # gemma.py L288.
+    sizes["kv_heads"] = sizes["heads"]
     del qkv
   else:
-    q = llm_block("attn/q_einsum/w")                # [D, H, Wd, hd]
-    if q.ndim != 4 or q.shape[2] != width:
-      raise CheckpointLayoutError(
-          f"llm attn/q_einsum/w (stacked): shape {q.shape}, expected "
-          f"[depth, heads, {width}, head_dim]")
-    depth, heads, _, head_dim = q.shape
-    kv = llm_block("attn/kv_einsum/w")              # [D, 2, K, Wd, hd]
-    if kv.ndim != 5 or kv.shape[1] != 2:
-      raise CheckpointLayoutError(
-          f"llm attn/kv_einsum/w (stacked): shape {kv.shape}, expected "
-          f"[depth, 2, kv_heads, {width}, {head_dim}]")
-    kv_heads = kv.shape[2]
-    _check_shape("llm attn/kv_einsum/w (stacked)", kv,
-                 (depth, 2, kv_heads, width, head_dim))
+    q = llm_get("attn/q_einsum/w", "heads", "width", "head_dim")
+    kv = llm_get("attn/kv_einsum/w", 2, "kv_heads", "width", "head_dim")
     k, v = kv[:, 0], kv[:, 1]                       # gemma.py L291.
     del kv
+  depth, heads, kv_heads, head_dim = (
+      sizes[name] for name in ("depth", "heads", "kv_heads", "head_dim"))
   if heads % kv_heads:
     raise CheckpointLayoutError(
         f"llm: kv_heads {kv_heads} does not divide heads {heads}")
@@ -504,47 +456,37 @@ def convert(arrays: Mapping[str, Any], *, dtype=None,
     return np.ascontiguousarray(w.transpose(0, 2, 1, 3)).reshape(
         depth, width, n * head_dim)
 
-  gating = llm_block("mlp/gating_einsum")
-  if gating.ndim != 4 or gating.shape[1] != 2:
-    raise CheckpointLayoutError(
-        f"llm mlp/gating_einsum (stacked): shape {gating.shape}, expected "
-        f"[depth, 2, {width}, mlp_dim]")
-  if gating.shape[2] > gating.shape[3]:  # gemma.py L609-616: [2, M, Wd].
-    gating = gating.transpose(0, 1, 3, 2)
-  mlp_dim = gating.shape[3]
+  gating = _stacked(read, llm_layers, "mlp/gating_einsum")
+  if gating.ndim == 4 and gating.shape[2] > gating.shape[3]:
+    gating = gating.transpose(0, 1, 3, 2)  # gemma.py L609-616: [2, M, Wd].
   _check_shape("llm mlp/gating_einsum (stacked)", gating,
-               (depth, 2, width, mlp_dim))
-
-  def llm_get(key, shape):
-    a = llm_block(key)
-    _check_shape(f"llm {key} (stacked)", a, (depth, *shape))
-    return a
-
+               ("depth", 2, "width", "mlp_dim"), sizes)
+  mlp_dim = gating.shape[3]
   layers = dict(
-      pre_attn_norm=dict(scale=llm_get("pre_attention_norm/scale", (width,))),
+      pre_attn_norm=dict(scale=llm_get("pre_attention_norm/scale", "width")),
       attn=dict(
           q=dict(kernel=heads_major(q, heads)),
           k=dict(kernel=heads_major(k, kv_heads)),
           v=dict(kernel=heads_major(v, kv_heads)),
-          o=dict(kernel=llm_get("attn/attn_vec_einsum/w",
-                                (heads, head_dim, width)
+          o=dict(kernel=llm_get("attn/attn_vec_einsum/w", "heads",
+                                "head_dim", "width"
                                 ).reshape(depth, heads * head_dim, width))),
-      pre_mlp_norm=dict(scale=llm_get("pre_ffw_norm/scale", (width,))),
+      pre_mlp_norm=dict(scale=llm_get("pre_ffw_norm/scale", "width")),
       mlp=dict(
           gate=dict(kernel=np.ascontiguousarray(gating[:, 0])),  # L349-350
           up=dict(kernel=np.ascontiguousarray(gating[:, 1])),    # L352-353
-          down=dict(kernel=llm_get("mlp/linear", (mlp_dim, width)))),
+          down=dict(kernel=llm_get("mlp/linear", "mlp_dim", "width"))),
   )
   del q, k, v, gating
   if post_norms:
     layers["post_attn_norm"] = dict(
-        scale=llm_get("post_attention_norm/scale", (width,)))
+        scale=llm_get("post_attention_norm/scale", "width"))
     layers["post_mlp_norm"] = dict(
-        scale=llm_get("post_ffw_norm/scale", (width,)))
+        scale=llm_get("post_ffw_norm/scale", "width"))
   decoder = dict(
       embedder=dict(embedding=embedding),
       layers=layers,
-      final_norm=dict(scale=top("llm/final_norm/scale", (width,))),
+      final_norm=dict(scale=top("llm/final_norm/scale", "width")),
   )
 
   decoder_fields = dict(vocab_size=vocab, width=width, depth=depth,
