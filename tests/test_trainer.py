@@ -1,6 +1,5 @@
 """The trainer end to end on a small model: train, resume, evaluate, init."""
 import json
-import logging
 import os
 
 import jax
@@ -120,23 +119,21 @@ def test_trainable_regex_freezes_the_rest(synthetic_data_dir):
     trainer.create_state(c, mesh, optim.make_optimizer(c.train))
 
 
-def test_the_run_writes_its_config_and_logs_what_it_changed_once(
-    synthetic_data_dir, tmp_path, caplog):
-  # The absl logger's own level: main.main, run in-process by other tests,
-  # lowers it to WARNING for the rest of the worker.
-  caplog.set_level(logging.INFO, logger="absl")
+def test_the_run_writes_its_config_and_prints_what_it_changed_once(
+    synthetic_data_dir, tmp_path, capsys):
   c = tiny_config(synthetic_data_dir, steps=2, checkpoint_every=2)
   trainer.train_and_evaluate(c, str(tmp_path))
   with open(tmp_path / "config.json") as f:
     saved = json.load(f)
   assert saved["train"]["steps"] == 2 and saved["experts"] == []
   assert saved["model"]["vit"]["image_size"] == 64
-  lines = [record.getMessage() for record in caplog.records
-           if record.getMessage().startswith("Config: ")]
+  printed = capsys.readouterr()
+  lines = [l for l in printed.err.splitlines() if l.startswith("Config: ")]
   assert len(lines) == 1, lines
   assert lines[0].startswith("Config: model: tiny; experts: none; ")
   assert "; train.steps=2;" in lines[0] and "eval.at_end=False" in lines[0]
   assert str(tmp_path / "config.json") in lines[0]
+  assert "Config: " not in printed.out
 
 
 def test_a_bad_config_stops_the_run_before_anything_is_written(tmp_path):

@@ -215,7 +215,7 @@ def peak_memory() -> dict[str, float]:
   return {"peak_memory_gib": max(peaks) / 2**30} if peaks else {}
 
 
-def print_line(text: str) -> None:
-  """A progress line on stdout for people, from process 0."""
+def print_line(text: str, file=None) -> None:
+  """A line for people from process 0: on stdout (progress), or `file`."""
   if jax.process_index() == 0:
-    print(text, flush=True)
+    print(text, file=file, flush=True)

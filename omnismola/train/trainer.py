@@ -9,6 +9,7 @@ model is rebuilt from arrays), `create_state` (sharded init from shapes) and
 import contextlib
 import dataclasses
 import functools
+import sys
 from typing import Any, Callable
 
 import flax
@@ -517,10 +518,10 @@ def _log_parameter_counts(abstract: TrainState, replicated: float) -> None:
 
 def _record_config(config, workdir) -> None:
   """Writes the config the run uses to <workdir>/config.json (process 0)
-  and logs what differs from the defaults, once (absl INFO: the progress
-  lines on stdout stay as the docs show them)."""
+  and prints what differs from the defaults, once, on stderr (stdout keeps
+  the progress lines)."""
   path = workdir / "config.json"
   if jax.process_index() == 0:
     path.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-  logging.info("Config: %s (every field: %s).",
-               "; ".join(schema.changes(config)), path)
+  log_lib.print_line(f"Config: {'; '.join(schema.changes(config))} "
+                     f"(every field: {path}).", file=sys.stderr)
