@@ -218,6 +218,28 @@ def test_decoder_sees_the_connectors_token_count():
   assert image_tokens.shape == (3, 9, 32)
 
 
+def test_the_model_layer_loop_reaches_the_adt_layers():
+  """model.scan_layers / remat_policy apply to MoVE's ADT tower too: unrolled,
+  no layer loop is left in the image path, and it computes what the scanned
+  one does."""
+  config = _two_encoder_config(adt_depth=2)
+  unrolled = dataclasses.replace(config, scan_layers=False,
+                                 remat_policy="full")
+  image = _batch(config)["image"]
+
+  def embed(model_config):
+    graphdef, state = nnx.split(VLM(model_config, rngs=nnx.Rngs(0)))
+    run = lambda state, image: nnx.merge(graphdef, state).embed_image(
+        image, instance=jnp.ones((3, 32)))[0]
+    return jax.make_jaxpr(run)(state, image), jax.jit(run)(state, image)
+
+  scanned_program, scanned = embed(config)
+  unrolled_program, tokens = embed(unrolled)
+  assert "scan" in str(scanned_program)
+  assert "scan" not in str(unrolled_program)
+  np.testing.assert_allclose(tokens, scanned, atol=1e-5)
+
+
 def test_two_encoders_train_and_gradients_reach_both_and_the_router():
   model = VLM(_two_encoder_config(), rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)

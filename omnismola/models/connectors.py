@@ -80,8 +80,9 @@ class LinearConnector(nnx.Module):
   """One projection, as in PaliGemma."""
 
   def __init__(self, encoders: dict[str, ViTConfig], out_features: int, *,
-               move: MoVEConfig, plan: stack.Plan, rngs: nnx.Rngs):
-    del move, plan  # No options, no towers.
+               move: MoVEConfig, plan: stack.Plan, loop: stack.LayerLoop,
+               rngs: nnx.Rngs):
+    del move, plan, loop  # No options, no towers.
     # Both sides are model widths; `embed` twice lets the sharding rules
     # shard one of them (they never shard a mesh axis twice).
     self.proj = Dense(encoders["vit"].width, out_features,
@@ -100,8 +101,9 @@ class MlpConnector(nnx.Module):
   """
 
   def __init__(self, encoders: dict[str, ViTConfig], out_features: int, *,
-               move: MoVEConfig, plan: stack.Plan, rngs: nnx.Rngs):
-    del move, plan  # No options, no towers.
+               move: MoVEConfig, plan: stack.Plan, loop: stack.LayerLoop,
+               rngs: nnx.Rngs):
+    del move, plan, loop  # No options, no towers.
     self.mlp = layers.Mlp(encoders["vit"].width, out_features,
                           out_features=out_features, rngs=rngs)
 
@@ -186,7 +188,9 @@ class MoVEBranch(nnx.Module):
   """
 
   def __init__(self, encoder: ViTConfig, num_tokens: int, adt_depth: int,
-               out_features: int, *, plan: stack.Plan, rngs: nnx.Rngs):
+               out_features: int, *, plan: stack.Plan, loop: stack.LayerLoop,
+               rngs: nnx.Rngs):
+    self.loop = loop
     self.grid = encoder.image_size // encoder.patch_size
     self.side = math.isqrt(num_tokens)
     self.segments = stack.add_tower_layers(
@@ -207,7 +211,7 @@ class MoVEBranch(nnx.Module):
     x, _, reports = stack.scan_tower(
         self, self.segments,
         lambda layer, x, _: (layer(x, tokens, features, feature_tokens), None),
-        x, ())
+        x, (), loop=self.loop)
     return self.proj(self.norm(x), tokens), reports
 
 
@@ -257,13 +261,14 @@ class MoVEConnector(nnx.Module):
   """
 
   def __init__(self, encoders: dict[str, ViTConfig], out_features: int, *,
-               move: MoVEConfig, plan: stack.Plan, rngs: nnx.Rngs):
+               move: MoVEConfig, plan: stack.Plan, loop: stack.LayerLoop,
+               rngs: nnx.Rngs):
     num_tokens = move.num_tokens or encoders["vit"].num_patches
     self.names = tuple(encoders)
     for name, encoder in encoders.items():
       setattr(self, name, MoVEBranch(
           encoder, num_tokens, move.adt_depth, out_features,
-          plan=plan.child(name), rngs=rngs))
+          plan=plan.child(name), loop=loop, rngs=rngs))
     self.router = (InstanceRouter(out_features,
                                   move.router_dim or out_features,
                                   len(encoders), rngs=rngs)
@@ -297,6 +302,7 @@ CONNECTORS = {
 
 def make_connector(kind: str, encoders: dict[str, ViTConfig],
                    out_features: int, *, move: MoVEConfig, plan: stack.Plan,
+                   loop: stack.LayerLoop = stack.LayerLoop(),
                    rngs: nnx.Rngs) -> nnx.Module:
   """The connector of the given kind, called as `y, reports = connector(
   features, tokens)` (see module docstring).
@@ -307,9 +313,10 @@ def make_connector(kind: str, encoders: dict[str, ViTConfig],
     out_features: the decoder width.
     move: options of the `move` kind (`model.move`).
     plan: the connector's (`stack.Plan`, scoped to `connector`).
+    loop: how its towers (MoVE's ADT layers) run, as every tower's.
   """
   if kind not in CONNECTORS:
     raise ValueError(f"Unknown connector {kind!r} (model.connector); known "
                      f"connectors: {sorted(CONNECTORS)}.")
   return CONNECTORS[kind](encoders, out_features, move=move, plan=plan,
-                          rngs=rngs)
+                          loop=loop, rngs=rngs)

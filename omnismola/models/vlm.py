@@ -202,7 +202,8 @@ class VLM(nnx.Module):
                               loop=config.layer_loop, rngs=rngs))
     self.connector = make_connector(
         config.connector, config.encoders, config.decoder.width,
-        move=config.move, plan=plan.child("connector"), rngs=rngs)
+        move=config.move, plan=plan.child("connector"),
+        loop=config.layer_loop, rngs=rngs)
     self.decoder = Decoder(config.decoder, plan=plan.child("decoder"),
                            loop=config.layer_loop, rngs=rngs)
     # The towers' layers got theirs as they were stacked.
