@@ -9,6 +9,8 @@ import importlib.util
 import os
 import re
 
+import ml_collections
+
 
 class ConfigKeyError(ValueError):
   """An override names a field the config does not have."""
@@ -77,13 +79,12 @@ def check_override_keys(config, argv) -> None:
         node, seen = node[int(index)], f"{seen}[{index}]"
 
 
-def parse_arg(arg: str | None, **defaults) -> "ml_collections.ConfigDict":
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses 'a=1,b=x' of --config=FILE:ARG into typed fields with defaults.
 
   Each value takes the type of its default (bools accept true/false/1/0);
   an unknown key is an error that lists the known ones.
   """
-  import ml_collections  # pylint: disable=g-import-not-at-top
   values = dict(defaults)
   for item in filter(None, (arg or "").split(",")):
     key, sep, raw = item.partition("=")

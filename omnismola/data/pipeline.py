@@ -431,7 +431,7 @@ def make_labelled_batches(data_config, name: str, *, batch_size: int,
   """
   names = mixture_task_names(data_config)
   if name not in names:
-    raise ValueError(f"Task {name!r} is not in the mixture "
+    raise errors.InputError(f"Task {name!r} is not in the mixture "
                      f"{data_config.mixture!r}, whose tasks are {names}.")
   lengths = data_config.feature_lengths
   rows = list(_eval_examples(name, data_config, split, max_examples).map(
