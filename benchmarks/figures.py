@@ -115,27 +115,29 @@ def load_average() -> str:
 def run_logged(command: str, log: pathlib.Path) -> dict:
   """Runs `command` in bash with its output to `log`; returns wall clock,
   peak RSS (the largest process of its tree, from wait4) and status."""
+  load_before = load_average()
   header = (f"$ {command}\n# machine: {machine()}\n"
             f"# date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}"
-            f"\n# commit: {commit()}\n# load average before: {load_average()}\n")
+            f"\n# commit: {commit()}\n# load average before: {load_before}\n")
   with open(log, "w") as out:
     out.write(header)
     out.flush()
-    load_before = load_average()
     start = time.monotonic()
     # `python` in a command is this interpreter, venv or not.
     env = dict(os.environ, PATH=os.pathsep.join(
         [os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     process = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env=env,
                                stdout=out, stderr=subprocess.STDOUT)
+    # wait4, not wait: it also gives the process tree's peak memory. Setting
+    # returncode tells Popen the process was reaped.
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - start
+    peak_rss_gb = usage.ru_maxrss / 2**20
     out.write(f"# exit status {process.returncode}, {wall:.1f} s wall, "
-              f"peak RSS {usage.ru_maxrss / 2**20:.2f} GB\n")
-  return dict(wall=wall, peak_rss_gb=usage.ru_maxrss / 2**20,
-              load_before=load_before, load_after=load_average(),
-              status=process.returncode)
+              f"peak RSS {peak_rss_gb:.2f} GB\n")
+  return dict(wall=wall, peak_rss_gb=peak_rss_gb, load_before=load_before,
+              load_after=load_average(), status=process.returncode)
 
 
 def summary_row(index: int, command: str, result: dict) -> str:
