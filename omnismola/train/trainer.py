@@ -73,6 +73,11 @@ def _fill(template: nnx.State, values) -> nnx.State:
   return state
 
 
+def split_model(model: nnx.Module, trainable_regex: str):
+  """(graphdef, trainable params, everything else) of a model."""
+  return nnx.split(model, optim.trainable_filter(trainable_regex), ...)
+
+
 def opt_state_shardings(opt_state, params_shardings, mesh):
   """Optimizer leaves mirroring a parameter take its sharding; others replicate.
 
@@ -95,8 +100,8 @@ def opt_state_shardings(opt_state, params_shardings, mesh):
 def model_parts(config) -> ModelParts:
   """The ModelParts of `config`'s model, from its shapes alone."""
   abstract_model = nnx.eval_shape(lambda: build.build_model(config))
-  graphdef, params_t, frozen_t = nnx.split(
-      abstract_model, optim.trainable_filter(config.train.trainable), ...)
+  graphdef, params_t, frozen_t = split_model(abstract_model,
+                                             config.train.trainable)
   if not jax.tree.leaves(params_t):
     raise ValueError(f"config.train.trainable={config.train.trainable!r} "
                      "matches no parameter: nothing would be trained.")
@@ -125,8 +130,7 @@ def create_state(config, mesh, optimizer):
 
   def init_fn(key):
     model = build.build_model(config, rng=key)
-    _, params, frozen = nnx.split(
-        model, optim.trainable_filter(config.train.trainable), ...)
+    _, params, frozen = split_model(model, config.train.trainable)
     params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       frozen=frozen, opt_state=optimizer.init(params))
