@@ -134,6 +134,10 @@ def base_config(preset: str = "small") -> ml_collections.ConfigDict:
       upcycle=True,
       # Noise on experts upcycled from the checkpoint's dense MLPs.
       upcycle_noise_std=0.0,
+      # ((model subtree, checkpoint, its subtree), ...): more parameters,
+      # loaded after `checkpoint`, e.g. ("vit_1", DIR, "vit") makes another
+      # run's encoder this model's second one (train/init.py).
+      parts=(),
   )
   return c
 
@@ -196,6 +200,12 @@ CHECKS = (
     ("profile.steps", lambda c: c.profile.steps >= 0, ">= 0 (0 = no trace)"),
     ("init.upcycle_noise_std", lambda c: c.init.upcycle_noise_std >= 0,
      ">= 0"),
+    ("init.parts",
+     lambda c: all(len(part) == 3 and all(isinstance(x, str) and x
+                                          for x in part)
+                   for part in c.init.parts),
+     "(model subtree, checkpoint, checkpoint subtree) triples of non-empty "
+     "strings"),
 )
 
 

@@ -55,18 +55,20 @@ def test_markdown_table_shows_mean_and_sd():
   assert row.startswith("| x | 2.0 ± 1.4 | 2.0 ± 1.4 | 2 |")
 
 
-def _run(name, arm, starts_from=None):
+def _run(name, arm, starts_from=None, parts_from=()):
   return study.Run(name, arm, 0, ml_collections.ConfigDict(),
-                   starts_from=starts_from)
+                   starts_from=starts_from, parts_from=parts_from)
 
 
 def test_select_keeps_what_the_arms_start_from():
   runs = [_run("base", "base"), _run("a", "a", "base"), _run("b", "b", "a"),
-          _run("c", "c", "base")]
+          _run("c", "c", "base"), _run("enc", "enc"),
+          _run("d", "d", parts_from=(("vit", "enc", "vit"),))]
   assert [r.name for r in study.select(runs, ["b"])] == ["base", "a", "b"]
   assert [r.name for r in study.select(runs, ["c"])] == ["base", "c"]
-  with pytest.raises(errors.InputError, match=r"unknown \['d'\]"):
-    study.select(runs, ["d"])
+  assert [r.name for r in study.select(runs, ["d"])] == ["enc", "d"]
+  with pytest.raises(errors.InputError, match=r"unknown \['e'\]"):
+    study.select(runs, ["e"])
 
 
 def test_smola_lora_rank_matches_smola_trained_parameters():
@@ -132,7 +134,8 @@ def test_smola_study_quick(synthetic_data_dir, tmp_path):
     ("cumo", ["dense_start", "dense", "upcycled", "scratch",
               "upcycled_no_aux", "scratch_no_aux"],
      ["upcycling", "aux_losses"]),
-    ("mome", ["one_encoder", "two_added", "two_routed"], ["encoders"]),
+    ("mome", ["coarse_encoder", "fine_encoder", "one_encoder", "two_added",
+              "two_routed"], ["encoders"]),
     ("awaker", ["lora_3s", "stage1", "stage2", "staged", "stage2_no_global",
                 "staged_no_global"], ["stages", "global_expert"]),
 ])
@@ -146,6 +149,19 @@ def test_study_quick(module, arms, tables, synthetic_data_dir, tmp_path):
     assert dense < by_arm["both_moe"]["forward_flops"] < 1.05 * dense
     assert (by_arm["both_moe"]["trainable_params"] <
             by_arm["both_moe_8"]["trainable_params"])
+  if module == "mome":
+    # Each encoder pretrained on its skill group; the arms load them.
+    pretrained = {r["arm"]: r for r in results if r["arm"].endswith("encoder")}
+    assert set(pretrained["coarse_encoder"]["scores"]) == {
+        "synthetic_captioning", "synthetic_vqa", "synthetic_counting"}
+    assert set(pretrained["fine_encoder"]["scores"]) == {
+        "synthetic_ocr", "synthetic_chartqa", "synthetic_docqa"}
+    parts = lambda arm: [(model, os.path.basename(os.path.dirname(run)), sub)
+                         for model, run, sub in
+                         by_arm[arm]["config"]["init"]["parts"]]
+    assert parts("one_encoder") == [("vit", "coarse_encoder", "vit")]
+    assert parts("two_routed") == [("vit", "coarse_encoder", "vit"),
+                                   ("vit_1", "fine_encoder", "vit")]
   if module == "awaker":
     assert "Stage II starts where stage I ended" in report
     assert len(by_arm["stage1"]["losses"]) == by_arm["stage1"]["steps"]

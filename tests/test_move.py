@@ -10,17 +10,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from omnismola import build
+from omnismola import config_lib
 from omnismola import flops
+from omnismola import schema
 from omnismola.models import layers, presets, stack
 from omnismola.models.connectors import (MoVEConfig, adaptive_avg_pool,
                                          make_connector)
 from omnismola.models.layers import TokenInfo
 from omnismola.models.vit import ViTConfig
 from omnismola.models.vlm import VLM
+from omnismola.train import init as init_lib
+from omnismola.train import trainer
 
 # A second encoder unlike the tiny preset's (16 px / 8, width 32, 2 heads):
 # other input size (the image is resized), patch size, width and head count.
@@ -346,3 +351,79 @@ def test_flop_count_matches_xla_for_two_encoders(mixer):
   cost = cost[0] if isinstance(cost, list) else cost
   counted = flops.count(grad, params).computed
   assert counted <= cost["flops"] <= 1.15 * counted, (cost["flops"], counted)
+
+
+def _checkpoint(model, directory) -> str:
+  """`model`'s parameters written as a checkpoint step directory."""
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory / "state", {
+      "params": nnx.to_pure_dict(nnx.state(model, nnx.Param)), "frozen": {}})
+  checkpointer.wait_until_finished()
+  return str(directory)
+
+
+def _state(model):
+  return trainer.TrainState(
+      step=jnp.zeros((), jnp.int32), frozen={}, opt_state=(),
+      params=nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def test_init_parts_load_each_encoder_from_the_run_that_trained_it(tmp_path):
+  """MoME's encoders pretrained apart: init.checkpoint gives the first
+  encoder (and the rest it shares), an init.parts entry the second encoder
+  from another run's `vit`; the router, pooling and ADT stay fresh."""
+  coarse = VLM(presets.get_preset("tiny"), rngs=nnx.Rngs(1))
+  fine = VLM(dataclasses.replace(presets.get_preset("tiny"),
+                                 vit=SECOND_ENCODER), rngs=nnx.Rngs(2))
+  coarse_dir = _checkpoint(coarse, tmp_path / "coarse")
+  fine_dir = _checkpoint(fine, tmp_path / "fine")
+  fresh = _state(VLM(_two_encoder_config(), rngs=nnx.Rngs(3)))
+
+  loaded = init_lib.load_partial(coarse_dir, fresh, fresh,
+                                 parts=[("vit_1", fine_dir, "vit")])
+  got = init_lib.flatten_by_path(loaded.params)
+  before = init_lib.flatten_by_path(fresh.params)
+  for source, prefix, model in (("vit", "vit", coarse), ("vit", "vit_1", fine),
+                                ("decoder", "decoder", coarse)):
+    want = init_lib.flatten_by_path(
+        nnx.to_pure_dict(nnx.state(getattr(model, source), nnx.Param)))
+    assert want
+    for key, value in want.items():
+      np.testing.assert_array_equal(got[f"{prefix}/{key}"], value)
+  router = [key for key in got if key.startswith("connector/router/")]
+  assert router
+  for key in router:
+    np.testing.assert_array_equal(got[key], before[key])
+
+  # Parts alone, without init.checkpoint: the rest stays fresh.
+  alone = init_lib.flatten_by_path(init_lib.load_partial(
+      "", fresh, fresh, parts=[("vit_1", fine_dir, "vit")]).params)
+  np.testing.assert_array_equal(alone["decoder/embedder/embedding"],
+                                before["decoder/embedder/embedding"])
+  np.testing.assert_array_equal(alone["vit_1/embedding/kernel"],
+                                got["vit_1/embedding/kernel"])
+  # A part takes precedence over init.checkpoint.
+  other_dir = _checkpoint(VLM(presets.get_preset("tiny"), rngs=nnx.Rngs(4)),
+                          tmp_path / "other")
+  mixed = init_lib.flatten_by_path(init_lib.load_partial(
+      coarse_dir, fresh, fresh, parts=[("vit", other_dir, "vit")]).params)
+  other = init_lib.read_parameters(other_dir)
+  np.testing.assert_array_equal(mixed["vit/embedding/kernel"],
+                                other["vit/embedding/kernel"])
+  np.testing.assert_array_equal(mixed["decoder/embedder/embedding"],
+                                got["decoder/embedder/embedding"])
+
+  with pytest.raises(ValueError, match=r"has no parameter under 'vit_2'"):
+    init_lib.load_partial("", fresh, fresh,
+                          parts=[("vit_1", fine_dir, "vit_2")])
+  # The coarse encoder is not the shape of the second one.
+  with pytest.raises(ValueError, match=r"vit_1/.* has shape .* there but"):
+    init_lib.load_partial("", fresh, fresh,
+                          parts=[("vit_1", coarse_dir, "vit")])
+
+
+def test_schema_rejects_init_parts_that_are_not_triples():
+  config = config_lib.load_config_file("configs/mome.py:preset=tiny")
+  config.init.parts = (("vit_1", "/runs/fine"),)
+  with pytest.raises(ValueError, match=r"init\.parts.*triples"):
+    schema.check(config)

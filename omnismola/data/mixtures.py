@@ -25,6 +25,12 @@ from omnismola.data.synthetic import scenes
 Rate = float | Callable[[seqio.Task], float]
 
 SYNTHETIC_MIX = "synthetic_mix"
+# The synthetic tasks in two skill groups (e.g. to pretrain one vision
+# encoder on each): seeing shapes and colours, and reading rendered text.
+SYNTHETIC_GROUPS = {
+    "synthetic_scene_mix": ("captioning", "vqa", "counting"),
+    "synthetic_reading_mix": ("ocr", "chartqa", "docqa"),
+}
 # Every real benchmark, examples-proportional with temperature 2, each task
 # counting at most 100k train examples (VQAv2 and OCR-VQA have far more).
 BENCHMARKS_MIX = "benchmarks_mix"
@@ -77,7 +83,8 @@ def mixture_tasks(name: str) -> list[tuple[str, float]]:
           for task in mixture.tasks]
 
 
-register_mixture(SYNTHETIC_MIX, [(f"synthetic_{t}", 1.0) for t in scenes.TASKS])
+for _name, _group in {SYNTHETIC_MIX: scenes.TASKS, **SYNTHETIC_GROUPS}.items():
+  register_mixture(_name, [(f"synthetic_{t}", 1.0) for t in _group])
 register_mixture(BENCHMARKS_MIX, [
     (task, examples_proportional(temperature=2.0, maximum=100_000))
     for task in suite.TASKS])

@@ -4,7 +4,8 @@ A `Run` is one trained model: a complete config, the arm (table row) it
 counts in, its seed and the tasks it reports. An arm may take several runs
 per seed (specialists: one per task) and several seeds (mean ± sd). Runs
 train in the order given; a run may start from an earlier one
-(`starts_from`, which sets its `init.checkpoint`).
+(`starts_from`, which sets its `init.checkpoint`) and take subtrees of
+others (`parts_from`, its `init.parts`).
 
 Everything lands under the study's workdir (a local path or a storage URL):
 
@@ -64,13 +65,20 @@ class Settings:
 class Run:
   """One trained model. `tasks`: the tasks it reports (empty: every task it
   evaluates). `starts_from`: the name of an earlier run whose checkpoint
-  initialises this one."""
+  initialises this one. `parts_from`: (model subtree, earlier run's name,
+  that run's subtree) triples loaded after it (`init.parts`)."""
   name: str
   arm: str
   seed: int
   config: ml_collections.ConfigDict
   tasks: tuple[str, ...] = ()
   starts_from: str | None = None
+  parts_from: tuple[tuple[str, str, str], ...] = ()
+
+  def depends_on(self) -> list[str]:
+    """The earlier runs this one starts from."""
+    return ([self.starts_from] if self.starts_from else []) + [
+        run_name for _, run_name, _ in self.parts_from]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,10 +219,10 @@ def select(runs: Sequence[Run], arms: Sequence[str]) -> list[Run]:
   wanted = {run.name for run in runs if run.arm in arms}
   pending = list(wanted)
   while pending:
-    start = by_name[pending.pop()].starts_from
-    if start and start not in wanted:
-      wanted.add(start)
-      pending.append(start)
+    for start in by_name[pending.pop()].depends_on():
+      if start not in wanted:
+        wanted.add(start)
+        pending.append(start)
   return [run for run in runs if run.name in wanted]
 
 
@@ -223,10 +231,13 @@ def run_all(runs: Sequence[Run], workdir) -> list[dict]:
   workdir = storage.path(workdir)
   results = []
   for index, run in enumerate(runs, 1):
-    config = run.config
-    if run.starts_from:
-      config = copy(config)
-      config.init.checkpoint = os.fspath(workdir / run.starts_from)
+    if run.depends_on():
+      config = copy(run.config)
+      if run.starts_from:
+        config.init.checkpoint = os.fspath(workdir / run.starts_from)
+      config.init.parts = tuple(
+          (subtree, os.fspath(workdir / run_name), run_subtree)
+          for subtree, run_name, run_subtree in run.parts_from)
       run = dataclasses.replace(run, config=config)
     print(f"\n=== [{index}/{len(runs)}] {run.name} (arm {run.arm}, seed "
           f"{run.seed}) ===", flush=True)

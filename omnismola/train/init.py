@@ -13,6 +13,10 @@ same layer (Awaker2.5-VL's stage II) starts with every expert, and its
 global expert, a copy of that LoRA. With `upcycle=False` (`init.upcycle`,
 the from-scratch baseline of upcycling ablations such as CuMo's) those
 experts keep their fresh initialisation instead; the rest still loads.
+
+`init.parts` loads subtrees of other checkpoints into subtrees of this
+model, e.g. MoME's vision encoders each from the run that pretrained it:
+(("vit", RUN_A, "vit"), ("vit_1", RUN_B, "vit")).
 """
 import os
 import re
@@ -183,31 +187,57 @@ def upcycled_lora_experts(source: dict, model: dict, *,
   return copies
 
 
-def _shape_mismatch(step_dir, key: str, there, here) -> str:
+def _shape_mismatch(sources: str, key: str, there, here) -> str:
   """The message for parameter `key` of other shapes in the checkpoint."""
   if key == "decoder/embedder/embedding":
     return (f"config.model.decoder.vocab_size={here[0]} but the checkpoint's "
-            f"embedding has {there[0]} rows (init.checkpoint {step_dir}).")
-  return (f"init.checkpoint {step_dir}: {key} has shape {tuple(there)} there "
+            f"embedding has {there[0]} rows (init.checkpoint {sources}).")
+  return (f"init.checkpoint {sources}: {key} has shape {tuple(there)} there "
           f"but {tuple(here)} in this model (config.model must describe the "
           "checkpoint's model).")
 
 
-def load_partial(path: str, state, abstract_state, *, upcycle: bool = True,
-                 upcycle_noise_std: float = 0.0, seed: int = 0):
-  """Returns `state` with params/frozen replaced where the checkpoint has them.
+def read_part(model_subtree: str, checkpoint: str,
+              checkpoint_subtree: str) -> dict[str, object]:
+  """{path: array} of `checkpoint`'s parameters under `checkpoint_subtree`/,
+  their paths moved under `model_subtree`/ (an `init.parts` entry)."""
+  step_dir = resolve_step_dir(checkpoint)
+  prefix = checkpoint_subtree.rstrip("/") + "/"
+  part = {model_subtree.rstrip("/") + "/" + key[len(prefix):]: value
+          for key, value in read_parameters(step_dir).items()
+          if key.startswith(prefix)}
+  if not part:
+    raise ValueError(f"init.parts: checkpoint {step_dir} has no parameter "
+                     f"under {checkpoint_subtree!r}.")
+  return part
 
-  `abstract_state` gives the target shardings. Shapes that differ are an
-  error: silently re-initialising a mismatched layer hides config mistakes.
-  Experts of MoE blocks that replace a dense MLP of the checkpoint, and of
-  sparse_lora adapters where it has a LoRA, are upcycled from those (see
-  module docstring), or with `upcycle=False` keep their fresh values.
+
+def load_partial(path: str, state, abstract_state, *, parts=(),
+                 upcycle: bool = True, upcycle_noise_std: float = 0.0,
+                 seed: int = 0):
+  """Returns `state` with params/frozen replaced where the checkpoints have
+  them.
+
+  `path` (may be empty) is loaded first, then every `parts` entry
+  (model subtree, checkpoint, checkpoint subtree), which takes precedence:
+  e.g. ("vit_1", DIR, "vit") loads another run's encoder as this model's
+  second one. `abstract_state` gives the target shardings. Shapes that
+  differ are an error: silently re-initialising a mismatched layer hides
+  config mistakes. Experts of MoE blocks that replace a dense MLP of the
+  checkpoint, and of sparse_lora adapters where it has a LoRA, are upcycled
+  from those (see module docstring), or with `upcycle=False` keep their
+  fresh values.
   """
-  step_dir = resolve_step_dir(path)
+  step_dir = resolve_step_dir(path) if path else None
+  sources = ", ".join(([os.fspath(step_dir)] if step_dir else []) +
+                      [checkpoint for _, checkpoint, _ in parts])
   model = {**flatten_by_path(state.params), **flatten_by_path(state.frozen)}
+  source = read_parameters(step_dir) if step_dir else {}
+  for part in parts:
+    source.update(read_part(*part))
   # Stacked layers re-split as this model's towers are (a dense checkpoint's
   # `decoder/layers/...` into `decoder/layers_0_4/...`, models/stack.py).
-  source = stack.restack(read_parameters(step_dir), model)
+  source = stack.restack(source, model)
   upcycled = {
       **upcycled_experts(source, model, noise_std=upcycle_noise_std,
                          seed=seed),
@@ -235,7 +265,7 @@ def load_partial(path: str, state, abstract_state, *, upcycle: bool = True,
     for key, value in flatten_by_path(current).items():
       if key in source:
         if tuple(source[key].shape) != tuple(value.shape):
-          raise ValueError(_shape_mismatch(step_dir, key, source[key].shape,
+          raise ValueError(_shape_mismatch(sources, key, source[key].shape,
                                            value.shape))
         leaves.append(jax.device_put(np.asarray(source[key], value.dtype),
                                      flat_abstract[key].sharding))
@@ -248,10 +278,10 @@ def load_partial(path: str, state, abstract_state, *, upcycle: bool = True,
   state = state.replace(params=merge_group(state.params, abstract_state.params),
                         frozen=merge_group(state.frozen, abstract_state.frozen))
   if not loaded:
-    raise ValueError(f"init.checkpoint {step_dir} shares no parameter path "
+    raise ValueError(f"init.checkpoint {sources} shares no parameter path "
                      "with this model.")
   log_lib.print_line(
-      f"Initialised {len(loaded)} parameter arrays from {step_dir}; "
+      f"Initialised {len(loaded)} parameter arrays from {sources}; "
       f"{len(fresh)} keep their fresh initialisation.")
   logging.info("Freshly initialised: %s", fresh)
   return state

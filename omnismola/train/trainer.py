@@ -402,12 +402,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _fresh_state(config, built: Setup) -> TrainState:
-  """A new state, with config.init.checkpoint's parameters if it names one."""
+  """A new state, with the parameters of config.init.checkpoint and
+  config.init.parts if they name any."""
   state = built.init_fn(jax.random.key(config.seed))
-  if not config.init.checkpoint:
+  if not (config.init.checkpoint or config.init.parts):
     return state
   return init_lib.load_partial(
       config.init.checkpoint, state, built.abstract,
+      parts=[tuple(part) for part in config.init.parts],
       upcycle=config.init.upcycle,
       upcycle_noise_std=config.init.upcycle_noise_std, seed=config.seed)
 
