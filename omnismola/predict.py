@@ -47,6 +47,10 @@ def load_model(config, workdir: str):
                          "precedence over config.init.checkpoint="
                          f"{config.init.checkpoint}.")
     return pretrained.from_pretrained(workdir)
+  if config.init.parts:
+    raise errors.InputError(
+        f"No checkpoint in {workdir}, and config.init.parts composes a model "
+        "only for training and --mode=eval: train first (--mode=train).")
   if not config.init.checkpoint:
     raise errors.InputError(
         f"No checkpoint in {workdir}: train first (--mode=train), or pass "

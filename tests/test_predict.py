@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from omnismola import config_lib
+from omnismola import errors
 from omnismola import predict, pretrained
 from omnismola.data import pipeline
 from omnismola.eval import decode
@@ -161,3 +162,11 @@ def test_predict_needs_image_and_prompt(tmp_path):
       capture_output=True, text=True, check=False)
   assert result.returncode != 0
   assert "--mode=predict needs --image and --prompt" in result.stderr
+
+
+def test_predict_without_a_checkpoint_rejects_init_parts(tmp_path):
+  config = tiny_config()
+  config.init.parts = (("vit", str(tmp_path / "other"), "vit"),)
+  with pytest.raises(errors.InputError, match=r"init\.parts composes a model "
+                     r"only for training and --mode=eval"):
+    predict.load_model(config, str(tmp_path))

@@ -431,7 +431,8 @@ def check_model_inputs(config, pipeline, checkpoint: str | None = None
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """--mode=eval: evaluates the latest checkpoint of `workdir`, or, when it
-  has none, the parameters of config.init.checkpoint (zero-shot, as step 0).
+  has none, the parameters of config.init.checkpoint and config.init.parts
+  (zero-shot, as step 0).
 
   The data and the eval split are checked before any parameter is read.
   """
@@ -448,14 +449,15 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   built = setup(config, optax.identity() if step_dir is None else None)
   run_eval = runner.make_eval_runner(config, workdir, built, pipeline)
   if step_dir is None:
-    if not config.init.checkpoint:
+    if not (config.init.checkpoint or config.init.parts):
       raise errors.InputError(
           f"No checkpoint in {workdir / 'checkpoints'} to evaluate: train "
           "first with --mode=train, or evaluate a pretrained model's "
           "parameters with --config.init.checkpoint=DIR (e.g. python -m "
           "omnismola.convert's output).")
-    log_lib.print_line(f"No checkpoint in {workdir}: evaluating "
-                       f"config.init.checkpoint={config.init.checkpoint} "
+    source = (f"config.init.checkpoint={config.init.checkpoint}"
+              if config.init.checkpoint else "config.init.parts")
+    log_lib.print_line(f"No checkpoint in {workdir}: evaluating {source} "
                        "as it is (zero-shot, step 0).")
     return run_eval(0, _fresh_state(config, built))
   if config.init.checkpoint:
