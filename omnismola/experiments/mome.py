@@ -27,10 +27,7 @@ Scale: the `small` preset, batch 32; each encoder pretrains 300 steps,
 each arm trains 400; one seed by default (--seeds=N runs N). Scores are
 on the validation split; nothing was tuned.
 """
-import dataclasses
-
 from omnismola.experiments import study
-from omnismola.models.vit import ViTConfig
 
 FULL = study.Scale(preset="small", batch_size=32, steps=400,
                    eval_examples=256, max_new_tokens=32)
@@ -56,7 +53,7 @@ def _encoder_run(scale, settings, seed, name, mixture, fine) -> study.Run:
   if fine:
     # The same ViT configs/mome.py adds as its second encoder.
     two = study.load_config("mome.py", f"preset={scale.preset}")
-    c.model.vit = dataclasses.asdict(ViTConfig(**two.model.extra_vits[0]))
+    c.model.vit = two.model.extra_vits[0]
   c.data.mixture = mixture
   return study.Run(f"{name}/seed{seed}", name, seed, c)
 

@@ -409,7 +409,7 @@ def _fresh_state(config, built: Setup) -> TrainState:
     return state
   return init_lib.load_partial(
       config.init.checkpoint, state, built.abstract,
-      parts=[tuple(part) for part in config.init.parts],
+      parts=config.init.parts,
       upcycle=config.init.upcycle,
       upcycle_noise_std=config.init.upcycle_noise_std, seed=config.seed)
 
