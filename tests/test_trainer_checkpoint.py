@@ -150,6 +150,18 @@ def test_an_uncommitted_save_is_cleaned_by_a_writer_only(steps_2_and_4):
   assert sorted(os.listdir(directory)) == ["2", "4", "6"]
 
 
+def test_close_waits_for_the_cleanup_of_a_dead_runs_saves(tmp_path):
+  # A run that stops before its first save (a changed config on resume)
+  # closes right away; were orbax's cleanup thread still running, the
+  # process would exit under it and print a traceback at shutdown.
+  unfinished = [tmp_path / f"{step}.orbax-checkpoint-tmp-1733000000000000"
+                for step in range(300)]
+  for path in unfinished:
+    path.mkdir()
+  checkpoint_lib.Checkpointer(tmp_path, keep=3).close()
+  assert not any(path.exists() for path in unfinished)
+
+
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
   path = tmp_path / "train_metrics.jsonl"
   lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]

@@ -198,6 +198,14 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.wait_until_finished()
+    # The manager cleans a dead run's temporary directories in a thread it
+    # starts at construction and awaits only before a save; its close()
+    # does not, and a run that stops before saving (a changed config on
+    # resume) would exit under that thread, which then prints a traceback.
+    await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory",
+                            None)
+    if await_cleanup is not None:
+      await_cleanup()
     self.manager.close()
     self._reader.close()
 
