@@ -71,6 +71,20 @@ def test_select_keeps_what_the_arms_start_from():
     study.select(runs, ["e"])
 
 
+def test_a_result_saved_before_a_field_was_added_is_reused_at_its_default():
+  current = study._config_record(study.load_config("mix.py", "preset=tiny"))
+  older = json.loads(json.dumps(current))
+  del older["init"]["parts"]  # A field the schema gained since.
+  assert study.same_run(older, current)
+  changed = json.loads(json.dumps(current))
+  changed["init"]["parts"] = [["vit", "/runs/other", "vit"]]
+  assert not study.same_run(older, changed)  # Not at its default.
+  changed = json.loads(json.dumps(current))
+  changed["train"]["steps"] += 1
+  assert not study.same_run(current, changed)
+  assert not study.same_run(current, older)  # A field the run lacks.
+
+
 def test_smola_lora_rank_matches_smola_trained_parameters():
   from omnismola.experiments import smola  # pylint: disable=g-import-not-at-top
   settings = study.Settings(quick=False, seeds=1, tfds_data_dir=None)

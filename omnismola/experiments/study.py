@@ -15,8 +15,9 @@ Everything lands under the study's workdir (a local path or a storage URL):
   <workdir>/results.md               one table per `Table`, mean ± sd
   <workdir>/<table key>.png          the same as grouped bars
 
-A run whose result.json was written for the same config is not trained
-again, so a study stopped half-way goes on where it stopped when rerun
+A run whose result.json was written for the same config (fields added to
+the schema since then counting as equal where they hold their default) is
+not trained again, so a study stopped half-way goes on where it stopped when rerun
 (and an interrupted run resumes from its own checkpoint).
 """
 import dataclasses
@@ -37,6 +38,7 @@ from flax import nnx
 
 from omnismola import config_lib
 from omnismola import errors
+from omnismola import schema
 from omnismola import storage
 from omnismola.data import mixtures
 
@@ -173,6 +175,20 @@ def _config_record(config) -> dict:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
+def same_run(saved: dict, current: dict) -> bool:
+  """Whether a result saved with config record `saved` stands for the run
+  `current` describes: the same fields and values, except fields the saved
+  record lacks (added to the schema since) that hold their defaults."""
+  flat_saved, flat_current = schema.flatten(saved), schema.flatten(current)
+  defaults = schema.flatten(
+      _config_record(schema.base_config(current["model"]["preset"])))
+  added = flat_current.keys() - flat_saved.keys()
+  return (flat_saved.keys() <= flat_current.keys()
+          and all(flat_saved[f] == flat_current[f] for f in flat_saved)
+          and all(f in defaults and flat_current[f] == defaults[f]
+                  for f in added))
+
+
 def logged_losses(run_dir) -> list[tuple[int, float]]:
   """(step, training loss) of every line of the run's train_metrics.jsonl."""
   lines = (run_dir / "train_metrics.jsonl").read_text().splitlines()
@@ -189,7 +205,7 @@ def train_run(run: Run, run_dir) -> dict | None:
   config = _config_record(run.config)
   if result_path.exists():
     saved = json.loads(result_path.read_text())
-    if saved["config"] == config:
+    if same_run(saved["config"], config):
       return saved
   start = time.time()
   scores = trainer.train_and_evaluate(run.config, os.fspath(run_dir))
