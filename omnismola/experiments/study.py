@@ -17,8 +17,8 @@ Everything lands under the study's workdir (a local path or a storage URL):
 
 A run whose result.json was written for the same config (fields added to
 the schema since then counting as equal where they hold their default) is
-not trained again, so a study stopped half-way goes on where it stopped when rerun
-(and an interrupted run resumes from its own checkpoint).
+not trained again, so a study stopped half-way goes on where it stopped
+when rerun (and an interrupted run resumes from its own checkpoint).
 """
 import dataclasses
 import io
@@ -183,8 +183,8 @@ def same_run(saved: dict, current: dict) -> bool:
   defaults = schema.flatten(
       _config_record(schema.base_config(current["model"]["preset"])))
   added = flat_current.keys() - flat_saved.keys()
-  return (flat_saved.keys() <= flat_current.keys()
-          and all(flat_saved[f] == flat_current[f] for f in flat_saved)
+  return (all(f in flat_current and flat_current[f] == value
+              for f, value in flat_saved.items())
           and all(f in defaults and flat_current[f] == defaults[f]
                   for f in added))
 
