@@ -2,7 +2,11 @@
 several encoders (pooling, router, loop reference, training, decoding,
 config round trip, FLOPs)."""
 import dataclasses
+import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import checks
 import jax
@@ -427,3 +431,44 @@ def test_schema_rejects_init_parts_that_are_not_triples():
   config.init.parts = (("vit_1", "/runs/fine"),)
   with pytest.raises(ValueError, match=r"init\.parts.*triples"):
     schema.check(config)
+
+
+def test_init_reads_only_the_parameters_it_loads(tmp_path):
+  """A checkpoint's optimizer state is never read, and an init.parts entry
+  reads its subtree alone: taking one encoder from a big run must not hold
+  the whole run in host memory. Sizes: 4 MB encoder, 32 MB decoder, 64 MB
+  optimizer state; each read runs in a fresh process, which reports how
+  far its peak resident memory rose during the read."""
+  megabytes = lambda n: np.ones((n, 1024, 256), np.float32)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "run" / "state", {
+      "params": {"vit": {"kernel": megabytes(4)},
+                 "decoder": {"kernel": megabytes(32)}},
+      "frozen": {}, "opt_state": {"mu": megabytes(64)}})
+  checkpointer.wait_until_finished()
+  run = str(tmp_path / "run")
+
+  def read_in_fresh_process(read: str) -> tuple[list, float]:
+    script = textwrap.dedent(f"""
+        import gc, json
+        from omnismola.train import init as init_lib
+        def peak_mb():
+          status = open("/proc/self/status").read().split("VmHWM:")[1]
+          return int(status.split()[0]) / 1024
+        gc.collect()
+        open("/proc/self/clear_refs", "w").write("5")  # Resets the peak.
+        before = peak_mb()
+        out = {read}
+        print(json.dumps([sorted(out), peak_mb() - before]))
+        """)
+    result = subprocess.run([sys.executable, "-c", script], check=True,
+                            capture_output=True, text=True)
+    return json.loads(result.stdout.splitlines()[-1])
+
+  keys, rise = read_in_fresh_process(f"init_lib.read_parameters({run!r})")
+  assert keys == ["decoder/kernel", "vit/kernel"]
+  assert rise < 100, rise  # Parameters (36 MB), not the optimizer state.
+  keys, rise = read_in_fresh_process(
+      f"init_lib.read_part('vit_1', {run!r}, 'vit')")
+  assert keys == ["vit_1/kernel"]
+  assert rise < 30, rise  # The encoder, not the 32 MB decoder.

@@ -98,11 +98,42 @@ def agree_with_checkpoint(config, checkpoint: str | None = None) -> None:
     log_lib.print_line(note)
 
 
-def read_parameters(step_dir: str) -> dict[str, object]:
-  """{path: array} of a checkpoint step's parameters, trained and frozen."""
-  saved = ocp.StandardCheckpointer().restore(storage.path(step_dir) / "state")
-  return {path: array for group in ("params", "frozen")
-          for path, array in flatten_by_path(saved.get(group, {})).items()}
+def read_parameters(step_dir: str, under: str = "") -> dict[str, np.ndarray]:
+  """{path: array} of a checkpoint step's parameters, trained and frozen.
+
+  Into host memory, and nothing else: not the optimizer state (twice the
+  parameters under Adam), and with `under` (a subtree such as "vit") only
+  the parameters below it, so taking one encoder from a 3B run reads that
+  encoder alone.
+  """
+  directory = storage.path(step_dir) / "state"
+  saved = ocp.PyTreeCheckpointHandler().metadata(directory).tree
+  wanted = {group: _subtree(saved[group], under)
+            for group in ("params", "frozen") if group in saved}
+  wanted = {group: tree for group, tree in wanted.items() if tree}
+  if not wanted:
+    return {}
+  restored = ocp.PyTreeCheckpointer().restore(
+      directory, args=ocp.args.PyTreeRestore(
+          item=wanted, partial_restore=True,
+          restore_args=jax.tree.map(
+              lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)))
+  return {path: array for tree in restored.values()
+          for path, array in flatten_by_path(tree).items()}
+
+
+def _subtree(tree: dict, under: str, path: str = "") -> dict:
+  """The leaves of a nested dict at or below path `under` ("" for all)."""
+  kept = {}
+  for name, node in tree.items():
+    node_path = f"{path}/{name}" if path else str(name)
+    if isinstance(node, dict):
+      node = _subtree(node, under, node_path)
+      if node:
+        kept[name] = node
+    elif not under or node_path == under or node_path.startswith(under + "/"):
+      kept[name] = node
+  return kept
 
 
 def _nested(flat: dict, prefix: str) -> dict:
@@ -204,7 +235,7 @@ def read_part(model_subtree: str, checkpoint: str,
   step_dir = resolve_step_dir(checkpoint)
   prefix = checkpoint_subtree.rstrip("/") + "/"
   part = {model_subtree.rstrip("/") + "/" + key[len(prefix):]: value
-          for key, value in read_parameters(step_dir).items()
+          for key, value in read_parameters(step_dir, prefix[:-1]).items()
           if key.startswith(prefix)}
   if not part:
     raise ValueError(f"init.parts: checkpoint {step_dir} has no parameter "
