@@ -1,12 +1,5 @@
-"""The VLM feature converter: a task's tokenised example -> model features.
-
-Training example (L = P + S, from feature_lengths = dict(prefix=P, suffix=S)):
-
-  text        [prefix ids, suffix ids (EOS last), 0 ...]   int32 [L]
-              (prefix ids: tasks.prompt_ids, e.g. BOS prompt "\\n")
-  mask_ar     0 on the prefix, 1 on the suffix, 0 on padding
-  mask_loss   1 on the suffix ids, EOS included
-  mask_input  1 on real ids, 0 on padding
+"""The VLM feature converter: a task's tokenised example -> model features
+(docs/data.md, "The batch"): prefix ids then suffix ids, padded to P + S.
 
 The prefix is cut to P ids and the suffix to S (a cut suffix loses its EOS,
 as in T5X); config.data.truncation decides first whether such examples get
@@ -23,13 +16,9 @@ def _pad(ids: tf.Tensor, length: int) -> tf.Tensor:
 
 
 def fit_image(example: dict, size: int) -> dict:
-  """The example with its image ([-1, 1]) resized to [size, size].
-
-  Real datasets keep their images' aspect and size; the synthetic suite is
-  already square at the default size, and is left untouched. The resize is
-  the one of transformers' SigLIP image processor (PaliGemma's): bicubic,
-  antialiased, clipped to the value range; PIL's version of it rounds to
-  uint8, so the two differ by up to a uint8 level or two (2/255 each here).
+  """The example with its image ([-1, 1]) resized to [size, size] (left
+  untouched when already that size) as transformers' SigLIP image processor
+  does (docs/data.md): bicubic, antialiased, clipped to the value range.
   """
   if example["image"].shape[:2].as_list() == [size, size]:
     return example

@@ -1,29 +1,16 @@
 """Your data without Python: a task over a folder of JSON-lines files.
 
-One file per split, `<dir>/<split>.jsonl` (train.jsonl, validation.jsonl,
-test.jsonl or any other name), one example per line:
+One file per split, `<dir>/<split>.jsonl`, one example per line with
+`image` (relative to the file's folder), `prefix` or `question` (prompted
+as PaliGemma's VQA: "answer en {question}"), `answer` or `answers` and an
+optional `id`; docs/data.md has examples.
 
-  {"image": "images/1.jpg", "question": "what is on the plate?",
-   "answers": ["rice", "white rice", "rice"]}
-  {"image": "scans/7.png", "prefix": "ocr", "answer": "INVOICE 42", "id": "7"}
-
-  image     the image file (anything PIL decodes; EXIF orientation applied);
-            a relative path is relative to the JSONL file's folder.
-  prefix    the prompt exactly as the model sees it, or
-  question  a question, prompted as PaliGemma's VQA is: "answer en {question}".
-  answer    the target, or
-  answers   every acceptable answer: all are the metric's references and
-            training draws one per example with the task's seed, as the
-            benchmark tasks do (prompts.raw_example).
-  id        optional: names the example in prediction files (default: its
-            line number).
-
-Registered from the config, `config.data.jsonl = dict(name=..., dir=...,
-metric=...)`, the first time the pipeline looks up the mixture's tasks
-(`register_from_config`). Every split file is read once then: a malformed
-line, a missing field or a missing image is an InputError naming the file
-and line before any training or evaluation starts. An image that exists but
-does not decode is found when it is read, with the same kind of message.
+Registered from `config.data.jsonl = dict(name=..., dir=..., metric=...)`
+the first time the pipeline looks up the mixture's tasks
+(`register_from_config`). Every split file is read and checked then, so a
+malformed line, a missing field or image is an InputError naming the file
+and line before anything starts; an image that does not decode is found
+when it is read.
 """
 import dataclasses
 import functools
@@ -253,11 +240,8 @@ def check_references(split: Split, metric: str) -> None:
 
 
 def register_jsonl_task(name: str, directory: str, metric: str) -> seqio.Task:
-  """Registers task `name` over `directory`'s JSON-lines files.
-
-  Reads and checks every split file (module docstring); registering the same
-  (name, directory, metric) again returns the task without reading.
-  """
+  """Registers task `name` over `directory`'s JSON-lines files, read and
+  checked now; the same (name, directory, metric) again reads nothing."""
   if _REGISTERED.get(name) == (directory, metric):
     return seqio.get_mixture_or_task(name)
   metrics.get(metric)  # An unknown name fails before any reading.

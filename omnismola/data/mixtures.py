@@ -4,11 +4,8 @@ A task's rate is either a number (explicit rates) or
 `examples_proportional(temperature=T, maximum=M)`: min(train examples, M)
 ** (1 / T), T5's examples-proportional mixing, computed from the built data
 when training starts (T = 1 is proportional, larger T flattens towards equal
-rates, M keeps huge datasets from drowning the rest).
-
-  register_mixture("my_mix", [("vqav2", 2.0), ("ocrvqa", 1.0)])
-  register_mixture("my_mix", [(t, examples_proportional(temperature=2))
-                              for t in ("vqav2", "ocrvqa")])
+rates, M keeps huge datasets from drowning the rest); docs/data.md has
+examples of both.
 """
 import functools
 from typing import Callable, Sequence
@@ -54,9 +51,7 @@ def register_mixture(name: str,
 
 def task_names(name: str) -> list[str]:
   """The tasks of mixture (or task) `name`; an index here is a task_id.
-
-  Needs no data: rates computed from example counts are not evaluated.
-  """
+  Needs no data (rates from example counts are not evaluated)."""
   if name in seqio.TaskRegistry.names():
     return [name]
   if name not in seqio.MixtureRegistry.names():
@@ -72,7 +67,6 @@ def task_names(name: str) -> list[str]:
 
 def mixture_tasks(name: str) -> list[tuple[str, float]]:
   """[(task name, rate)] of mixture `name`; [(name, 1.0)] for a plain task.
-
   Rates from example counts read the built data (`pipeline.prepare` first).
   """
   names = task_names(name)

@@ -1,19 +1,9 @@
 """Packing: several train examples in one row, each with its own image.
 
-A packed row (row_layout.py) holds up to M examples:
-
-  image        f32 [M, H, W, 3]  example m's image in slot m; zeros in an
-                                 empty slot
-  text, mask_ar, mask_loss, mask_input
-               [T]               the examples' real text tokens one after
-                                 another (slot order), then padding
-  segment_ids  [T]               m + 1 on example m's tokens, 0 on padding
-  task_id, over_length  [M]      per slot (0 in an empty slot)
-
-The model puts all image tokens first and keeps every example to its own
-image, text and positions (models/vlm.py, `sequence_layout`), so a packed
-example trains as it would alone in a row while the padding between
-examples is gone.
+A packed row (row_layout.py; its keys and shapes are in docs/data.md) holds
+up to M examples: images [M, ...] by slot, the examples' real text tokens
+one after another then padding [T], segment_ids (m + 1 on example m's
+tokens, 0 on padding), and task_id and over_length per slot [M].
 
 Rows are filled first fit, in stream order, over windows of consecutive
 examples: each example goes to the first row of its window that has a free
@@ -27,12 +17,9 @@ _TEXT_KEYS = ("text", "mask_ar", "mask_loss", "mask_input")
 
 def first_fit(lengths: tf.Tensor, *, max_examples: int,
               text_length: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-  """Rows for examples of text `lengths` (int32 [K], each <= text_length).
-
-  Returns:
-    (row, slot, offset), int32 [K] each: the example's row (rows numbered in
-    order of opening), its slot in the row and where its text starts.
-  """
+  """(row, slot, offset), int32 [K] each, of examples of text `lengths`
+  (int32 [K], each <= text_length): the example's row (numbered in order of
+  opening), its slot in the row and where its text starts."""
   count = tf.shape(lengths)[0]
   used = tf.zeros([count], tf.int32)     # Text tokens of each row so far.
   filled = tf.zeros([count], tf.int32)   # Examples of each row so far.
@@ -67,15 +54,12 @@ def pack_window(examples: dict, *, max_examples: int,
                                 text_length=text_length)
   num_rows = tf.reduce_max(row) + 1
   # Example k's real tokens (a prefix of its text) go to its row at offset.
-  example, position = tf.unstack(tf.where(examples["mask_input"] > 0),
-                                 axis=1)
-  example = tf.cast(example, tf.int32)
+  example, position = tf.unstack(
+      tf.cast(tf.where(examples["mask_input"] > 0), tf.int32), axis=1)
   token_at = tf.stack([tf.gather(row, example),
-                       tf.gather(offset, example) + tf.cast(position,
-                                                            tf.int32)], 1)
+                       tf.gather(offset, example) + position], 1)
   text_shape = tf.stack([num_rows, text_length])
-  take = lambda values: tf.gather_nd(
-      values, tf.stack([example, tf.cast(position, tf.int32)], 1))
+  take = lambda values: tf.gather_nd(values, tf.stack([example, position], 1))
   packed = {key: tf.scatter_nd(token_at, take(examples[key]), text_shape)
             for key in _TEXT_KEYS}
   packed["segment_ids"] = tf.scatter_nd(
@@ -84,9 +68,8 @@ def pack_window(examples: dict, *, max_examples: int,
   per_slot = lambda values: tf.scatter_nd(
       slot_at, values, tf.concat([[num_rows, max_examples],
                                   tf.shape(values)[1:]], 0))
-  packed["image"] = per_slot(examples["image"])
-  packed["task_id"] = per_slot(examples["task_id"])
-  packed["over_length"] = per_slot(examples["over_length"])
+  for key in ("image", "task_id", "over_length"):
+    packed[key] = per_slot(examples[key])
   return packed
 
 

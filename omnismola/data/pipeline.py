@@ -4,28 +4,14 @@
   make_train_iterator(config.data, ...)      per-host numpy train batches
   make_eval_sets(config.data, ...)           per-task fixed-shape eval batches
 
-`config.data` fields: `mixture` (a SeqIO mixture or task name), `task_modules`
-(modules imported first, to register user tasks), `feature_lengths`
-(dict(prefix=P, suffix=S)), `tfds_data_dir` and `shuffle_buffer` (examples
-held for shuffling, in total over the mixture's tasks). Optional fields, with
-their defaults when a config lacks them: `vocabulary` ("byte", or the path of
-a SentencePiece model such as Gemma's), `image_size` (64: images are resized
-to [image_size, image_size]), `manual_dir` (where the real datasets' files
-are, one directory per builder: `<manual_dir>/<builder name>`; default
-`<tfds_data_dir>/downloads/manual`) and `truncation` ("truncate", "drop" or
-"error": what happens to over-length examples, see truncation.py) and
-`packing` (several examples per row, see row_layout.py and packing.py;
-off by default).
-
-Training reads one shard of every task (`seqio.ShardInfo`; the trainer
-derives the shard from the mesh, train/host_shards.py, so hosts holding the
-same batch rows read the same shard), applies the truncation policy,
-converts examples to model features tagged with the task's index in the
-mixture, samples tasks by the mixture rates, packs them if asked, batches
-and repeats forever.
-Everything is seeded, so an iterator's state is the number of batches it
-handed out (plus its shard and per-task over-length counts), and a resumed
-iterator skips exactly those.
+The `config.data` fields are in docs/configuration.md, the batches in
+docs/data.md. Training reads one shard of every task (hosts holding the same
+batch rows read the same shard, train/host_shards.py), applies the
+truncation policy, converts examples to model features tagged with the
+task's index in the mixture, samples tasks by the mixture rates, packs them
+if asked, batches and repeats forever. Everything is seeded, so an
+iterator's state is the number of batches it handed out (plus its shard and
+per-task over-length counts), and a resumed iterator skips exactly those.
 """
 import contextlib
 import dataclasses
@@ -54,8 +40,6 @@ from omnismola.data import truncation
 from omnismola.data.synthetic import baselines
 from omnismola.data.synthetic import scenes
 
-_PROMPT_KEYS = ("image", "text", "mask_ar", "mask_input")
-
 
 def get_vocabulary(data_config) -> seqio.Vocabulary:
   """The vocabulary of config.data.vocabulary."""
@@ -65,18 +49,13 @@ def get_vocabulary(data_config) -> seqio.Vocabulary:
 def detokenize(ids: Sequence[int],
                vocabulary: seqio.Vocabulary = tasks_lib.VOCAB) -> str:
   """Token ids -> text, up to the first EOS, padding and special ids dropped.
-
-  Pass get_vocabulary(config.data) when the config names another vocabulary.
   """
   return vocabulary.decode([int(i) for i in ids])
 
 
 def mixture_task_names(data_config) -> list[str]:
-  """The tasks of config.data.mixture; a task's index is its task_id.
-
-  Registers the user's tasks first: config.data.task_modules and the
-  JSON-lines task of config.data.jsonl (jsonl.py).
-  """
+  """The tasks of config.data.mixture (a task's index is its task_id), once
+  config.data.task_modules and config.data.jsonl registered theirs."""
   for module in data_config.task_modules:
     importlib.import_module(module)
   jsonl.register_from_config(data_config)
@@ -85,12 +64,8 @@ def mixture_task_names(data_config) -> list[str]:
 
 @contextlib.contextmanager
 def input_errors():
-  """Re-raises an InputError raised inside tf.data as itself.
-
-  TensorFlow wraps an exception of a Python function in an OpError whose
-  message holds the original type, message and traceback; the person
-  running the pipeline needs the message only.
-  """
+  """Re-raises an InputError raised inside tf.data (which wraps it in an
+  OpError with its traceback) as itself: the user needs the message only."""
   try:
     yield
   except tf.errors.OpError as e:
@@ -103,11 +78,9 @@ def input_errors():
 def _use_data_dir(data_config, names: Sequence[str]) -> str:
   """Points the TFDS sources of `names` at config.data.tfds_data_dir.
 
-  seqio.set_tfds_data_dir_override covers sources that have not resolved
-  their directory yet; a source resolves it once and keeps it, so sources
-  already used with another directory (in tests, notebooks) are re-pointed
-  with seqio's own override_data_dir. TensorFlow reads it, so it may be a
-  gs:// URL but not one in an emulator (storage.tensorflow_location).
+  The global override covers sources that have not resolved their directory
+  yet; sources that already did (in tests, notebooks) are re-pointed one by
+  one. TensorFlow reads it (storage.tensorflow_location).
   """
   data_dir = storage.tensorflow_location(data_config.tfds_data_dir)
   seqio.set_tfds_data_dir_override(data_dir)
@@ -119,13 +92,9 @@ def _use_data_dir(data_config, names: Sequence[str]) -> str:
 
 
 def prepare(data_config) -> None:
-  """Builds the TFDS data of every task of the mixture that is missing.
-
-  Only TFDS sources are built, and nothing is downloaded: the synthetic suite
-  is rendered locally, real datasets are read from
-  `<manual_dir>/<builder name>`. Idempotent and cheap when everything is
-  there.
-  """
+  """Builds the missing TFDS data of the mixture's tasks, downloading
+  nothing: the synthetic suite is rendered, real datasets are read from
+  `<manual_dir>/<builder name>`. Cheap when everything is there."""
   names = mixture_task_names(data_config)
   data_dir = _use_data_dir(data_config, names)
   manual_dir = storage.path(data_config.manual_dir or
@@ -147,23 +116,11 @@ def _seed(*parts: int) -> int:
   return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def _options(threads: int | None) -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = True  # Resume replays the exact same batches.
-  if threads:
-    options.threading.private_threadpool_size = threads
-    options.threading.max_intra_op_parallelism = 1
-  return options
-
-
 def _train_dataset(data_config, *, global_batch_size: int, seed: int,
                    shard_index: int, shard_count: int,
                    threads: int | None) -> tf.data.Dataset:
-  """One shard's infinite stream of train batches, before any skipping.
-
-  Each example keeps its `over_length` count (truncation.py) for the
-  iterator.
-  """
+  """One shard's infinite stream of train batches, before any skipping,
+  each example with its `over_length` count (truncation.py)."""
   if global_batch_size % shard_count:
     raise ValueError(f"The global batch size {global_batch_size} is not "
                      f"divisible by the {shard_count} host shards.")
@@ -172,7 +129,8 @@ def _train_dataset(data_config, *, global_batch_size: int, seed: int,
   # Rates from example counts read the data: point the sources at it first.
   _use_data_dir(data_config, mixtures.task_names(data_config.mixture))
   mixture = mixtures.mixture_tasks(data_config.mixture)
-  lengths = dict(data_config.feature_lengths)
+  lengths = dict(prefix_length=data_config.feature_lengths["prefix"],
+                 suffix_length=data_config.feature_lengths["suffix"])
   shard = seqio.ShardInfo(index=shard_index, num_shards=shard_count)
   buffer = max(1, data_config.shuffle_buffer // len(mixture))
   vocabulary = get_vocabulary(data_config)
@@ -184,18 +142,13 @@ def _train_dataset(data_config, *, global_batch_size: int, seed: int,
         shard_info=shard, num_epochs=None, use_cached=False,
         try_in_mem_cache=False)
     # Before the image work, so dropped examples cost no resizing.
-    ds = truncation.apply(ds, policy, task=name,
-                          prefix_length=lengths["prefix"],
-                          suffix_length=lengths["suffix"])
+    ds = truncation.apply(ds, policy, task=name, **lengths)
     ds = ds.map(functools.partial(converter.fit_image,
                                   size=data_config.image_size),
                 num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.map(lambda x, task_id=task_id: {
-        **converter.train_features(x, task_id,
-                                   prefix_length=lengths["prefix"],
-                                   suffix_length=lengths["suffix"]),
-        "over_length": x["over_length"]},
-                num_parallel_calls=tf.data.AUTOTUNE)
+        **converter.train_features(x, task_id, **lengths),
+        "over_length": x["over_length"]}, num_parallel_calls=tf.data.AUTOTUNE)
     datasets.append(ds)
   rates = np.array([rate for _, rate in mixture], np.float64)
   ds = tf.data.Dataset.sample_from_datasets(
@@ -207,7 +160,12 @@ def _train_dataset(data_config, *, global_batch_size: int, seed: int,
     ds = packing.pack(ds, max_examples=layout.images,
                       text_length=layout.text_length, window=layout.window)
   ds = ds.batch(global_batch_size // shard_count, drop_remainder=True)
-  return ds.with_options(_options(threads))
+  options = tf.data.Options()
+  options.deterministic = True  # Resume replays the exact same batches.
+  if threads:
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
+  return ds.with_options(options)
 
 
 class TrainIterator:
@@ -244,16 +202,8 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int,
                         state: dict | None = None,
                         threads: int | None = None) -> TrainIterator:
   """The train batches of shard `shard_index` of `shard_count`, resumed
-  after `state` if given.
-
-  Batches hold image f32[b, 64, 64, 3], text / mask_ar / mask_loss /
-  mask_input i32[b, P + S] and task_id i32[b], b = global_batch_size /
-  shard_count; packed rows (config.data.packing) hold image
-  f32[b, M, 64, 64, 3], text, masks and segment_ids i32[b, T] and task_id
-  i32[b, M] instead (packing.py). The sequence depends only on the data, the config, `seed`
-  and the shard. `threads` caps tf.data's threads (default: tf.data's own
-  choice, every core).
-  """
+  after `state` if given; they depend only on the data, the config, `seed`
+  and the shard. `threads` caps tf.data's threads (default: every core)."""
   num_tasks = len(mixture_task_names(data_config))  # Registers user tasks.
   dataset = _train_dataset(
       data_config, global_batch_size=global_batch_size, seed=seed,
@@ -280,9 +230,8 @@ def over_length_metrics(data_config, process_states: Sequence[dict]
                         ) -> dict[str, float]:
   """Over-length examples per task so far, over the whole global batch.
 
-  `process_states` are every process's `TrainIterator.get_state()`.
-  Processes reading one shard saw the same examples, so each shard counts
-  once. Keys are `data/<task>/truncated` or `data/<task>/dropped` (by
+  `process_states` are every process's `TrainIterator.get_state()`; each
+  shard counts once. Keys are `data/<task>/truncated` or `.../dropped` (by
   config.data.truncation); none under "error".
   """
   counter = truncation.COUNTER_NAMES[data_config.truncation]
@@ -298,12 +247,10 @@ def over_length_metrics(data_config, process_states: Sequence[dict]
 class EvalSet:
   """One task's evaluation data; `batches()` iterates it from the start.
 
-  Batches have a fixed shape: image, text (the prompt, P ids), mask_ar (0),
-  mask_input, task_id, example_mask (1 real, 0 padding), example_index (the
-  row's position in the whole split; meaningless on padding) as numpy
-  arrays, references: a list (one entry per row) of lists of reference
-  strings, and, for tasks whose examples carry one, ids: a list of each
-  row's id string ("" on padding).
+  Batches have a fixed shape: numpy image, text (the prompt, P ids), mask_ar
+  (0), mask_input, task_id, example_mask (1 real, 0 padding), example_index
+  (the row's position in the split); references (per row, a list of
+  strings) and, for tasks whose examples have one, ids ("" on padding).
   """
   name: str
   task_id: int
@@ -324,12 +271,9 @@ def _eval_examples(name: str, data_config, split: str,
 
 
 def _stack(rows: list[dict], batch_size: int, pad_row: dict) -> dict:
-  """Stacks `rows` into a batch of `batch_size`, padded with `pad_row`; their
-  references and ids, if they have any, become lists.
-
-  Padding repeats a real example (rather than zeros) so the model sees
-  ordinary inputs; `example_mask` = 0, empty references and ids mark it.
-  """
+  """Stacks `rows` into a batch of `batch_size`, references and ids (if any)
+  as lists. Padding repeats `pad_row`, a real example, so the model sees
+  ordinary inputs; `example_mask` = 0, empty references and ids mark it."""
   real = len(rows)
   rows = rows + [pad_row] * (batch_size - real)
   batch = {k: np.stack([row[k] for row in rows]) for k in pad_row
@@ -345,17 +289,26 @@ def _stack(rows: list[dict], batch_size: int, pad_row: dict) -> dict:
   return batch
 
 
-def _host_batches(rows: list[dict], *, batch_size: int, process_index: int,
-                  process_count: int, what: str) -> Iterator[dict]:
-  """This host's batches of `rows`, a whole split in order; every host
-  yields the same number. `what` names the rows in errors."""
+def _eval_batches(name: str, task_id: int, data_config, *, batch_size: int,
+                  split: str, max_examples: int | None, process_index: int,
+                  process_count: int) -> Iterator[dict]:
+  """This host's batches of one task, a whole split in order; every host
+  yields the same number."""
+  prompt = functools.partial(
+      converter.prompt_features, task_id=task_id,
+      prefix_length=data_config.feature_lengths["prefix"])
+  # One pass over the split: every host needs the total count anyway.
+  examples = _eval_examples(name, data_config, split, max_examples).map(
+      lambda x: {**prompt(x), **({"id": x["id"]} if "id" in x else {})})
+  with input_errors():
+    rows = list(examples.as_numpy_iterator())
   # Hosts run each decode step together, so every host yields as many
   # batches as the host with the most examples needs.
   num_batches = math.ceil(math.ceil(len(rows) / process_count) / batch_size)
   mine = rows[process_index::process_count]  # tf.data's shard order.
   if not mine:
-    raise ValueError(f"{what}: no examples for process {process_index} of "
-                     f"{process_count}.")
+    raise ValueError(f"{name} ({split}): no examples for process "
+                     f"{process_index} of {process_count}.")
   for start in range(0, num_batches * batch_size, batch_size):
     batch = _stack(mine[start:start + batch_size], batch_size, mine[-1])
     # Each row's position in the split, so that the evaluator can put the
@@ -366,33 +319,13 @@ def _host_batches(rows: list[dict], *, batch_size: int, process_index: int,
     yield batch
 
 
-def _eval_batches(name: str, task_id: int, data_config, *, batch_size: int,
-                  split: str, max_examples: int | None, process_index: int,
-                  process_count: int) -> Iterator[dict]:
-  """This host's batches of one task; every host yields the same number."""
-  prompt = functools.partial(
-      converter.prompt_features, task_id=task_id,
-      prefix_length=data_config.feature_lengths["prefix"])
-  # One pass over the split: every host needs the total count anyway.
-  examples = _eval_examples(name, data_config, split, max_examples).map(
-      lambda x: {**prompt(x), **({"id": x["id"]} if "id" in x else {})})
-  with input_errors():
-    everything = list(examples.as_numpy_iterator())
-  yield from _host_batches(everything, batch_size=batch_size,
-                           process_index=process_index,
-                           process_count=process_count,
-                           what=f"{name} ({split})")
-
-
 def make_eval_sets(data_config, *, batch_size: int, split: str = "validation",
                    tasks: Sequence[str] | None = None,
                    max_examples: int | None = None, process_index: int = 0,
                    process_count: int = 1) -> list[EvalSet]:
-  """Eval sets of `tasks` (default: every task of the mixture), in order.
-
-  `max_examples` caps each task (over all hosts); each host evaluates its
-  shard of it. A task without `split` is an error here, before any reading.
-  """
+  """Eval sets of `tasks` (default: every task of the mixture), in order;
+  `max_examples` caps each task (over all hosts), each host evaluates its
+  shard. A task without `split` fails here, before any reading."""
   names = mixture_task_names(data_config)
   wanted = list(tasks) if tasks else names
   unknown = [name for name in wanted if name not in names]
@@ -421,13 +354,11 @@ def make_eval_sets(data_config, *, batch_size: int, split: str = "validation",
 def make_labelled_batches(data_config, name: str, *, batch_size: int,
                           split: str = "validation",
                           max_examples: int | None = None) -> Iterator[dict]:
-  """One task's examples of `split` in training format, in order (one host).
+  """One task's examples of `split` in training format, in order (one host),
+  for teacher-forced passes such as `omnismola.analyze`.
 
-  Prefix and target suffix together, as training sees them, for
-  teacher-forced passes such as `omnismola.analyze`. Batches hold the train
-  keys (image, text, mask_ar, mask_loss, mask_input, task_id) and
-  `example_mask`; the last is padded (see `_stack`). `max_examples` caps
-  the examples read.
+  Batches hold the train keys and `example_mask`; the last is padded (see
+  `_stack`). `max_examples` caps the examples read.
   """
   names = mixture_task_names(data_config)
   if name not in names:
@@ -445,14 +376,10 @@ def make_labelled_batches(data_config, name: str, *, batch_size: int,
 
 def _prompt_row(data_config, image_path: str, prompt: str, *,
                 example: str) -> dict:
-  """One prompt on one image file as an eval row (empty references).
-
-  The image is read, scaled to [-1, 1] and resized to
-  `data_config.image_size` like a task's image; the prompt is tokenised as
-  a task's prefix (tasks.prompt_ids) and laid out by the evaluation
-  converter, padded to feature_lengths.prefix. A longer prompt is cut there
-  under config.data.truncation="truncate" and refused otherwise (there is
-  no other example to go on to). `example` names the prompt in errors.
+  """One prompt on one image file as an eval row (empty references), made
+  as a task's are. A prompt over feature_lengths.prefix is cut under
+  truncation="truncate" and refused otherwise (there is no other example to
+  go on to). `example` names the prompt in errors.
   """
   image = tasks_lib.image_in_model_range(jsonl.load_image(image_path, example))
   ids = tasks_lib.prompt_ids(get_vocabulary(data_config), tf.constant(prompt))
@@ -475,7 +402,7 @@ def prompt_batch(data_config, image_path: str, prompt: str) -> dict:
   """A batch of one prompt on one image file, prepared as evaluation is
   (`_prompt_row`): image, text, mask_ar and mask_input."""
   row = _prompt_row(data_config, image_path, prompt, example=image_path)
-  return {k: row[k][None] for k in _PROMPT_KEYS}
+  return {k: row[k][None] for k in ("image", "text", "mask_ar", "mask_input")}
 
 
 def prompt_file_batches(data_config, prompts: jsonl.Prompts, *,

@@ -1,21 +1,14 @@
 """SeqIO tasks of vision-language examples, and the metric of each task.
 
 Every task's source yields (after the task's own preprocessors) raw examples
-
-  image       uint8 [H, W, 3] (the pipeline resizes to the model's input)
-  prefix      string: the prompt ("answer en what color is the square?")
-  suffix      string: the target ("gold")
-  references  string [n]: every answer the task's metric accepts
-
-and `register_vl_task` turns them into the output features the converter
-reads: `prefix` / `suffix` as token ids (`prompt_ids` for the prefix, EOS
-after the suffix), `image` float32 in [-1, 1], plus `prefix_pretokenized`,
-`suffix_pretokenized` and `references` for evaluation. Tasks are registered
-with the byte vocabulary; `get_task(name, vocabulary)` gives the same task
-tokenised with another one (config.data.vocabulary), so no task is
-registered twice. It also records the task's metric, so the evaluator needs
-no per-task code. A user task module registers its tasks the same way and
-is named in `config.data.task_modules`.
+of image (uint8 [H, W, 3]), prefix (the prompt), suffix (the target) and
+references (every answer the task's metric accepts); docs/data.md has the
+format. `register_vl_task` tokenises them (`prompt_ids` for the prefix, EOS
+after the suffix; the strings stay as *_pretokenized), scales the image to
+[-1, 1] and records the task's metric, so the evaluator needs no per-task
+code. Tasks are registered with the byte vocabulary; `get_task(name,
+vocabulary)` gives the same task tokenised with another one
+(config.data.vocabulary), so no task is registered twice.
 """
 import functools
 from typing import Sequence
@@ -55,12 +48,9 @@ PROMPT_SEPARATOR = "\n"
 
 @functools.cache
 def get_vocabulary(spec: str = BYTE) -> seqio.Vocabulary:
-  """"byte" (the default) or the path of a SentencePiece model file.
-
-  The SentencePiece model must use id 0 for padding (as Gemma's does): the
-  converter pads with 0 and the decoder stops at the model's EOS. It needs a
-  BOS id too, and must keep "\\n": prompts are BOS prompt "\\n"
-  (`prompt_ids`).
+  """"byte" (the default) or the path of a SentencePiece model file, which
+  needs pad id 0 (the converter pads with 0), an EOS, a BOS, and to keep
+  "\\n": prompts are BOS prompt "\\n" (`prompt_ids`).
   """
   if spec == BYTE:
     return VOCAB
@@ -80,12 +70,9 @@ def get_vocabulary(spec: str = BYTE) -> seqio.Vocabulary:
 
 
 def prompt_ids(vocabulary: seqio.Vocabulary, prompt) -> tf.Tensor:
-  """int32 ids of a prompt (string tensor) as the model reads it.
-
-  With a SentencePiece vocabulary, PaliGemma's format: BOS, the prompt's
-  ids, the ids of "\\n", so a pretrained PaliGemma sees what it was trained
-  on. The byte vocabulary (the synthetic suite's models, trained from
-  scratch) has no BOS: the prompt's bytes alone.
+  """int32 ids of a prompt (string tensor) as the model reads it: with a
+  SentencePiece vocabulary PaliGemma's BOS, prompt, "\\n"; with the byte
+  vocabulary (no BOS) the prompt's bytes alone.
   """
   ids = tf.cast(vocabulary.encode_tf(prompt), tf.int32)
   if not isinstance(vocabulary, seqio.SentencePieceVocabulary):
@@ -95,11 +82,8 @@ def prompt_ids(vocabulary: seqio.Vocabulary, prompt) -> tf.Tensor:
 
 
 def get_task(name: str, vocabulary: seqio.Vocabulary = VOCAB) -> seqio.Task:
-  """Registered task `name`, tokenised with `vocabulary`.
-
-  A vocabulary other than the byte one gives an unregistered copy of the
-  task (same source, same preprocessors) whose output features use it.
-  """
+  """Registered task `name`, tokenised with `vocabulary`: with another than
+  the byte one, an unregistered copy of the task whose features use it."""
   task = seqio.get_mixture_or_task(name)
   if vocabulary is VOCAB:
     return task
@@ -143,18 +127,12 @@ def tokenize_text(example, output_features):
 
 def register_vl_task(name: str, source: seqio.DataSource, metric: str,
                      preprocessors: Sequence = ()) -> seqio.Task:
-  """Registers a vision-language task and records its metric.
+  """Registers a vision-language task and records its metric (a key of
+  omnismola.eval.metrics.METRICS).
 
-  Args:
-    name: the SeqIO task name.
-    source: a seqio.DataSource; with `preprocessors`, it must yield the raw
-      example format of this module's docstring.
-    metric: a key of omnismola.eval.metrics.METRICS.
-    preprocessors: applied first, e.g. to rename a dataset's features.
-
-  Returns:
-    The task. Registering a name again replaces the task (notebooks re-run
-    cells).
+  `source` with `preprocessors` (applied first) must yield the raw example
+  format of this module's docstring. Registering a name again replaces the
+  task (notebooks re-run cells).
   """
   if metric not in metrics.METRICS:
     raise ValueError(f"Task {name!r}: unknown metric {metric!r}; metrics: "

@@ -1,24 +1,16 @@
-"""What the train stream does with examples longer than the feature lengths.
-
-An example is over-length when its prefix has more than P ids or its suffix
-(EOS included) more than S, with `config.data.feature_lengths =
-dict(prefix=P, suffix=S)`. `config.data.truncation` decides:
-
-  "truncate"  keep it; the converter cuts the prefix to P and the suffix to S
-              (a cut suffix loses its EOS). The default.
-  "drop"      skip it.
-  "error"     stop, naming the task and the example's prompt.
+"""What the train stream does with examples longer than the feature lengths:
+config.data.truncation, "truncate" (the converter cuts them), "drop" or
+"error" (docs/data.md).
 
 Every example leaving `apply` carries `over_length` (int32): how many
 over-length examples of its task's stream it accounts for, i.e. 1 if it was
 itself truncated, or the number dropped just before it. The iterator sums
-these per task over the batches it hands out, so the counts are exact,
-deterministic and restored with the input state.
+these per task, so the counts are exact, deterministic and restored with
+the input state.
 """
 import tensorflow as tf
 
-# The per-task count each policy (schema.TRUNCATION_POLICIES) reports (the
-# metric `data/<task>/<name>`);
+# The per-task count (metric `data/<task>/<name>`) each policy reports;
 # "error" stops at the first over-length example, so there is none to count.
 COUNTER_NAMES = {"truncate": "truncated", "drop": "dropped", "error": None}
 # Under "drop", this many over-length examples in a row means the task (as

@@ -10,9 +10,6 @@ downloaded. Datasets that share an annotation format share a reader:
 
 TFDS split names are train / validation / test (the official "val" is
 "validation").
-
-  tfds.builder("omnismola_vqav2", data_dir=DIR).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=VQA_DIR))
 """
 import collections
 import csv
@@ -32,11 +29,8 @@ _OFFICIAL = {"train": "train", "validation": "val", "test": "test"}
 # ------------------------------------------------------------------- readers
 def group_captions(
     captions: Iterable[tuple[str, epath.Path, str]]) -> Iterator[Record]:
-  """(image id, image path, caption) triples -> one Record per image.
-
-  Captioning benchmarks score a caption against all of an image's
-  references, so an example is an image with every caption it has.
-  """
+  """(image id, image path, caption) triples -> one Record per image, with
+  every caption as a reference (as captioning benchmarks score)."""
   by_image = collections.defaultdict(list)
   paths = {}
   for image_id, path, caption in captions:
@@ -49,11 +43,8 @@ def group_captions(
 def coco_vqa_records(root: epath.Path, questions_file: str,
                      annotations_file: str,
                      image_dir: str) -> Iterator[Record]:
-  """VQA-format questions + annotations over COCO images (VQAv2, OK-VQA).
-
-  Images are <image_dir>/COCO_<subset>_<image_id:012d>.jpg, as in COCO's
-  train2014 / val2014 archives.
-  """
+  """VQA-format questions + annotations over COCO images (VQAv2, OK-VQA);
+  images are <image_dir>/COCO_<subset>_<image_id:012d>.jpg."""
   subset = image_dir.rstrip("/")
   annotations = {a["question_id"]: a for a in manual.read_json(
       root / annotations_file)["annotations"]}
@@ -128,8 +119,8 @@ class Vqav2(manual.ManualBuilder):
     return coco_vqa_records(root, *self.MANUAL_FILES[split])
 
 
-class OkVqa(manual.ManualBuilder):
-  """OK-VQA: questions needing outside knowledge, in the VQA format."""
+class OkVqa(Vqav2):
+  """OK-VQA: questions needing outside knowledge, in VQAv2's format."""
   name = "omnismola_okvqa"
   HOMEPAGE = "https://okvqa.allenai.org/download.html"
   MANUAL_FILES = {
@@ -138,9 +129,6 @@ class OkVqa(manual.ManualBuilder):
       "validation": ("OpenEnded_mscoco_val2014_questions.json",
                      "mscoco_val2014_annotations.json", "val2014/"),
   }
-
-  def _records(self, root, split):
-    return coco_vqa_records(root, *self.MANUAL_FILES[split])
 
 
 # ------------------------------------------------------ {"data": [...]} lists
@@ -161,15 +149,8 @@ class TextVqa(manual.ManualBuilder):
 
 
 def _docvqa_files(official: str) -> tuple[manual.OneOf, manual.OneOf]:
-  """DocVQA's (annotations, image folder) of a split, in any known layout.
-
-  The current archives are spdocvqa_qas.zip (spdocvqa_qas/*_withQT.json)
-  and spdocvqa_images.tar.gz, which public loaders unpack to
-  spdocvqa_images/, spdocvqa_images/images/ or a folder of their own
-  (images/, documents/); big_vision reads *_withQT.json at the root with
-  <split>/documents/; the older per-split tarballs hold
-  <split>/<split>_v1.0.json and <split>/documents/.
-  """
+  """DocVQA's (annotations, image folder) of a split, in any layout known
+  from the archives and public loaders (docs/data.md says which)."""
   return (
       manual.OneOf(f"spdocvqa_qas/{official}_v1.0_withQT.json",
                    f"{official}_v1.0_withQT.json",
@@ -197,11 +178,8 @@ class DocVqa(manual.ManualBuilder):
 
 
 def _infovqa_annotations(*names: str) -> manual.OneOf:
-  """An InfographicVQA annotation file, under any of the names copies use.
-
-  It is at the root or in infographicsvqa_qas/, as infographicsvqa_qas.zip
-  unpacks.
-  """
+  """An InfographicVQA annotation file under any of `names`, at the root or
+  in infographicsvqa_qas/ (as infographicsvqa_qas.zip unpacks)."""
   return manual.OneOf(*(folder + name for name in names
                         for folder in ("", "infographicsvqa_qas/")))
 

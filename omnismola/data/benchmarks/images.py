@@ -1,11 +1,9 @@
 """Reading the images of the real datasets: one place for decoding and sizing.
 
-Every builder stores each image through `load_image`, so every dataset gets
-the same treatment: EXIF orientation applied (phone photos in TextVQA and
-VQA are often stored rotated), RGB, and the longer side capped at
-MAX_SIDE. The cap keeps the built data small while leaving more pixels than
-any model resolution here needs; the pipeline resizes to the model's square
-input (`config.data.image_size`) when it reads.
+Every builder stores each image through `load_image`: EXIF orientation
+applied (phone photos in TextVQA and VQA are often stored rotated), RGB, and
+the longer side capped at MAX_SIDE, which keeps the built data small; the
+pipeline resizes to `config.data.image_size` when it reads.
 """
 from typing import Sequence
 
@@ -24,11 +22,8 @@ Label = tuple[tuple[tuple[int, int], tuple[int, int]], str]
 
 
 def draw_labels(image: Image.Image, labels: Sequence[Label]) -> Image.Image:
-  """Blanks each box and writes its text, as AI2D's letter questions need.
-
-  AI2D asks "what is A in the diagram?" about diagrams whose text labels are
-  to be replaced by letters; the released images still show the words.
-  """
+  """Blanks each box and writes its text: AI2D's letter questions ("what is
+  A in the diagram?") are about images that still show the words."""
   image = image.copy()
   draw = ImageDraw.Draw(image)
   for (top_left, bottom_right), text in labels:
@@ -41,18 +36,10 @@ def draw_labels(image: Image.Image, labels: Sequence[Label]) -> Image.Image:
 
 def load_image(path: epath.PathLike, *, example: str,
                labels: Sequence[Label] = ()) -> np.ndarray:
-  """The image at `path` as uint8 [H, W, 3], longer side <= MAX_SIDE.
-
-  Args:
-    path: an image file PIL can decode.
-    example: names the example in errors, so a broken file among a million
-      can be found.
-    labels: boxes to overwrite with text (see draw_labels).
-
-  Raises:
-    FileNotFoundError: no file at `path`.
-    ValueError: the file is not a decodable image.
-  """
+  """The image at `path` as uint8 [H, W, 3], longer side <= MAX_SIDE, with
+  `labels` drawn (draw_labels). A missing file (FileNotFoundError) or one PIL
+  cannot decode (ValueError) is named with `example`, so that a broken file
+  among a million can be found."""
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"Example {example}: image {path} does not exist.")

@@ -1,17 +1,12 @@
 """The base of every real-dataset builder: official files in, one schema out.
 
 Real benchmarks cannot be downloaded by a script (accounts, licences, or
-just size), so each builder reads the official annotation files and images
-from a local manual_dir, laid out exactly as the dataset ships them. A
-subclass names the files it needs (MANUAL_FILES; a `OneOf` where copies of
-the dataset put a file in different places) and turns them into `Record`s
-(`_records`); everything else is shared here:
-
-  - one stored schema for every dataset (FEATURES), so one task preprocessor
-    turns any of them into the raw example format (see prompts.py);
-  - a check that lists every missing file, with the layout expected, before
-    any work is done;
-  - image decoding through images.load_image, whose errors name the example.
+just size), so each builder reads the official files from a local
+manual_dir, laid out as the dataset ships them. A subclass names the files
+it needs (MANUAL_FILES) and turns them into `Record`s (`_records`); the
+schema (FEATURES, which prompts.py turns into raw examples), the check that
+lists every missing file with the layout expected, and image decoding
+(images.load_image) are shared here.
 """
 import dataclasses
 import json
@@ -53,12 +48,10 @@ def read_json(path: epath.Path) -> Any:
 
 @dataclasses.dataclass(frozen=True, init=False)
 class OneOf:
-  """A file or directory that copies of a dataset keep in different places.
-
-  Archives get re-released and loaders rename folders, so a builder may
-  accept several paths. The first of `paths` that exists is read: when one
-  path lies inside another, list the inner one first ("a/b/" before "a/"),
-  since "a/" exists whichever layout holds.
+  """A file or directory that copies of a dataset keep in different places
+  (archives get re-released, loaders rename folders). The first of `paths`
+  that exists is read: list an inner path before the one holding it ("a/b/"
+  before "a/"), since "a/" exists whichever layout holds.
   """
   paths: tuple[str, ...]
 
@@ -66,7 +59,8 @@ class OneOf:
     object.__setattr__(self, "paths", paths)
 
 
-# One entry of MANUAL_FILES: a path relative to manual_dir, or a choice.
+# One entry of MANUAL_FILES: a path relative to manual_dir (a directory ends
+# in /), or a choice.
 Entry = str | OneOf
 
 
@@ -87,10 +81,8 @@ def _name(entry: Entry) -> str:
 
 
 def layout(files: Mapping[str, Sequence[Entry]]) -> str:
-  """The manual_dir layout a builder expects, one path per line.
-
-  A OneOf's other accepted paths follow its first, one per line, indented.
-  """
+  """The manual_dir layout a builder expects, one path per line (a OneOf's
+  other accepted paths follow its first, indented)."""
   lines = []
   for entry in _entries(files):
     first, *others = _choices(entry)
@@ -100,16 +92,10 @@ def layout(files: Mapping[str, Sequence[Entry]]) -> str:
 
 
 def _existing(root: epath.Path, entry: Entry) -> str | None:
-  """The first of the entry's paths that is under root, None if none is."""
+  """The first of the entry's paths that is under root (a trailing / marks a
+  directory), None if none is."""
   return next((path for path in _choices(entry)
                if _exists(root / path, path)), None)
-
-
-def missing_files(root: epath.Path,
-                  files: Mapping[str, Sequence[Entry]]) -> list[str]:
-  """The entries of `files` (a trailing / marks a directory) not under root."""
-  return [_name(entry) for entry in _entries(files)
-          if _existing(root, entry) is None]
 
 
 def resolve(root: epath.Path, entry: Entry) -> epath.Path:
@@ -127,10 +113,9 @@ def _exists(path: epath.Path, name: str) -> bool:
 class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A builder of FEATURES examples from the official files in manual_dir.
 
-  Subclasses set HOMEPAGE, MANUAL_FILES ({TFDS split: paths relative to
-  manual_dir, directories ending in /, or OneOf those}), VERSION when it is
-  not 1.0.0, and implement `_records(root, split)`, which finds a OneOf's
-  path with `resolve`.
+  Subclasses set HOMEPAGE, MANUAL_FILES ({TFDS split: entries}), VERSION
+  when it is not 1.0.0, and implement `_records(root, split)`, which finds a
+  OneOf's path with `resolve`.
   """
 
   VERSION = tfds.core.Version("1.0.0")
@@ -157,7 +142,8 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       raise FileNotFoundError(
           f"{self.name}: no manual files. Expected layout:\n"
           f"{layout(self.MANUAL_FILES)}") from e
-    missing = missing_files(root, self.MANUAL_FILES)
+    missing = [_name(entry) for entry in _entries(self.MANUAL_FILES)
+               if _existing(root, entry) is None]
     if missing:
       raise FileNotFoundError(
           f"{self.name}: missing in {root}: "

@@ -1,14 +1,7 @@
 """PaliGemma-style prompts: a stored benchmark example -> the raw example.
 
-A prompt function maps a manual.FEATURES example to the prefix string:
-
-  caption        "caption en"
-  question       "answer en {question}"
-  choice         "answer en {question} choose from: {c1} \t {c2} ..."
-                 (" context: {context}" before " choose from:" when there is
-                 one, as in ScienceQA)
-
-The prefixes follow PaliGemma's transfers (big_vision), so a converted
+A prompt function maps a manual.FEATURES example to the prefix string. The
+prefixes follow PaliGemma's transfers (big_vision), so a converted
 PaliGemma checkpoint sees the prompts it was trained on. `raw_example`
 builds the task preprocessor: the target is one of the references drawn
 with the task's seed (the model learns every valid answer, in proportion to

@@ -1,26 +1,12 @@
-"""SeqIO tasks of the real benchmarks, and the mixture over them.
+"""SeqIO tasks of the real benchmarks (BENCHMARKS; docs/data.md tabulates
+their prompts, metrics and files).
 
 Registering is cheap: a task names its TFDS data but reads nothing until
 used, so importing omnismola.data works without any dataset present;
 `pipeline.prepare` builds the data of a mixture's tasks from their manual
-dirs (`<config.data.manual_dir>/<builder name>`).
-
-| task               | prompt   | metric           | evaluated split |
-|--------------------|----------|------------------|-----------------|
-| coco_captions      | caption  | cider            | validation      |
-| textcaps           | caption  | cider            | validation      |
-| vqav2, okvqa       | question | vqa_accuracy     | validation      |
-| textvqa            | question | vqa_accuracy     | validation      |
-| docvqa, infovqa    | question | anls             | validation      |
-| chartqa_human      | question | relaxed_accuracy | validation      |
-| chartqa_augmented  | question | relaxed_accuracy | validation      |
-| ai2d               | choice   | exact_match      | test            |
-| scienceqa          | choice   | exact_match      | validation      |
-| tallyqa            | question | exact_match      | test            |
-| ocrvqa             | question | exact_match      | validation      |
-
-AI2D and TallyQA ship no validation split; their test split is what the
-pipeline evaluates as "validation" (as the papers report).
+dirs (`<config.data.manual_dir>/<builder name>`). AI2D and TallyQA ship no
+validation split; their test split is what the pipeline evaluates as
+"validation" (as the papers report).
 """
 import dataclasses
 
@@ -63,26 +49,19 @@ BENCHMARKS = (
 TASKS = tuple(b.task for b in BENCHMARKS)
 
 
-def tfds_name(builder: type[manual.ManualBuilder], config: str = "") -> str:
-  """The versioned TFDS name SeqIO wants: name[/config]:version."""
-  name = f"{builder.name}/{config}" if config else builder.name
-  return f"{name}:{builder.VERSION}"
-
-
 def register_manual_task(name: str, builder: type[manual.ManualBuilder],
                          prompt: prompts.Prompt, metric: str, *,
                          config: str = "") -> seqio.Task:
-  """Registers a task over a ManualBuilder's data with a prompt and metric.
-
-  SeqIO's "validation" split is the builder's validation split, or its test
-  split when it has no validation split.
-  """
+  """Registers a task over a ManualBuilder's data with a prompt and metric;
+  its "validation" split is the builder's test split if it has no other."""
   splits = {split: split for split in builder.MANUAL_FILES}
   splits.setdefault("validation", "test")
+  # The versioned TFDS name SeqIO wants: name[/config]:version.
+  dataset = f"{builder.name}/{config}" if config else builder.name
   return tasks.register_vl_task(
       name,
       # read_only: reading never builds; pipeline.prepare does, explicitly.
-      seqio.TfdsDataSource(tfds_name=tfds_name(builder, config),
+      seqio.TfdsDataSource(tfds_name=f"{dataset}:{builder.VERSION}",
                            splits=splits, read_only=True),
       metric=metric, preprocessors=[prompts.raw_example(prompt)])
 

@@ -22,6 +22,7 @@ from omnismola.data.synthetic import builder
 from omnismola.data.synthetic import scenes
 from omnismola.eval import metrics
 
+
 def _split(task: str, split: str, data_dir: str):
   """A built split's text features; images are left undecoded."""
   return tfds.builder(builder.tfds_name(task), data_dir=data_dir).as_dataset(
@@ -45,10 +46,8 @@ def _validation(task: str, data_dir: str):
 
 
 def blind_predictions(train_pairs, validation_prefixes) -> list[str]:
-  """For each prefix, the commonest training suffix of that prefix.
-
-  Ties go to the suffix seen first, so the result is deterministic.
-  """
+  """For each prefix, the commonest training suffix of that prefix (ties go
+  to the suffix seen first, so the result is deterministic)."""
   by_prefix = collections.defaultdict(collections.Counter)
   overall = collections.Counter()
   for prefix, suffix in train_pairs:

@@ -1,12 +1,9 @@
 """TFDS builder `omnismola_synthetic`: one config per synthetic task.
 
 Nothing is downloaded: every example is rendered by `scenes.make_example`,
-so any machine builds byte-identical data.
-
-  tfds.builder("omnismola_synthetic/ocr", data_dir=DIR).download_and_prepare()
-
-SPLIT_SIZES says how many examples each split gets; tests shrink it to build
-small copies in seconds (readers take the sizes from the built files).
+so any machine builds byte-identical data. SPLIT_SIZES says how many
+examples each split gets; tests shrink it to build small copies in seconds
+(readers take the sizes from the built files).
 """
 import tensorflow_datasets as tfds
 
@@ -46,7 +43,6 @@ class OmnismolaSynthetic(tfds.core.GeneratorBasedBuilder):
     task = self.builder_config.name
     for index in range(size):
       yield index, scenes.make_example(task, split, index)
-
 
 
 def tfds_name(task: str) -> str:

@@ -108,10 +108,8 @@ def draw_text(image: np.ndarray, text: str, row: int, col: int,
 
 @functools.lru_cache(maxsize=None)
 def shape_mask(shape: str, size: int) -> np.ndarray:
-  """bool [size, size]: a filled shape with a 1-pixel margin on every side.
-
-  Read-only (cached), so callers only ever index with it.
-  """
+  """bool [size, size]: a filled shape with a 1-pixel margin on every side;
+  read-only (cached), so callers only ever index with it."""
   centre, radius = (size - 1) / 2, size / 2 - 1
   ys, xs = np.mgrid[:size, :size]
   inner = (ys >= 1) & (ys <= size - 2) & (xs >= 1) & (xs <= size - 2)

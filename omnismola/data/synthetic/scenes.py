@@ -1,12 +1,5 @@
 """The synthetic tasks: one example generator per task, mirroring the papers'
-benchmark suite at toy scale.
-
-  captioning  (CIDEr)             1-2 shapes -> "red circle and blue square"
-  vqa         (VQA accuracy)      colour / position / existence questions
-  counting    (exact match)       "how many circles are there?" -> "3"
-  ocr         (exact match)       one rendered word -> the word
-  chartqa     (relaxed accuracy)  bar values, tallest / shortest bar
-  docqa       (ANLS)              key-value forms: "what is the age?" -> "42"
+benchmark suite at toy scale (docs/data.md shows an example of each).
 
 `make_example(task, split, index)` is a pure function: it draws everything
 from `np.random.default_rng([task_seed, split_id, index])`, so any example can
@@ -58,43 +51,33 @@ VQA_VARIANTS = {
 }
 VQA_NOISE = 0.1  # Probability that an annotator's answer is a variant.
 
-WORDS = (
-    "ACT", "AIR", "ANT", "ARM", "ART", "BAG", "BED", "BOX", "BUS", "CAR",
-    "CAT", "COW", "CUP", "DAY", "DOG", "EAR", "EGG", "EYE", "FAN", "FOX",
-    "GAS", "HAT", "ICE", "INK", "JAR", "JET", "KEY", "LEG", "MAP", "MUD",
-    "NET", "OAK", "OWL", "PEN", "PIG", "RAT", "RUG", "SEA", "SKY", "SUN",
-    "TEA", "TOY", "VAN", "WEB", "ZOO", "BELL", "BIRD", "BOAT", "BONE",
-    "BOOK", "CAKE", "CLAY", "COIN", "CORN", "DESK", "DOOR", "DUCK", "FARM",
-    "FISH", "FLAG", "FROG", "GATE", "GIFT", "GOAT", "HILL", "HORN", "IRON",
-    "KITE", "LAKE", "LAMP", "LEAF", "LION", "MILK", "MOON", "NEST", "NOSE",
-    "OVEN", "PARK", "PEAR", "RAIN", "ROAD", "ROSE", "SALT", "SHIP", "SNOW",
-    "SOAP", "STAR", "TENT", "TREE", "VASE", "WAVE", "WIND", "WOLF", "YARN",
-    "APPLE", "BEACH", "BREAD", "BRUSH", "CHAIR", "CLOCK", "CLOUD", "CROWN",
-    "DRESS", "EAGLE", "FENCE", "FLAME", "GHOST", "GRAPE", "HEART", "HORSE",
-    "HOUSE", "JUICE", "KNIFE", "LEMON", "MANGO", "MOUSE", "MUSIC", "NIGHT",
-    "OCEAN", "PAPER", "PIANO", "PLANT", "QUEEN", "RIVER", "ROBOT", "SHEEP",
-    "SNAKE", "SPOON", "STONE", "SUGAR", "TABLE", "TIGER", "TOWER", "TRAIN",
-    "WATER", "WHEEL", "ZEBRA", "BASKET", "BRIDGE", "CAMERA", "CANDLE",
-    "CASTLE", "CIRCLE", "DRAGON", "FOREST", "GARDEN", "GUITAR", "HAMMER",
-    "ISLAND", "JACKET", "LADDER", "MIRROR", "ORANGE", "PENCIL", "POCKET",
-    "RABBIT", "ROCKET", "SCHOOL", "SPIDER", "TOMATO", "WINDOW", "BALLOON",
-    "BLANKET", "CHICKEN", "DIAMOND", "DOLPHIN", "KITCHEN", "LIBRARY",
-    "MONSTER", "PRINTER", "RAINBOW", "TEACHER", "VOLCANO", "ELEPHANT",
-    "MOUNTAIN", "SANDWICH", "UMBRELLA",
-)
+WORDS = tuple("""
+    ACT AIR ANT ARM ART BAG BED BOX BUS CAR CAT COW CUP DAY DOG EAR EGG EYE
+    FAN FOX GAS HAT ICE INK JAR JET KEY LEG MAP MUD NET OAK OWL PEN PIG RAT
+    RUG SEA SKY SUN TEA TOY VAN WEB ZOO BELL BIRD BOAT BONE BOOK CAKE CLAY
+    COIN CORN DESK DOOR DUCK FARM FISH FLAG FROG GATE GIFT GOAT HILL HORN
+    IRON KITE LAKE LAMP LEAF LION MILK MOON NEST NOSE OVEN PARK PEAR RAIN
+    ROAD ROSE SALT SHIP SNOW SOAP STAR TENT TREE VASE WAVE WIND WOLF YARN
+    APPLE BEACH BREAD BRUSH CHAIR CLOCK CLOUD CROWN DRESS EAGLE FENCE FLAME
+    GHOST GRAPE HEART HORSE HOUSE JUICE KNIFE LEMON MANGO MOUSE MUSIC NIGHT
+    OCEAN PAPER PIANO PLANT QUEEN RIVER ROBOT SHEEP SNAKE SPOON STONE SUGAR
+    TABLE TIGER TOWER TRAIN WATER WHEEL ZEBRA BASKET BRIDGE CAMERA CANDLE
+    CASTLE CIRCLE DRAGON FOREST GARDEN GUITAR HAMMER ISLAND JACKET LADDER
+    MIRROR ORANGE PENCIL POCKET RABBIT ROCKET SCHOOL SPIDER TOMATO WINDOW
+    BALLOON BLANKET CHICKEN DIAMOND DOLPHIN KITCHEN LIBRARY MONSTER PRINTER
+    RAINBOW TEACHER VOLCANO ELEPHANT MOUNTAIN SANDWICH UMBRELLA
+""".split())
 
 # Form fields; every "KEY VALUE" line fits the 8 cells of a grid row.
-_NAMES = ("ADA", "AMY", "ANN", "BEN", "BOB", "DAN", "EVA", "EVE", "GUS",
-          "IDA", "IAN", "JOE", "KIM", "LEO", "LIZ", "MAX", "MIA", "NED",
-          "SAM", "TED", "TIM", "TOM", "UMA", "ZOE")
+_NAMES = tuple("ADA AMY ANN BEN BOB DAN EVA EVE GUS IDA IAN JOE KIM LEO LIZ "
+               "MAX MIA NED SAM TED TIM TOM UMA ZOE".split())
 _LETTERS = "ABCDEFGHJKLMNPRSTUVWXYZ"  # No I, O, Q: they read like 1, 0, 0.
 FORM_FIELDS = {
     "NAME": lambda rng: str(rng.choice(_NAMES)),
     "AGE": lambda rng: str(rng.integers(10, 100)),
     "ZIP": lambda rng: str(rng.integers(1000, 10_000)),
     "ROOM": lambda rng: str(rng.integers(1, 1000)),
-    "DAY": lambda rng: str(rng.choice(
-        ("MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN"))),
+    "DAY": lambda rng: str(rng.choice("MON TUE WED THU FRI SAT SUN".split())),
     "SIZE": lambda rng: str(rng.choice(("XS", "S", "M", "L", "XL"))),
     "CODE": lambda rng: (str(rng.choice(list(_LETTERS))) +
                          str(rng.integers(10)) +
@@ -160,11 +143,9 @@ def _vqa(rng):
                                        replace=False)]
   # Distinct (shape, colour) pairs, so "the blue circle" names one object.
   pairs = rng.choice(len(SHAPES) * len(COLORS), size=count, replace=False)
-  objects = []
-  for place, pair in zip(places, pairs):
-    shape, color = SHAPES[pair // len(COLORS)], COLORS[pair % len(COLORS)]
-    block = POSITIONS[place][int(rng.integers(2))]
-    objects.append((shape, color, block, place))
+  objects = [(SHAPES[pair // len(COLORS)], COLORS[pair % len(COLORS)],
+              POSITIONS[place][int(rng.integers(2))], place)
+             for place, pair in zip(places, pairs)]
   image = _draw_objects([o[:3] for o in objects])
 
   kind = str(rng.choice(("color", "where", "exists")))
@@ -233,11 +214,9 @@ def _chartqa(rng):
     question, answer = (f"what is the value of the {colors[i]} bar?",
                         str(heights[i]))
   elif kind < 0.8:
-    question, answer = "which bar is the tallest?", colors[int(
-        np.argmax(heights))]
+    question, answer = "which bar is the tallest?", colors[np.argmax(heights)]
   else:
-    question, answer = "which bar is the shortest?", colors[int(
-        np.argmin(heights))]
+    question, answer = "which bar is the shortest?", colors[np.argmin(heights)]
   return image, f"answer en {question}", answer, [answer]
 
 
@@ -265,12 +244,8 @@ def task_seed(task: str) -> int:
 
 
 def make_example(task: str, split: str, index: int) -> dict:
-  """Example `index` of `split` of `task`.
-
-  Returns:
-    dict(image=uint8 [64, 64, 3], prefix=str, suffix=str,
-         references=list[str]): the prompt, the training target, and every
-    answer the task's metric accepts.
+  """Example `index` of `split` of `task`: dict(image=uint8 [64, 64, 3],
+  prefix, suffix (the target), references (every answer the metric accepts)).
   """
   if task not in _GENERATORS:
     raise ValueError(f"Unknown synthetic task {task!r}; tasks: {TASKS}.")
