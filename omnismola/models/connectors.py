@@ -2,25 +2,18 @@
 
 `make_connector(kind, ...)` is the one entry point; kinds register in
 `CONNECTORS` and share one signature: built from the vision encoders'
-configs ({module name: ViTConfig}, `vit` first; `VLMConfig` checks that
-`move` gets two or more, the others `vit` alone), called as
+configs ({module name: ViTConfig}, `vit` first), called as
 `y, reports = connector(features, tokens)` with one feature map
 [B, N_i, d_i] per encoder and the TokenInfo of the L output tokens.
-`reports` are those of the routers in scanned layers (MoVE's ADT), as
-towers return theirs ({} for the others); every other router's report stays
-sown until the VLM collects it (`layers.pop_reports`).
+`reports` are those of the routers in scanned layers (MoVE's ADT); other
+routers' reports stay sown until the VLM collects them.
 
 * `linear` (PaliGemma) and `mlp` (LLaVA, CuMo) map one encoder's tokens
-  one to one (L = N).
-* `move` (MoME's MoVE) mixes two or more encoders: per encoder an adaptive
-  transformation (ADT) to L tokens and a projection, then an instance-level
-  soft router weighs the encoders (`MoVEConnector`), or, with
-  `model.move.mixer='add'` (MoME's baseline), the branches are summed.
-
-CuMo's MoE connector is not a kind of its own: the `mlp` connector's block
-is an MLP block at `connector/mlp`, so a `sparse_moe` entry of
-`config.experts` with `targets='connector/mlp'` replaces it, with the same
-options, upcycling and auxiliary losses as the towers' MLPs.
+  one to one (L = N). CuMo's MoE connector is a `sparse_moe` expert with
+  `targets='connector/mlp'` replacing the `mlp` connector's block.
+* `move` (MoME's MoVE, docs/models.md) mixes two or more encoders: per
+  encoder an adaptive transformation (ADT) to L tokens and a projection,
+  weighed by an instance-level soft router or summed (`mixer='add'`).
 """
 import dataclasses
 import math
@@ -46,15 +39,12 @@ class MoVEConfig:
   """Options of the `move` connector (`model.move`).
 
   Attributes:
-    num_tokens: L, the image tokens every encoder is pooled to and the
-      decoder sees; a square number (the pooled grid is sqrt(L) x sqrt(L)).
+    num_tokens: L, the image tokens every encoder is pooled to, a square;
       0 = the primary encoder's (`vit`) patch count.
-    adt_depth: M, layers of each encoder's adaptive transformation (MoME
-      uses 6; 1 keeps the CPU default small).
+    adt_depth: M, layers of each encoder's adaptive transformation (MoME: 6).
     router_dim: hidden width of the router MLP; 0 = the decoder width.
-    mixer: how the encoders' branches combine: "router" (MoME's MoVE, the
-      instance-level soft router) or "add" (their plain sum, no router:
-      MoME's "add" baseline).
+    mixer: "router" (MoME's instance-level soft router) or "add" (the
+      branches summed: MoME's baseline).
   """
   num_tokens: int = 0
   adt_depth: int = 1
@@ -94,11 +84,8 @@ class LinearConnector(nnx.Module):
 
 
 class MlpConnector(nnx.Module):
-  """LLaVA-1.5's (and CuMo's) projector: fc2(gelu(fc1(x))), hidden d_dec.
-
-  The block is the ViT's `Mlp` layout (biases, tanh GELU) at
-  `<path>/mlp`, so `sparse_moe` experts of `gelu` activation mirror it.
-  """
+  """LLaVA-1.5's (and CuMo's) projector: fc2(gelu(fc1(x))), hidden d_dec,
+  an `Mlp` block at `<path>/mlp` that `gelu` sparse MoE experts mirror."""
 
   def __init__(self, encoders: dict[str, ViTConfig], out_features: int, *,
                move: MoVEConfig, plan: stack.Plan, loop: stack.LayerLoop,
@@ -116,13 +103,9 @@ class MlpConnector(nnx.Module):
 
 
 def adaptive_pool_matrix(size_in: int, size_out: int) -> np.ndarray:
-  """float32 [size_out, size_in]: row i averages the inputs of output bin i.
-
-  Bin i covers [floor(i n / m), ceil((i + 1) n / m)) (n = size_in,
-  m = size_out), the bins of PyTorch's adaptive average pooling, which
-  MoME's ADT uses: bins overlap when m does not divide n, and repeat inputs
-  when m > n.
-  """
+  """float32 [size_out, size_in]: row i averages the inputs of output bin i,
+  [floor(i n / m), ceil((i + 1) n / m)): PyTorch's adaptive average pooling
+  bins (MoME's), which overlap when m does not divide n."""
   matrix = np.zeros((size_out, size_in), np.float32)
   for i in range(size_out):
     start = (i * size_in) // size_out
@@ -132,16 +115,8 @@ def adaptive_pool_matrix(size_in: int, size_out: int) -> np.ndarray:
 
 
 def adaptive_avg_pool(x: jax.Array, grid: int, side: int) -> jax.Array:
-  """2D adaptive average pooling of a patch grid.
-
-  Args:
-    x: [B, grid * grid, C], patch tokens in row-major order (the ViT's).
-    grid: the patch grid's side.
-    side: the pooled grid's side.
-
-  Returns:
-    [B, side * side, C], row-major.
-  """
+  """2D adaptive average pooling of a row-major patch grid: [B, grid * grid,
+  C] -> [B, side * side, C]."""
   batch, _, channels = x.shape
   pool = jnp.asarray(adaptive_pool_matrix(grid, side), x.dtype)
   y = x.reshape(batch, grid, grid, channels)
@@ -153,12 +128,8 @@ def adaptive_avg_pool(x: jax.Array, grid: int, side: int) -> jax.Array:
 
 class AdaptiveLayer(nnx.Module):
   """One ADT layer at an encoder's width: pre-LN self-attention among the
-  pooled queries, cross-attention to the encoder's full map, MLP.
-
-  MoME's ADT uses deformable cross-attention (8 heads x 4 sampling points
-  around learned reference points); this is plain multi-head attention
-  over the whole map, a documented simplification (docs/seeds.md).
-  """
+  pooled queries, cross-attention to the encoder's full map (MoME's is
+  deformable: a simplification, docs/models.md), MLP."""
 
   def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
     self.norm1 = layers.LayerNorm(config.width, eps=config.norm_eps)
@@ -180,12 +151,8 @@ class AdaptiveLayer(nnx.Module):
 
 
 class MoVEBranch(nnx.Module):
-  """One encoder's path through MoVE: f_i = proj(ADT(pool(x), x)).
-
-  `x` [B, N_i, d_i] is pooled to L tokens, refined by `adt_depth` ADT
-  layers (a scanned stack, `layers`) that attend to the full map,
-  normalised, and projected to the decoder width.
-  """
+  """One encoder's path through MoVE: f_i = proj(norm(ADT(pool(x), x))),
+  the ADT layers a scanned stack (`layers`)."""
 
   def __init__(self, encoder: ViTConfig, num_tokens: int, adt_depth: int,
                out_features: int, *, plan: stack.Plan, loop: stack.LayerLoop,
@@ -216,17 +183,14 @@ class MoVEBranch(nnx.Module):
 
 
 def example_instance(tokens: TokenInfo) -> jax.Array | None:
-  """[B, D]: the instance vector of each row of image tokens, which holds
-  one image of one example (so its first token's is every token's)."""
+  """[B, D]: each row's instance vector (a row of image tokens is one
+  example's, so its first token's)."""
   return None if tokens.instance is None else tokens.instance[:, 0]
 
 
 class InstanceRouter(nnx.Module):
-  """MoME's router G(I) = softmax(W2 gelu(W1 I + b1) + b2) over choices.
-
-  I is one vector per example, so every token of an example gets the same
-  weights (instance-level routing).
-  """
+  """MoME's router G(I) = softmax(W2 gelu(W1 I + b1) + b2) over choices,
+  I one vector per example (instance-level routing)."""
 
   def __init__(self, in_features: int, hidden: int, num_choices: int, *,
                rngs: nnx.Rngs):
@@ -251,13 +215,10 @@ class InstanceRouter(nnx.Module):
 class MoVEConnector(nnx.Module):
   """MoME's mixture of vision encoders: F = sum_i G(I)_i f_i.
 
-  One `MoVEBranch` per encoder, named as it (`connector/vit`,
-  `connector/vit_1`, ...) and an `InstanceRouter` (`connector/router`) fed
-  `tokens.instance` (the mean embedding of the prompt: our stand-in for
-  MoME's Sentence-BERT embedding of the instruction). While recording
-  (`layers.recording_usage`) it keeps the weights [B, L, encoders] as its
-  `usage` intermediate. With `move.mixer='add'` there is no router and
-  F = sum_i f_i.
+  One `MoVEBranch` per encoder, named as it (`connector/vit`, ...), and an
+  `InstanceRouter` (`connector/router`) fed `tokens.instance`, which
+  reports its weights [B, L, encoders] as `usage` while recording. With
+  `move.mixer='add'` there is no router and F = sum_i f_i.
   """
 
   def __init__(self, encoders: dict[str, ViTConfig], out_features: int, *,
@@ -288,9 +249,8 @@ class MoVEConnector(nnx.Module):
                        "prompt's mean embedding); embed_image needs it.")
     weights = self.router(example_instance(tokens))  # [B, encoders]
     record_usage(self, layers.per_token(weights, tokens.valid.shape[1]))
-    mixed = sum(weights[:, i, None, None].astype(y.dtype) * y
-                for i, y in enumerate(branches))
-    return mixed, reports
+    return sum(weights[:, i, None, None].astype(y.dtype) * y
+               for i, y in enumerate(branches)), reports
 
 
 CONNECTORS = {
@@ -304,17 +264,9 @@ def make_connector(kind: str, encoders: dict[str, ViTConfig],
                    out_features: int, *, move: MoVEConfig, plan: stack.Plan,
                    loop: stack.LayerLoop = stack.LayerLoop(),
                    rngs: nnx.Rngs) -> nnx.Module:
-  """The connector of the given kind, called as `y, reports = connector(
-  features, tokens)` (see module docstring).
-
-  Args:
-    kind: a key of CONNECTORS (`model.connector`).
-    encoders: {module name: ViTConfig} of the vision encoders, `vit` first.
-    out_features: the decoder width.
-    move: options of the `move` kind (`model.move`).
-    plan: the connector's (`stack.Plan`, scoped to `connector`).
-    loop: how its towers (MoVE's ADT layers) run, as every tower's.
-  """
+  """The connector of `kind` (a key of CONNECTORS) from the encoders'
+  configs to the decoder width `out_features` (see module docstring), with
+  the connector's `plan` and the `loop` of every tower."""
   if kind not in CONNECTORS:
     raise ValueError(f"Unknown connector {kind!r} (model.connector); known "
                      f"connectors: {sorted(CONNECTORS)}.")

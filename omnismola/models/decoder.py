@@ -1,22 +1,13 @@
 """A Gemma-style decoder (Gemma 1 and Gemma 2) with an explicit KV cache.
 
-Pre-norm blocks (RMSNorm with 1 + scale), RoPE on queries and keys,
-multi-query / grouped-query attention, GeGLU MLP, a final RMSNorm and output
-logits tied to the input embedding. Gemma 2 adds, each behind a config
-field: norms after attention and after the MLP (`post_norms`), soft caps on
-attention and output logits, query scaling by `query_pre_attn_scalar`, and
-a sliding attention window on the even-numbered layers.
-
-The layers are one scanned stack (`stack.py`), or one per segment where
-experts attach to some layers only (`decoder/layers_0_4`, ...); per-layer
-inputs (the KV cache, which layers slide) keep their axis over all layers.
-Experts attach by the plan the decoder is given (`stack.Plan`). The MLP
-blocks are built with `causal=True`: suffix tokens must not see later
-tokens, not even through an MLP's routing (a replacement must respect it).
-The decoder does not build attention masks or positions: the caller
-(`vlm.py`) owns the sequence layout and hands them in, together with the
-TokenInfo. The KV cache is a pytree passed in and returned, never stored in
-the module, so decoding stays a pure function that jit and scan can carry.
+Pre-norm blocks, RoPE, multi-query / grouped-query attention, GeGLU MLP and
+logits tied to the embedding; Gemma 2's additions are config switches
+(docs/models.md). The layers are scanned stacks (`stack.py`) with the
+experts the plan attaches; the MLP blocks are built with `causal=True`, so
+no routing lets a suffix token see later tokens. The caller (`vlm.py`)
+owns the sequence layout and hands in masks, positions and the TokenInfo.
+The KV cache is a pytree passed in and returned, never stored in the
+module, so decoding stays a pure function that jit and scan can carry.
 """
 import dataclasses
 
@@ -33,12 +24,7 @@ from omnismola.models.layers import TokenInfo
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-  """Sizes and variant switches of the language decoder.
-
-  The defaults of the switches give Gemma 1; Gemma 2 sets post_norms=True,
-  attn_logit_softcap=50, final_logit_softcap=30, query_pre_attn_scalar and
-  sliding_window=4096.
-  """
+  """Sizes and variant switches (defaults: Gemma 1) of the decoder."""
   vocab_size: int
   width: int
   depth: int
@@ -51,7 +37,7 @@ class DecoderConfig:
   post_norms: bool = False
   attn_logit_softcap: float = 0.0   # 0 = off.
   final_logit_softcap: float = 0.0  # 0 = off.
-  query_pre_attn_scalar: float = 0.0  # Queries scaled by its **-0.5; 0 = head_dim.
+  query_pre_attn_scalar: float = 0.0  # Queries scaled by its **-0.5.
   sliding_window: int = 0  # Window of the even-numbered layers; 0 = off.
 
   def __post_init__(self):
@@ -80,10 +66,9 @@ class KVCache:
 
   Attributes:
     k, v: [depth, B, S, num_kv_heads, head_dim], all layers stacked.
-    valid: bool [B, S], slots holding a real token. Padding of shorter
-      prompts stays in the middle of the cache and is masked out here.
-    key_positions: int32 [B, S], the RoPE position of each slot's token
-      (for sliding windows).
+    valid: bool [B, S], slots holding a real token (shorter prompts'
+      padding stays in the middle of the cache).
+    key_positions: int32 [B, S], each slot's RoPE position (for windows).
     positions: int32 [B], the RoPE position of each example's next token.
     index: int32 [], the slot the next token is written to (the same for
       every example). Writing past S is clamped by XLA, so callers size S
@@ -133,7 +118,7 @@ class Embedder(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  """x + attn(norm(x)), then x + mlp(norm(x)); Gemma 2 also norms both outputs."""
+  """x + attn(norm(x)), then x + mlp(norm(x)); Gemma 2 norms both outputs."""
 
   def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
     norm = lambda: layers.RMSNorm(config.width, eps=config.norm_eps)
@@ -160,8 +145,7 @@ class DecoderLayer(nnx.Module):
     mlp = self.mlp(self.pre_mlp_norm(x), tokens)
     if self.post_mlp_norm is not None:
       mlp = self.post_mlp_norm(mlp)
-    x = layers.constrain(x + mlp, ("batch", "length", "embed"))
-    return x, kv
+    return layers.constrain(x + mlp, ("batch", "length", "embed")), kv
 
 
 class Decoder(nnx.Module):
@@ -190,24 +174,15 @@ class Decoder(nnx.Module):
                positions: jax.Array, *, sliding_mask: jax.Array | None = None,
                kv: tuple[jax.Array, jax.Array] | None = None,
                index: jax.Array | int = 0):
-    """Runs the layers.
-
-    Args:
-      x: [B, T, width] embedded inputs.
-      tokens: TokenInfo [B, T].
-      mask: bool [B, T, S] attention mask (S = T without a cache).
-      positions: int [B, T] RoPE positions of x.
-      sliding_mask: bool [B, T, S], the mask of sliding-window layers (see
-        `sliding_window_mask`); required when the config has a window.
-      kv: optional cache (k, v), each [depth, B, S, K, D]; x's keys and
-        values are written into it from slot `index` on.
-      index: cache slot of x's first token.
+    """Runs the layers over x [B, T, width] (TokenInfo `tokens`, RoPE
+    `positions` int [B, T]) under `mask` bool [B, T, S], and `sliding_mask`
+    (required with a window: `sliding_window_mask`) in sliding layers.
+    `kv`: optional cache (k, v), each [depth, B, S, K, D], written from
+    slot `index` on.
 
     Returns:
-      (h [B, T, width] after the final norm, (k, v) [depth, B, S, K, D]
-       attended to: the updated cache, or None without one, the reports of
-       the routers in its layers stacked over each segment's layers, as
-       `ViT`'s).
+      (h [B, T, width] after the final norm, the updated cache or None,
+       the layers' routers' reports stacked over each segment's layers).
     """
     sliding = self.config.sliding_layers()
     if sliding.any() and sliding_mask is None:
@@ -234,14 +209,9 @@ def sliding_window_mask(mask: jax.Array, positions: jax.Array,
                         key_positions: jax.Array, window: int,
                         query_bidirectional: jax.Array | None = None,
                         key_bidirectional: jax.Array | None = None):
-  """`mask` limited to keys less than `window` positions behind the query:
-  the mask of sliding-window layers, None when `window` is 0 (none).
-
-  Pairs of bidirectional tokens (`query_bidirectional` bool [B, T] x
-  `key_bidirectional` [B, S]) keep seeing each other whatever their
-  distance, as in transformers' PaliGemma 2: the window bounds causal
-  attention only.
-  """
+  """`mask` limited to keys less than `window` positions behind the query
+  (None when `window` is 0). Pairs of bidirectional tokens (bool [B, T] x
+  [B, S]) keep seeing each other, as in transformers' PaliGemma 2."""
   if not window:
     return None
   near = positions[:, :, None] - key_positions[:, None, :] < window

@@ -1,29 +1,19 @@
 """Building blocks shared by the vision encoder and the decoder.
 
-* `TokenInfo`: per-position facts (image or text, valid or padding,
-  bidirectional or causal), derived once per forward pass and handed to every
-  linear layer, so experts can route by modality and attention group.
-* `Dense`: the linear layer, and `Mlp`, `GeGLU`: the two MLP blocks (GELU
-  for the ViT and the connector, GeGLU for the decoder). The backbone builds
-  them as plain children; `experts/attach.py` finds them in the built module
-  graph and adds adapters beside them or replaces blocks (sparse MoE), so
-  the backbone never names an expert.
-* Norms (LayerNorm for the ViT, Gemma's RMSNorm), RoPE and attention with
-  grouped key/value heads.
+`TokenInfo` (per-position facts handed to every linear layer, so experts
+route by modality and attention group), `Dense` and the MLP blocks `Mlp`
+(GELU: ViT, connector) and `GeGLU` (decoder), which `experts/attach.py`
+finds in the built graph to add adapters or replace blocks, norms, RoPE and
+attention with grouped key/value heads. Routers' reports travel through
+`report` / `pop_reports` (docs/architecture.md).
 
-Modules return their outputs only. What routers have to say (their losses,
-statistics and usage) is one channel: `report` sows it on the router and
-`pop_reports` collects it by module path, once per scanned layer
-(models/stack.py) and once for the rest of the model (`VLM.forward`).
-
-Every parameter carries `logical_axes` metadata, one name (or None) per
-dimension; `train/partitioning.py` maps the names to mesh axes. Large
-activations are named too, with `constrain(x, axes)`: it pins their sharding
-while a trainer traces under `activation_sharding(...)` and does nothing
-otherwise (a notebook, a test, one device).
+Parameters carry `logical_axes` metadata that `train/partitioning.py` maps
+to mesh axes; `constrain(x, axes)` pins large activations' sharding while a
+trainer traces under `activation_sharding(...)` and does nothing otherwise.
 """
 import contextlib
 import contextvars
+import functools
 import math
 from typing import Callable
 
@@ -35,19 +25,23 @@ from flax import nnx
 Axes = tuple[str | None, ...]
 
 
+@contextlib.contextmanager
+def _setting(variable: contextvars.ContextVar, value):
+  token = variable.set(value)
+  try:
+    yield
+  finally:
+    variable.reset(token)
+
+
 # (logical axes, shape) -> jax.sharding.Sharding, or None outside a trainer.
 _ACTIVATION_SHARDING: contextvars.ContextVar = contextvars.ContextVar(
     "activation_sharding", default=None)
 
 
-@contextlib.contextmanager
 def activation_sharding(to_sharding: Callable[[Axes, tuple[int, ...]], object]):
   """Within this context, `constrain` pins activations to `to_sharding`."""
-  token = _ACTIVATION_SHARDING.set(to_sharding)
-  try:
-    yield
-  finally:
-    _ACTIVATION_SHARDING.reset(token)
+  return _setting(_ACTIVATION_SHARDING, to_sharding)
 
 
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:
@@ -63,28 +57,16 @@ _RECORDING_USAGE: contextvars.ContextVar = contextvars.ContextVar(
     "recording_usage", default=False)
 
 
-@contextlib.contextmanager
 def recording_usage():
-  """Within this context, routers keep their per-token expert weights.
-
-  For analysis only (`omnismola.analyze`): training never records, so the
-  weights cost nothing there.
-  """
-  token = _RECORDING_USAGE.set(True)
-  try:
-    yield
-  finally:
-    _RECORDING_USAGE.reset(token)
+  """Within this context, routers keep their per-token expert weights (for
+  `omnismola.analyze` only: training never records)."""
+  return _setting(_RECORDING_USAGE, True)
 
 
 def report(module: nnx.Module, name: str, value) -> None:
-  """Hands `value` (a router's losses and statistics, its usage) out of the
-  forward pass as the module's report `name`.
-
-  Reports are sown and collected by `pop_reports`, so a router deep inside
-  other modules (an adapter inside a linear layer) reports without changing
-  what its parents return.
-  """
+  """Hands `value` out of the forward pass as the module's report `name`:
+  sown, so a router deep inside other modules reports without changing what
+  its parents return (`pop_reports` collects it)."""
   module.sow(nnx.Intermediate, name, value)
 
 
@@ -96,13 +78,9 @@ def record_usage(module: nnx.Module, weights: jax.Array) -> None:
 
 
 def pop_reports(module: nnx.Module, prefix: str = "") -> dict[str, dict]:
-  """Removes what the routers inside `module` reported and returns it.
-
-  Returns {router path: {report name: value}}, the router path relative to
-  `module` under `prefix`; {} when nothing reported. The model's forward
-  pass returns these (`VLM.forward`): `routing` (a sparse MoE's losses and
-  statistics, `MoEAux`) and, while recording, `usage`.
-  """
+  """Removes what the routers inside `module` reported and returns it:
+  {router path (relative to `module`, under `prefix`): {report name: value}},
+  {} when nothing reported."""
   reports = {}
   for path, variable in nnx.to_flat_state(nnx.pop(module, nnx.Intermediate)):
     *router, name = map(str, path)
@@ -131,17 +109,13 @@ class TokenInfo:
     is_image: bool [B, T], the position holds an image token.
     valid: bool [B, T], the position is a real token (False for padding).
     bidirectional: bool [B, T], the token belongs to the bidirectional group
-      (vision encoder tokens; the decoder's image + prefix). Causal tokens are
-      valid tokens that are not bidirectional.
+      (vision encoder tokens; the decoder's image + prefix); valid tokens
+      outside it are causal.
     instance: float [B, T, D] or None: each token's copy of its example's
-      vector for instance-level routers, the mean embedding of the
-      example's prompt (see `VLM`). It is fixed before the first generated
-      token, so instance routing decides once per example and never
-      changes while decoding. Per token, so that packed rows (several
-      examples per row) need no other shape.
-    segment: int [B, T] or None: the example (1 to `num_segments`; 0 on
-      padding) each token belongs to; a row holds one example unless
-      packed. None: one example per row (e.g. a decoding step).
+      vector for instance-level routers (the prompt's mean embedding, see
+      `VLM`; per token, so packed rows need no other shape).
+    segment: int [B, T] or None (one example per row, e.g. decoding): the
+      example (1 to `num_segments`; 0 on padding) each token belongs to.
     num_segments: the examples a row holds at most (static; > 1: packed).
   """
   is_image: jax.Array
@@ -154,8 +128,7 @@ class TokenInfo:
   @property
   def groups(self) -> jax.Array:
     """bool [B, T, G]: the bidirectional groups (Soft MoE mixes within
-    one): a row's bidirectional tokens (G = 1), or in packed rows each
-    example's (G = num_segments)."""
+    one): a row's (G = 1), or each packed example's (G = num_segments)."""
     if self.segment is None:
       return self.bidirectional[..., None]
     return self.bidirectional[..., None] & (
@@ -169,9 +142,8 @@ class TokenInfo:
   def image(cls, batch: int, length: int, instance: jax.Array | None = None,
             rows: jax.Array | None = None) -> "TokenInfo":
     """Image tokens, all in one bidirectional group; valid in the rows
-    where `rows` (bool [B]) holds, all rows by default (an empty image slot
-    of a packed row is a row without a valid token). `instance` [B, D] is
-    each row's example vector (one image, one example)."""
+    where `rows` (bool [B]) holds, all by default (not in empty image slots
+    of packed rows). `instance` [B, D]: each row's example vector."""
     valid = jnp.ones((batch, length), bool)
     if rows is not None:
       valid = valid & rows[:, None]
@@ -219,11 +191,8 @@ def token_matmul(x: jax.Array, w: jax.Array, **dot_options) -> jax.Array:
 class Dense(nnx.Module):
   """y = x W (+ b) (+ the outputs of its adapters, if it has any).
 
-  Adapters (`experts/attach.py` sets `adapters` after the backbone is
-  built) are modules called as `adapter(x, tokens, base)` whose outputs
-  are added to the layer's (before its bias); they live in
-  `<layer>/adapters/<name>`, so the layer's own parameters keep their paths
-  with or without them and pretrained checkpoints load either way.
+  Adapters (set by `experts/attach.py`, at `<layer>/adapters/<name>`) are
+  called as `adapter(x, tokens, base)`; their outputs add before the bias.
   """
 
   def __init__(self, in_features: int, out_features: int, *, axes: Axes,
@@ -251,13 +220,9 @@ class Dense(nnx.Module):
 
 @flax.struct.dataclass
 class Base:
-  """What an adapter sees of the module it is beside, besides its input.
-
-  Attributes:
-    y: the module's output: x W for a linear layer (without its bias), the
-      block's output for an MLP block.
-    kernel: the linear layer's kernel W [in, out]; None beside a block.
-  """
+  """What an adapter sees of the module it is beside, besides its input:
+  `y`, its output (x W without the bias for a linear layer), and `kernel`,
+  a linear layer's W [in, out] (None beside a block)."""
   y: jax.Array
   kernel: jax.Array | None = None
 
@@ -265,11 +230,8 @@ class Base:
 def add_adapters(y: jax.Array, adapters: nnx.Dict | None, x: jax.Array,
                  tokens: TokenInfo, kernel: jax.Array | None = None
                  ) -> jax.Array:
-  """y plus every adapter's output on the module's input x (None: y).
-
-  Adapters are called as `adapter(x, tokens, Base(y, kernel))`: most need x
-  alone; some reweigh what the module computes (DoRA needs W and x W).
-  """
+  """y plus every adapter's output `adapter(x, tokens, Base(y, kernel))`
+  (DoRA reweighs W and x W; most need x alone)."""
   if adapters is None:
     return y
   base = Base(y, kernel)
@@ -279,10 +241,7 @@ def add_adapters(y: jax.Array, adapters: nnx.Dict | None, x: jax.Array,
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm with scale and bias (the ViT's norm, as in SigLIP).
-
-  Statistics are computed in float32 whatever the activation dtype.
-  """
+  """LayerNorm with scale and bias (SigLIP's), computed in float32."""
 
   def __init__(self, width: int, *, eps: float = 1e-6):
     self.eps = eps
@@ -298,11 +257,8 @@ class LayerNorm(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """Gemma's RMSNorm: the scale is stored as an offset from 1 and starts at 0.
-
-  Storing (scale - 1) keeps the layout of Gemma checkpoints, so they load
-  without rewriting. Computed in float32, as Gemma's reference code does.
-  """
+  """Gemma's RMSNorm, in float32: the scale is stored as an offset from 1
+  (starting at 0), Gemma checkpoints' layout."""
 
   def __init__(self, width: int, *, eps: float = 1e-6):
     self.eps = eps
@@ -317,11 +273,9 @@ class RMSNorm(nnx.Module):
 
 def apply_rope(x: jax.Array, positions: jax.Array, *,
                max_wavelength: float) -> jax.Array:
-  """Rotary position embedding of x [B, T, heads, D] at positions [B, T].
-
-  Gemma's layout: dimension i of the first half pairs with dimension i of
-  the second half (not interleaved), so Gemma checkpoints load as they are.
-  """
+  """Rotary position embedding of x [B, T, heads, D] at positions [B, T],
+  in Gemma's layout: dimension i of the first half pairs with dimension i
+  of the second half (not interleaved)."""
   half = x.shape[-1] // 2
   timescale = max_wavelength**(2 * jnp.arange(half) / x.shape[-1])
   radians = positions[..., None, None].astype(jnp.float32) / timescale
@@ -339,7 +293,7 @@ def softcap(x: jax.Array, cap: float) -> jax.Array:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
            *, scale: float, logit_cap: float = 0.0) -> jax.Array:
-  """Scaled dot-product attention with grouped key/value heads.
+  """Scaled dot-product attention with grouped key/value heads -> [B, T, H, D].
 
   Args:
     q: [B, T, H, D] queries.
@@ -349,9 +303,6 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
       means every query sees every key.
     scale: multiplies the q.k logits (D**-0.5 usually).
     logit_cap: soft cap on the scaled logits (Gemma 2); 0 = none.
-
-  Returns:
-    [B, T, H, D].
   """
   batch, length, heads, dim = q.shape
   kv_heads = k.shape[2]
@@ -373,11 +324,9 @@ class Attention(nnx.Module):
   """Multi-head attention; key/value heads may be fewer than query heads.
 
   q and o use the fused `heads` axis (num_heads * head_dim), k and v the
-  fused `kv` axis (num_kv_heads * head_dim). With `rope_max_wavelength`
-  set, queries and keys are rotated by RoPE at the given positions (decoder);
-  with None there is no position information here (the ViT adds its own).
-  Logits are scaled by `query_scale` (default head_dim**-0.5; Gemma 2 uses
-  query_pre_attn_scalar**-0.5) and soft-capped at `logit_cap` if nonzero.
+  fused `kv` axis. RoPE rotates queries and keys when `rope_max_wavelength`
+  is set (the decoder; the ViT adds learned positions). Logits are scaled
+  by `query_scale` (default head_dim**-0.5) and soft-capped at `logit_cap`.
   """
 
   def __init__(self, width: int, *, num_heads: int, num_kv_heads: int,
@@ -392,35 +341,30 @@ class Attention(nnx.Module):
     self.logit_cap = logit_cap
     q_dim, kv_dim = num_heads * head_dim, num_kv_heads * head_dim
 
-    linear = lambda n_in, n_out, axes: Dense(n_in, n_out, axes=axes,
-                                             use_bias=use_bias, rngs=rngs)
-    self.q = linear(width, q_dim, ("embed", "heads"))
-    self.k = linear(width, kv_dim, ("embed", "kv"))
-    self.v = linear(width, kv_dim, ("embed", "kv"))
-    self.o = linear(q_dim, width, ("heads", "embed"))
+    linear = functools.partial(Dense, use_bias=use_bias, rngs=rngs)
+    self.q = linear(width, q_dim, axes=("embed", "heads"))
+    self.k = linear(width, kv_dim, axes=("embed", "kv"))
+    self.v = linear(width, kv_dim, axes=("embed", "kv"))
+    self.o = linear(q_dim, width, axes=("heads", "embed"))
 
   def __call__(self, x: jax.Array, tokens: TokenInfo, mask: jax.Array | None,
                *, positions: jax.Array | None = None,
                kv: tuple[jax.Array, jax.Array] | None = None,
                index: jax.Array | int = 0,
                context: tuple[jax.Array, TokenInfo] | None = None):
-    """Attends x [B, T, width] to itself, to a key/value cache, or to
-    another sequence.
+    """Attends x [B, T, width] (TokenInfo `tokens`) to itself, to a
+    key/value cache, or to another sequence, under `mask` bool [B, T, S].
 
     Args:
-      x: [B, T, width] inputs.
-      tokens: TokenInfo [B, T] of x, handed to the linear layers.
-      mask: bool [B, T, S] (S = T without a cache, the cache length with one).
       positions: int [B, T] RoPE positions (unused without RoPE).
       kv: optional cache (k, v), each [B, S, K, D]; this call's keys and
-        values are written into it at slot `index` before attending.
-      index: the cache slot of x's first token.
+        values are written into it from slot `index` before attending.
       context: optional (features [B, S, width], their TokenInfo): keys and
         values come from them instead of x (cross-attention).
 
     Returns:
-      (y [B, T, width], (k, v)): the keys and values attended to, i.e. the
-      updated cache, or this call's own keys and values without one.
+      (y [B, T, width], (k, v)): the keys and values attended to (the
+      updated cache, or this call's own).
     """
     batch, length, _ = x.shape
     source, source_tokens = context if context is not None else (x, tokens)
@@ -449,10 +393,9 @@ _GELU_C = (2 / math.pi)**0.5
 def gelu(x: jax.Array) -> jax.Array:
   """GELU, tanh approximation (SigLIP's and Gemma's): jax.nn.gelu's values.
 
-  Its gradient keeps only x for the backward pass. Differentiated as
-  written, the tanh form keeps several intermediate arrays of the MLP's
-  widest activation per layer; storing and re-reading them took longer
-  than recomputing from x (a LoRA step on CPU: 7% faster).
+  Its gradient keeps only x for the backward pass: differentiated as
+  written, the tanh form keeps several arrays of the MLP's widest
+  activation per layer, slower than recomputing (a LoRA step on CPU: 7%).
   """
   return jax.nn.gelu(x, approximate=True)
 
@@ -474,16 +417,14 @@ gelu.defvjp(_gelu_forward, _gelu_backward)
 
 class MlpBlock(nnx.Module):
   """What the two MLP blocks share: their widths, for experts that attach
-  to or replace a block (`experts/attach.py`), and adapters beside it (as
-  `Dense`'s, at `<block>/adapters/<name>`), whose outputs on the block's
-  input add to its output.
+  to or replace a block, and adapters beside it (as `Dense`'s), whose
+  outputs on the block's input add to its output.
 
   Attributes:
     activation: the key of MLPS; sparse MoE experts mirror the layout.
     in_features, mlp_dim, out_features: the block's widths.
-    causal: some tokens through the block attend causally (the decoder's),
-      so no token's output may depend on a later token (a replacement's
-      routing must respect it; a dense block is per-token anyway).
+    causal: no token's output may depend on a later token (the decoder's
+      blocks): a replacement's routing must respect it.
   """
   activation: str
 
@@ -497,26 +438,22 @@ class MlpBlock(nnx.Module):
 
 
 class Mlp(MlpBlock):
-  """The ViT's MLP: fc2(gelu(fc1(x))), with biases (SigLIP layout).
-
-  Also the `mlp` connector (LLaVA's two-layer GELU projection), which maps
-  to another width: `out_features` (default `width`).
+  """The ViT's MLP: fc2(gelu(fc1(x))), with biases (SigLIP layout); also the
+  `mlp` connector's (LLaVA's), which maps to `out_features` (default `width`).
   """
   activation = "gelu"
 
   def __init__(self, width: int, mlp_dim: int, *, rngs: nnx.Rngs,
                out_features: int | None = None, causal: bool = False):
     self._set_shape(width, mlp_dim, out_features, causal)
-    self.fc1 = Dense(width, mlp_dim, axes=("embed", "mlp"), use_bias=True,
-                     rngs=rngs)
-    self.fc2 = Dense(mlp_dim, self.out_features, axes=("mlp", "embed"),
-                     use_bias=True, rngs=rngs)
+    linear = functools.partial(Dense, use_bias=True, rngs=rngs)
+    self.fc1 = linear(width, mlp_dim, axes=("embed", "mlp"))
+    self.fc2 = linear(mlp_dim, self.out_features, axes=("mlp", "embed"))
 
   def __call__(self, x: jax.Array, tokens: TokenInfo):
     hidden = gelu(self.fc1(x, tokens))
     hidden = constrain(hidden, ("batch", "length", "mlp"))
-    y = self.fc2(hidden, tokens)
-    return add_adapters(y, self.adapters, x, tokens)
+    return add_adapters(self.fc2(hidden, tokens), self.adapters, x, tokens)
 
 
 class GeGLU(MlpBlock):
@@ -526,17 +463,15 @@ class GeGLU(MlpBlock):
   def __init__(self, width: int, mlp_dim: int, *, rngs: nnx.Rngs,
                out_features: int | None = None, causal: bool = False):
     self._set_shape(width, mlp_dim, out_features, causal)
-    linear = lambda n_in, n_out, axes: Dense(n_in, n_out, axes=axes,
-                                             use_bias=False, rngs=rngs)
-    self.gate = linear(width, mlp_dim, ("embed", "mlp"))
-    self.up = linear(width, mlp_dim, ("embed", "mlp"))
-    self.down = linear(mlp_dim, self.out_features, ("mlp", "embed"))
+    linear = functools.partial(Dense, use_bias=False, rngs=rngs)
+    self.gate = linear(width, mlp_dim, axes=("embed", "mlp"))
+    self.up = linear(width, mlp_dim, axes=("embed", "mlp"))
+    self.down = linear(mlp_dim, self.out_features, axes=("mlp", "embed"))
 
   def __call__(self, x: jax.Array, tokens: TokenInfo):
     hidden = gelu(self.gate(x, tokens))
     hidden = constrain(hidden * self.up(x, tokens), ("batch", "length", "mlp"))
-    y = self.down(hidden, tokens)
-    return add_adapters(y, self.adapters, x, tokens)
+    return add_adapters(self.down(hidden, tokens), self.adapters, x, tokens)
 
 
 # activation -> the dense MLP block with it; sparse MoE experts mirror these

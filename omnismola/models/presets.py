@@ -4,14 +4,10 @@
   get_preset("tiny", decoder_depth=2, vit_width=48)    # tests
   get_preset("paligemma_3b_224")                       # PaliGemma 3B shapes
 
-Overrides are flat keys: `vit_<field>` for ViTConfig fields,
-`decoder_<field>` for DecoderConfig fields, and the VLMConfig fields
-(`connector`, `remat_policy`, `extra_vits`, `move`). Flat keys map
-one-to-one onto `--config.model...` style overrides and typos fail loudly:
-an unknown key is an error that lists the valid ones.
-
-Large presets are built with `jax.eval_shape` in tests only (their parameter
-counts are checked against the published figures) and in the AOT check.
+Overrides are flat keys: `vit_<field>`, `decoder_<field>` and the other
+VLMConfig fields (`connector`, ...); an unknown key is an error that lists
+the valid ones. Large presets are only built with `jax.eval_shape` (tests
+check their parameter counts; the AOT check).
 """
 import dataclasses
 
@@ -75,10 +71,8 @@ PRESETS: dict[str, VLMConfig] = {
                                   remat_policy="dots_no_batch")
        for name, decoder in _PALIGEMMA_DECODERS.items()
        for res in _RESOLUTIONS},
-    # PaLI-X scale (~55B) for sharding and memory checks, not a PaLI-X
-    # reimplementation: the ViT-22B encoder shape, and a Gemma-style
-    # decoder-only LM of ~33B standing in for PaLI-X's 32B UL2
-    # encoder-decoder (which omnismola does not implement).
+    # PaLI-X's size for sharding and memory checks, not PaLI-X: ViT-22B's
+    # shape and a ~33B decoder-only LM standing in for its UL2.
     "palix_55b": VLMConfig(
         vit=ViTConfig(image_size=224, patch_size=14, width=6144, depth=48,
                       num_heads=48, mlp_dim=24_576),

@@ -1,54 +1,25 @@
 """Towers of layers: segments of identical layers, each one scanned stack.
 
-A stack of `depth` identical layers is created once under `nnx.vmap`, so
-every parameter gets a leading `layers` axis, and applied with `lax.scan`,
-so the compiled program holds one layer body whatever the depth (compile
-time stays flat from 2 to 24 layers and beyond; tests/test_models.py
-measures it).
+A stack of identical layers is created once under `nnx.vmap` (every
+parameter gets a leading `layers` axis) and applied with `lax.scan`, so the
+compiled program holds one layer body whatever the depth.
 
-Expert configs address single layers: a linear layer or MLP block of the
-tower `decoder/layers` matches its `targets` regex as
-`decoder/layers/0/attn/q`, ..., `decoder/layers/{depth-1}/attn/q`, by its
-global layer index. Layers whose experts differ cannot share a stack, so a
-tower is split into segments, runs of consecutive layers that get the same
-experts (a `Plan`, which experts/attach.py derives from the model built
-without experts):
+Expert configs address single layers by their index in the whole tower
+(`decoder/layers/3/attn/q`). Layers whose experts differ cannot share a
+stack, so a tower is split into segments, runs of consecutive layers that
+get the same experts (a `Plan`, derived by experts/attach.py): one segment
+keeps the stack at `decoder/layers` (the layout of converted checkpoints);
+several live at `decoder/layers_0_4`, `decoder/layers_4_8` ([start, stop)),
+siblings run one after the other. `add_tower_layers` builds a tower's
+segments and attaches the plan's experts to each layer as it is created,
+so they get the layer axis too; `scan_tower` runs them, returning routers'
+reports stacked along the layer axis, and per-layer inputs and outputs
+(the KV cache, which layers slide) keep an axis over the whole tower.
+`restack` loads a checkpoint written with another segmentation.
 
-* one segment (every dense model; experts on all layers): one stack at
-  `decoder/layers`, parameters `decoder/layers/attn/q/kernel` [depth, ...],
-  the layout of converted checkpoints;
-* several (e.g. MoE MLPs in layers 0-3 of 8): stacks at
-  `decoder/layers_0_4` and `decoder/layers_4_8` (layers [start, stop)),
-  siblings of the tower's owner, run one after the other.
-
-A module with towers takes a `Plan` and calls `add_tower_layers(self,
-name, make_layer, depth, plan, rngs)` for each: the plan says the tower's
-segments and attaches experts to each layer as it is created (inside the
-stacked constructor, so they get the layer axis too). Each stack records
-which layers of its tower it holds (`layer_span`), which is how the plan
-finds towers in a built model. The default plan attaches nothing: every
-tower is one segment.
-
-Routers inside a layer report their losses, statistics and usage
-(`layers.report`); `scan_tower` collects each layer's reports and returns
-them stacked along the segment's layer axis, so `decoder/layers/mlp`'s
-balance loss comes back as [depth] (`decoder/layers_0_4/mlp`'s as [4]).
-Per-layer inputs and outputs (the KV cache, which layers use a sliding
-window) keep a leading axis over the whole tower: `scan_tower` slices them
-per segment and joins the results.
-
-A checkpoint written with another segmentation (a converted PaliGemma, a
-dense run) loads through `restack`, which slices and joins its stacked
-arrays into the segments a model has.
-
-How a tower runs its layers is a `LayerLoop` (config fields
-`model.remat_policy` and `model.scan_layers`): rematerialisation trades
-compute for memory per layer; scanning keeps one layer body in the
-program, while unrolling (`scan_layers=False`, as MaxText's switch) lets
-XLA optimise across layers and skip the bookkeeping of a loop (slicing
-each layer's parameters, stacking its outputs and gradients): faster on
-CPU at small widths, compile time growing with depth. Parameters are
-stacked either way, so checkpoints do not depend on it.
+A `LayerLoop` says how a tower runs its layers (docs/models.md): the remat
+policy, and scanned or unrolled (`scan_layers=False` lets XLA optimise
+across layers; parameters stay stacked either way).
 """
 import dataclasses
 import re
@@ -120,12 +91,11 @@ class Plan:
   """How a model's towers are split and where experts attach.
 
   Attributes:
-    prefix: the path of the module the plan is handed to ("" for the VLM;
-      `child` scopes it to a child).
+    prefix: the path of the module the plan is handed to ("" for the VLM).
     towers: {tower path: its segments}; towers not listed are one segment.
-    attach: `attach(module, path, rngs)` adds experts to `module`, built at
-      `path`, and its children: each layer of a stack as it is created, and
-      the rest of the model once built (`experts/attach.py`).
+    attach: `attach(module, path, rngs)` adds experts to `module` (built at
+      `path`) and its children: each stacked layer as it is created, then
+      the rest of the model (`experts/attach.py`).
   """
   prefix: str = ""
   towers: Mapping[str, tuple[Segment, ...]] = dataclasses.field(
@@ -167,10 +137,7 @@ def add_tower_layers(owner: nnx.Module, name: str,
   """Creates the `depth` layers `make_layer(rngs)` of the tower `name` of
   `owner` (the module at `plan.prefix`), one stack per segment, each set
   on `owner` under its `Segment.attribute` with the plan's experts.
-
-  Returns:
-    The segments, for `scan_tower`.
-  """
+  Returns the segments, for `scan_tower`."""
   segments = plan.segments(name, depth)
   for segment in segments:
 
@@ -223,21 +190,14 @@ def scan_tower(owner: nnx.Module, segments: tuple[Segment, ...],
   """Runs `carry, y = body(layer, carry, x)` over the layers of a tower,
   segment after segment.
 
-  Args:
-    owner: the module `add_tower_layers` set the stacks on.
-    segments: what it returned.
-    body: one layer's step; `x` is layer i's slice of `xs`.
-    carry: what flows from layer to layer (the residual stream).
-    xs: a pytree of per-layer inputs with a leading axis over the whole
-      tower (e.g. a KV cache, or which layers use a sliding window); () for
-      none.
-    loop: remat policy, scanned or unrolled.
+  `owner` and `segments` are what `add_tower_layers` set and returned;
+  `x` is layer i's slice of `xs`, per-layer inputs with a leading axis over
+  the whole tower (e.g. a KV cache), () for none.
 
   Returns:
-    (final carry, ys stacked along a leading axis over the whole tower,
-    reports): what each segment's routers reported ({'<segment path>/<router
-    path>': {name: value}}, `layers.pop_reports`), every leaf stacked over
-    the segment's layers.
+    (final carry, ys stacked over the whole tower, reports): each segment's
+    routers' reports ({'<segment path>/<router path>': {name: value}}),
+    every leaf stacked over the segment's layers.
   """
   parts, reports = [], {}
   for segment in segments:
@@ -251,8 +211,8 @@ def scan_tower(owner: nnx.Module, segments: tuple[Segment, ...],
 
 
 # `<tower>/layers[_<start>_<stop>]/<rest>`: a stacked parameter's path.
-_STACKED_PATH = re.compile(
-    r"^(?P<tower>.*?/layers)(?:_(?P<start>\d+)_(?P<stop>\d+))?/(?P<rest>.+)$")
+_STACKED_PATH = re.compile(r"^(?P<path>(?P<tower>.*?/layers)"
+                           r"(?:_(?P<start>\d+)_(?P<stop>\d+))?)/(?P<rest>.+)$")
 
 
 def _stacked_key(key: str, shape) -> tuple[str, str, int, int, str] | None:
@@ -261,11 +221,9 @@ def _stacked_key(key: str, shape) -> tuple[str, str, int, int, str] | None:
   match = _STACKED_PATH.match(key)
   if match is None or not shape:
     return None
-  tower, rest = match.group("tower"), match.group("rest")
-  if match.group("start") is None:
-    return tower, tower, 0, shape[0], rest
-  start, stop = int(match.group("start")), int(match.group("stop"))
-  return tower, f"{tower}_{start}_{stop}", start, stop, rest
+  start, stop = match.group("start", "stop")
+  span = (0, shape[0]) if start is None else (int(start), int(stop))
+  return match["tower"], match["path"], *span, match["rest"]
 
 
 def _join_layers(pieces: list[tuple[int, int, Any]], start: int, stop: int):
@@ -284,20 +242,11 @@ def _join_layers(pieces: list[tuple[int, int, Any]], start: int, stop: int):
 
 
 def restack(source: dict, target: dict) -> dict:
-  """`source`'s stacked arrays also split into the segments of `target`.
-
-  Args:
-    source: {parameter path: array} of a checkpoint.
-    target: {parameter path: array or shape} of a model; its stacked paths
-      say how its towers are segmented.
-
-  Returns:
-    `source` plus, for every segment of a `target` tower and every stacked
-    array of that tower in `source` (`decoder/layers/mlp/up/kernel`
-    [depth, ...], or pieces of it from other segments), the segment's
-    layers under the segment's path (`decoder/layers_0_4/mlp/up/kernel`
-    [4, ...]). So a dense checkpoint also gives the dense MLPs of the
-    segments where the model has MoE blocks, for upcycling.
+  """`source` ({path: array}, a checkpoint) plus its stacked arrays split
+  into the segments of `target` ({path: array or shape}, a model): e.g.
+  `decoder/layers/mlp/up/kernel` [depth, ...] (or pieces of it from other
+  segments) also as `decoder/layers_0_4/mlp/up/kernel` [4, ...]. So a dense
+  checkpoint also gives the dense MLPs of MoE segments, for upcycling.
   """
   segments: dict[str, set] = {}
   for key, value in target.items():

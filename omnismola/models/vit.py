@@ -1,13 +1,10 @@
 """A SigLIP-like ViT: patches -> pre-LN encoder -> tokens [B, N, width].
 
 The parameter layout follows SigLIP's so its checkpoints convert by renaming
-and reshaping: the patch embedding is a Dense over flattened p*p*3 patches,
-which is the conv kernel [p, p, 3, width] reshaped to [p*p*3, width]; the
-position embedding is learned; attention and MLP have biases; there is no
-pooling head (PaliGemma feeds every patch token to the decoder). The layers
-are one scanned stack (`stack.py`), as in big_vision's scanned ViT, or one
-per segment where experts attach to some layers only (`vit/layers_0_2`, ...).
-Experts attach by the plan the ViT is given (`stack.Plan`).
+and reshaping: the patch embedding is a Dense over flattened p*p*3 patches
+(the conv kernel [p, p, 3, width] reshaped), the position embedding is
+learned, attention and MLP have biases, and there is no pooling head. The
+layers are scanned stacks (`stack.py`) with the experts the plan attaches.
 """
 import dataclasses
 
@@ -103,13 +100,8 @@ class ViT(nnx.Module):
     self.norm = layers.LayerNorm(config.width, eps=config.norm_eps)
 
   def __call__(self, image: jax.Array, tokens: TokenInfo):
-    """Encodes images; `tokens` is the TokenInfo of the N patch tokens.
-
-    Returns:
-      (tokens [B, N, width], the reports of the routers in its layers,
-      `layers.pop_reports`'s {router path: {name: value}} stacked over the
-      layers of each segment).
-    """
+    """(tokens [B, N, width], its layers' routers' reports stacked over
+    each segment's layers); `tokens` is the TokenInfo of the N patches."""
     size = self.config.image_size
     if image.shape[1:] != (size, size, 3):
       raise ValueError(f"The ViT expects images [B, {size}, {size}, 3], got "

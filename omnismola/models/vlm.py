@@ -9,11 +9,8 @@ causal. RoPE positions count valid tokens only (`cumsum(valid) - 1`), so
 padding anywhere never shifts the positions of real tokens, and cached
 decoding with per-example prompt lengths continues each example's own count.
 
-`forward` returns the logits and what the routers reported
-(`layers.pop_reports`: {router path: {name: value}}, e.g.
-`decoder/layers/mlp` -> {'routing': a `MoEAux` whose leaves are stacked
-[depth, ...]}); `__call__` returns the logits only. Cached decoding
-(`prefill`, `extend`) drops the reports: nothing trains there.
+`forward` returns the logits and what the routers reported; `__call__`
+the logits only. Cached decoding (`prefill`, `extend`) drops the reports.
 """
 import dataclasses
 from typing import Any, NamedTuple
@@ -33,16 +30,13 @@ from omnismola.models.vit import ViT, ViTConfig
 
 @dataclasses.dataclass(frozen=True)
 class VLMConfig:
-  """Vision encoder(s), a connector kind (see `connectors.CONNECTORS`) and a
+  """Vision encoder(s), a connector kind (`connectors.CONNECTORS`) and a
   decoder.
 
   `vit` is the primary encoder (module `vit`, so PaliGemma checkpoints load);
-  `extra_vits` are more encoders (modules `vit_1`, `vit_2`, ...) that only
-  the `move` connector mixes, with `move` its options. Every encoder sees
-  the same image, resized to its own `image_size` when that differs from
-  the primary's (the data pipeline resizes to the primary's).
-  `remat_policy` (a key of `stack.REMAT_POLICIES`) and `scan_layers`
-  (scanned or unrolled layers) apply to every tower (`stack.LayerLoop`).
+  `extra_vits` (modules `vit_1`, ...) only the `move` connector mixes,
+  with `move` its options (docs/models.md). `remat_policy` and
+  `scan_layers` apply to every tower (`stack.LayerLoop`).
   """
   vit: ViTConfig
   decoder: DecoderConfig
@@ -105,10 +99,10 @@ def sequence_layout(num_image_tokens: int, mask_ar: jax.Array,
     num_image_tokens: N, the tokens of one image.
     mask_ar: int [B, L], 0 for prefix text, 1 for suffix text.
     mask_input: int [B, L], 1 for real text tokens, 0 for padding.
-    segment_ids: int [B, L] or None: the text token's segment (1 to
-      `num_images`, 0 on padding). None: one example per row.
-    num_images: M, the image slots per row (1 unless packed). A slot whose
-      segment has no text is empty: its image tokens are invalid.
+    segment_ids: int [B, L] or None (one example per row): the text token's
+      segment (1 to `num_images`, 0 on padding).
+    num_images: M, the image slots per row; a slot whose segment has no
+      text is empty (its image tokens are invalid).
 
   Returns:
     (tokens: TokenInfo [B, M N + L] with each token's `segment`, mask: bool
@@ -152,8 +146,8 @@ def sequence_layout(num_image_tokens: int, mask_ar: jax.Array,
       image, TokenInfo.text(valid=text_valid, bidirectional=text_cum == 0)
   ]).replace(segment=segment, num_segments=num_slots)
   cum = jnp.concatenate([jnp.zeros_like(image_segment), text_cum], axis=1)
-  mask = ((segment[:, None, :] == segment[:, :, None]) & (segment > 0)[:, None] &
-          (cum[:, None, :] <= cum[:, :, None]))
+  mask = ((segment[:, None, :] == segment[:, :, None]) &
+          (segment > 0)[:, None] & (cum[:, None, :] <= cum[:, :, None]))
   positions = jnp.concatenate([
       jnp.broadcast_to(jnp.tile(jnp.arange(num_image_tokens), num_slots),
                        image_segment.shape),
@@ -218,13 +212,11 @@ class VLM(nnx.Module):
     """[B, H, W, 3] -> (decoder-width image tokens [B, N, width], what the
     routers of the encoders and the connector reported).
 
-    Every encoder encodes the image (resized to its `image_size` if that
-    differs), and the connector maps their features to the N image tokens.
-    `instance` ([B, width] or None) reaches instance-level routers of the
-    image side as `TokenInfo.instance`: the mean embedding of the prompt's
-    text, the only per-example signal known before the image is encoded.
-    `rows` (bool [B] or None: all) marks the real images; routers skip the
-    others' tokens (empty slots of packed rows).
+    Every encoder encodes the image (resized to its `image_size`), the
+    connector maps their features to the N image tokens. `instance`
+    ([B, width] or None), the mean embedding of the prompt's text, reaches
+    the image side's instance routers; `rows` (bool [B] or None: all) marks
+    the real images (not the empty slots of packed rows).
     """
     batch = image.shape[0]
     features, reports = [], {}
@@ -239,20 +231,17 @@ class VLM(nnx.Module):
       reports.update(encoder_reports)
     tokens = TokenInfo.image(batch, self.num_image_tokens, instance, rows)
     x, connector_reports = self.connector(tuple(features), tokens)
-    # Scanned layers hand their routers' reports up; the others (e.g. the
-    # connector's MoE) are still sown on their modules, collected here.
+    # Routers outside scanned layers (the connector's MoE) are still sown.
     return x, {**reports, **connector_reports, **layers.pop_reports(self)}
 
   def _run_sequence(self, image, text, mask_ar, mask_input, segment_ids=None,
                     free_slots=0, kv=None):
-    """Runs the decoder over [image tokens, text].
+    """A `DecoderRun` over [image tokens, text].
 
     Packed rows (`segment_ids` given) hold images [B, M, H, W, 3], all
     encoded as one batch of B M. With `kv`, the sequence is written into
     the cache from slot 0 and queries also "see" `free_slots` empty slots
     after it (masked out).
-
-    Returns: a `DecoderRun`.
     """
     packed = segment_ids is not None
     if image.ndim != (5 if packed else 4):
@@ -288,8 +277,7 @@ class VLM(nnx.Module):
         mask, positions, pad(positions), self.config.decoder.sliding_window,
         tokens.bidirectional, pad(tokens.bidirectional))
     h, kv, decoder_reports = self.decoder(x, tokens, mask, positions,
-                                          sliding_mask=sliding_mask, kv=kv,
-                                          index=0)
+                                          sliding_mask=sliding_mask, kv=kv)
     # The decoder's routers are all in its scanned layers.
     return DecoderRun(hidden=h, tokens=tokens, positions=positions, kv=kv,
                       reports={**image_reports, **decoder_reports})
@@ -299,19 +287,13 @@ class VLM(nnx.Module):
     """(logits float32 [B, L, vocab] at the text positions, reports).
 
     One example per row, image [B, H, W, 3]; or packed rows: images
-    [B, M, H, W, 3] and `segment_ids` int [B, L] (the text tokens of image
-    m's example are segment m + 1, contiguous and in slot order; 0 on
-    padding; see `sequence_layout`). Each packed example's logits equal
-    those it would have alone in a row.
+    [B, M, H, W, 3] and `segment_ids` int [B, L] (see `sequence_layout`),
+    each example's logits those it would have alone in a row.
 
-    reports: {router path: {report name: value}} (`layers.pop_reports`).
-    Every sparse MoE block reports `routing`, its losses and statistics
-    (`MoEAux`): `vit/layers/mlp` -> {'routing': leaves [depth, ...]},
-    `connector/mlp` -> {'routing': ...}; {} for a dense model. The trainer
-    weights the losses and logs the statistics (experts/stats.py). While
-    `layers.recording_usage()`, every router also reports its expert
-    weights as `usage` ([depth, B, T, E] in a stack, [B, T, E] outside one;
-    `omnismola.analyze`).
+    reports: {router path: {report name: value}} (`layers.pop_reports`;
+    docs/architecture.md): each sparse MoE block's `routing` (`MoEAux`,
+    leaves [depth, ...] in a stack) and, while `layers.recording_usage()`,
+    every router's `usage`; {} for a dense model.
     """
     run = self._run_sequence(image, text, mask_ar, mask_input, segment_ids)
     return self.decoder.logits(run.hidden[:, -text.shape[1]:]), run.reports
@@ -323,11 +305,8 @@ class VLM(nnx.Module):
 
   def prefill(self, image: jax.Array, text: jax.Array, mask_ar: jax.Array,
               mask_input: jax.Array, *, cache_length: int):
-    """Runs image + prompt into a fresh KV cache of `cache_length` slots.
-
-    The prompt is padded at the end; each example's length comes from
-    mask_input. Slots [0, N + L) hold the image and the (padded) prompt, the
-    rest are free for `extend`.
+    """Runs image + prompt (padded at the end) into a fresh KV cache of
+    `cache_length` slots, the ones after [0, N + L) free for `extend`.
 
     Returns:
       (logits float32 [B, vocab] of each example's last valid prompt token,
@@ -344,13 +323,13 @@ class VLM(nnx.Module):
                       self.decoder.embedder.embedding.dtype)
     run = self._run_sequence(image, text, mask_ar, mask_input,
                              free_slots=free, kv=(empty, empty))
-    tokens, positions, (k, v) = run.tokens, run.positions, run.kv
+    tokens, (k, v) = run.tokens, run.kv
     last = jnp.max(jnp.where(tokens.valid, jnp.arange(length), -1), axis=1)
     h_last = jnp.take_along_axis(run.hidden, last[:, None, None],
                                  axis=1)[:, 0]
     cache = KVCache(
         k=k, v=v, valid=jnp.pad(tokens.valid, ((0, 0), (0, free))),
-        key_positions=jnp.pad(positions, ((0, 0), (0, free))),
+        key_positions=jnp.pad(run.positions, ((0, 0), (0, free))),
         positions=jnp.sum(tokens.valid, axis=1, dtype=jnp.int32),
         index=jnp.asarray(length, jnp.int32),
         # One example per row: its first (image) token's vector is its own.

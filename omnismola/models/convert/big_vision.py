@@ -1,10 +1,9 @@
 """Imports big_vision PaliGemma / PaliGemma 2 `.npz` checkpoints.
 
-`load_npz(path)` reads a checkpoint written by big_vision (the released
-`pt_224.npz`, `paligemma2-3b-pt-224.b16.npz`, ... or one of big_vision's own
-fine-tuning runs) and returns `(config_fields, params)`: the sizes our
-`VLMConfig` needs, inferred from the array shapes, and our parameter tree
-(nested dict of numpy arrays, layers stacked on a leading depth axis). Only
+`load_npz(path)` reads a checkpoint written by big_vision (a released
+`pt_224.npz`, ... or one of its fine-tuning runs) and returns
+`(config_fields, params)`: our `VLMConfig`'s sizes, inferred from the array
+shapes, and our parameter tree (nested numpy dicts, layers stacked). Only
 numpy and ml_dtypes are needed; each array is read from the zip once.
 
 Everything below was established from google-research/big_vision (commit
@@ -16,13 +15,11 @@ File format (big_vision/utils.py)
 * An `.npz` of the flattened parameter tree; names are the nested-dict path
   joined with "/" (`tree_flatten_with_names`, L616-657; the inverse
   `recover_tree`, L836-862, splits on "/").
-* `load_params` (L172-227) accepts three roots: `params/...` (checkpoint with
-  optimizer state), `opt/target/...` (old Flax optimizer) and the bare tree
-  (released checkpoints). We accept the same and ignore everything outside the
-  chosen root (optimizer state).
-* bfloat16 arrays come back from `np.load` as the 2-byte void dtype `V2`;
-  `recover_dtype` (L827-833) views them as bfloat16. We do the same with
-  `ml_dtypes.bfloat16`.
+* `load_params` (L172-227) accepts three roots: `params/...`,
+  `opt/target/...` (old Flax optimizer) and the bare tree (released
+  checkpoints). So do we, ignoring everything outside the chosen root.
+* bfloat16 arrays come back from `np.load` as the void dtype `V2`, which
+  `recover_dtype` (L827-833) views as bfloat16, as we do.
 * PaliGemma is `proj/paligemma/paligemma.py`: the image tower is module `img`
   and the LLM `llm` (L61-69); `paligemma.load` reads `<file>:img` and
   `<file>:llm` from one npz (L277-295).
@@ -97,10 +94,7 @@ Conversion to our tree
 
 Config fields
 -------------
-Inferred from shapes: every size (patch from the conv kernel, image size
-from pos_embedding, ViT heads from the query kernel, decoder heads / kv heads
-/ head_dim from the einsum weights, depths from the stacked axis or the layer
-indices, vocabulary from the embedding). Gemma 2 is recognised by the post
+Every size is inferred from the shapes; Gemma 2 is recognised by the post
 norms. Not inferable from the weights, so taken as constants:
 
 * rope_max_wavelength = 10_000: `_apply_rope`'s default (L148), never
@@ -111,13 +105,10 @@ norms. Not inferable from the weights, so taken as constants:
   (query_pre_attn_norm="rsqrt_head_dim", the default, L437), no sliding
   window, no post norms.
 * Gemma 2: the constants of the big_vision variant (`get_config`, L87-144)
-  whose sizes match the checkpoint (gemma2_2b / gemma2_9b / gemma2_27b):
-  attn_logits_softcap 50.0, final_logits_softcap 30.0 and, for gemma2_27b,
+  whose sizes match: softcaps 50.0 / 30.0 and, for gemma2_27b,
   query_pre_attn_norm="rsqrt_emb_per_head", i.e. queries scaled by
-  (width // num_heads)**-0.5 (L296-297) -> query_pre_attn_scalar = 144.0;
-  otherwise 0.0 (= head_dim). When no variant matches (a non-standard model)
-  the same Gemma 2 constants with head_dim scaling are used and a warning is
-  issued.
+  (width // num_heads)**-0.5 (L296-297) -> query_pre_attn_scalar = 144.0.
+  No variant matching: the same with head_dim scaling, and a warning.
 * sliding_window = 4096 for Gemma 2. big_vision itself does NOT implement
   Gemma 2's local attention (gemma.py docstring, L33-37, "since we mostly use
   sequences <4096 tokens, this shouldn't make any difference"); 4096 on
@@ -125,10 +116,8 @@ norms. Not inferable from the weights, so taken as constants:
   (google-deepmind/gemma, gemma/gm/nn/_gemma.py, Gemma2_2B/9B/27B:
   attention_types=(LOCAL_SLIDING, GLOBAL) * (layers/2),
   sliding_window_size=4096). It only matters past 4096 tokens.
-* final_logit_softcap: big_vision's PaliGemma 2 *transfer* recipe overrides it
-  to 0.0 ("Better for transfer", forkme.py L147; the fine-tuning notebook does
-  the same). We return the variant's 30.0; a caller fine-tuning like
-  big_vision may set it to 0.0 on the returned dict.
+* final_logit_softcap: the variant's 30.0, though big_vision's PaliGemma 2
+  transfer recipe sets 0.0 ("Better for transfer", forkme.py L147).
 """
 import math
 import re
@@ -238,14 +227,9 @@ def _layers(keys: set[str], scan_prefix: str, loop_stem: str):
 
 
 def _layout(keys: set[str]):
-  """Works out the layer layouts and the full list of expected keys.
-
-  Returns:
-    (vit_layers, llm_layers, flavour, expected) where `*_layers` is either
-    ("scan", [prefix]) or ("loop", [prefix of layer i, ...]), `flavour` is
-    (fused_qkv: bool, post_norms: bool) and `expected` the set of keys the
-    checkpoint must have.
-  """
+  """(vit_layers, llm_layers, (fused_qkv, post_norms), expected keys): the
+  layer layouts (as `_layers` returns) and the keys the checkpoint must
+  have."""
   expected = set(_VIT_TOP_KEYS) | set(_LLM_TOP_KEYS)
   # Scanned "encoderblock/..." or python-loop "encoderblock_{i}/...".
   vit_layers = _layers(keys, "img/Transformer/encoderblock/",
@@ -268,8 +252,7 @@ def _layout(keys: set[str]):
 def _choose_root(names) -> tuple[str, set[str]]:
   names = list(names)
   for root in _ROOTS:
-    if any(n.startswith(root + "img/") or n.startswith(root + "llm/")
-           for n in names):
+    if any(n.startswith((root + "img/", root + "llm/")) for n in names):
       return root, {n[len(root):] for n in names if n.startswith(root)}
   raise CheckpointLayoutError(
       "no PaliGemma parameters found: expected keys under 'img/' and 'llm/' "
@@ -340,18 +323,8 @@ def decoder_constants(decoder: Mapping[str, Any]) -> dict[str, Any]:
 
 def convert(arrays: Mapping[str, Any], *, dtype=None,
             source: str = "checkpoint") -> tuple[dict, dict]:
-  """Converts a flat big_vision name -> array mapping (e.g. an NpzFile).
-
-  Args:
-    arrays: flat mapping with big_vision's "/"-joined names; read lazily,
-      each key once.
-    dtype: optional dtype to cast every array to (default: keep the stored
-      dtypes; bfloat16 is recovered from np.save's 'V2').
-    source: how to name the mapping in error messages.
-
-  Returns:
-    (config_fields, params), see `load_npz`.
-  """
+  """`load_npz`'s result from a flat big_vision name -> array mapping (e.g.
+  an NpzFile, each key read once), named `source` in error messages."""
   names = list(getattr(arrays, "files", None) or arrays.keys())
   root, keys = _choose_root(names)
   vit_layers, llm_layers, (fused, post_norms), expected = _layout(keys)
@@ -435,7 +408,6 @@ def convert(arrays: Mapping[str, Any], *, dtype=None,
 
   # ---- LLM -----------------------------------------------------------------
   embedding = top("llm/embedder/input_embedding", "vocab", "width")
-  vocab = embedding.shape[0]
   if fused:
     qkv = llm_get("attn/qkv_einsum/w", 3, "heads", "width", "head_dim")
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]       # gemma.py L288.
@@ -489,7 +461,7 @@ def convert(arrays: Mapping[str, Any], *, dtype=None,
       final_norm=dict(scale=top("llm/final_norm/scale", "width")),
   )
 
-  decoder_fields = dict(vocab_size=vocab, width=width, depth=depth,
+  decoder_fields = dict(vocab_size=embedding.shape[0], width=width, depth=depth,
                         num_heads=heads, num_kv_heads=kv_heads,
                         head_dim=head_dim, mlp_dim=mlp_dim,
                         post_norms=post_norms)
@@ -510,19 +482,12 @@ def load_npz(path, *, dtype=None) -> tuple[dict, dict]:
   Args:
     path: the `.npz` file, a local path or a storage URL.
     dtype: optional dtype for every array (e.g. np.float32); by default the
-      stored dtypes are kept (released checkpoints mix float32, float16 and
-      bfloat16; bfloat16 comes back as `ml_dtypes.bfloat16`).
+      stored dtypes are kept (bfloat16 as `ml_dtypes.bfloat16`).
 
   Returns:
-    (config_fields, params):
-      config_fields = {"vit": {image_size, patch_size, width, depth,
-        num_heads, mlp_dim}, "decoder": {vocab_size, width, depth, num_heads,
-        num_kv_heads, head_dim, mlp_dim, rope_max_wavelength, norm_eps,
-        attn_logit_softcap, final_logit_softcap, query_pre_attn_scalar,
-        sliding_window, post_norms}, "connector": "linear"};
-      params = {"vit": ..., "connector": ..., "decoder": ...}, nested dicts of
-        numpy arrays, per-layer weights stacked on a leading depth axis (see
-        the module docstring).
+    (config_fields, params): {"vit": {the ViTConfig sizes}, "decoder":
+    {every DecoderConfig field}, "connector": "linear"} and {"vit",
+    "connector", "decoder": nested dicts of numpy arrays, layers stacked}.
 
   Raises:
     CheckpointLayoutError: keys missing or unexpected (both listed), or shapes

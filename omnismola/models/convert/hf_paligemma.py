@@ -1,16 +1,10 @@
 """Hugging Face PaliGemma / PaliGemma 2 checkpoints -> our config and params.
 
 Reads `config.json` and the safetensors weights of a
-`PaliGemmaForConditionalGeneration` directory (as `save_pretrained` writes it
-or as published on the Hub) with numpy only: no torch, no transformers.
-
-Sizes are read off the weights wherever they show (widths, depths, vocabulary,
-patch size, image size); what weights cannot tell (head counts, eps, RoPE
-base, Gemma 2's soft caps and window) comes from config.json, with the
-defaults of transformers' config classes for fields a file leaves out, so
-older Hub configs that omit defaults convert too.
-
-Weight names: transformers has written three layouts over time; all are
+`PaliGemmaForConditionalGeneration` directory with numpy only. Sizes come
+from the weights; what they cannot tell (head counts, eps, RoPE base, Gemma
+2's constants) from config.json, with transformers' defaults for fields it
+leaves out. The three weight-name layouts transformers has written are
 accepted by stripping the known prefixes:
   language_model.model.layers.0...   vision_tower.vision_model.encoder...
   language_model.model.layers.0...   vision_tower.encoder...     (5.x save)
@@ -84,9 +78,12 @@ class _Reader:
     """A torch Linear weight [out, in] as our kernel [in, out]."""
     return self.take(f"{name}.weight").T
 
-  def stacked(self, depth: int, template: str, read) -> np.ndarray:
-    """Layers 0..depth-1 of `template` ('layers.{}.x') read and stacked."""
-    return np.stack([read(template.format(i)) for i in range(depth)])
+  def stacked(self, depth: int, prefix: str):
+    """(take, linear) of `name` in layers 0..depth-1 at `prefix`
+    ('layers.{}.'), stacked."""
+    layers = [prefix.format(i) for i in range(depth)]
+    return (lambda name: np.stack([self.take(p + name) for p in layers]),
+            lambda name: np.stack([self.linear(p + name) for p in layers]))
 
   def check_used(self) -> None:
     if self.weights:
@@ -114,29 +111,23 @@ def _vision(weights, config: dict):
   width, _, patch, _ = conv.shape
   pos = r.take("embeddings.position_embedding.weight")
   grid = int(round(np.sqrt(pos.shape[0])))
-  layer = lambda name: r.stacked(depth, "encoder.layers.{}." + name, r.take)
-  linear = lambda name: r.stacked(depth, "encoder.layers.{}." + name,
-                                  r.linear)
+  layer, linear = r.stacked(depth, "encoder.layers.{}.")
   attn = {ours: dict(kernel=linear(f"self_attn.{theirs}"),
                      bias=layer(f"self_attn.{theirs}.bias"))
           for ours, theirs in (("q", "q_proj"), ("k", "k_proj"),
                                ("v", "v_proj"), ("o", "out_proj"))}
   mlp = {n: dict(kernel=linear(f"mlp.{n}"), bias=layer(f"mlp.{n}.bias"))
          for n in ("fc1", "fc2")}
+  norm = lambda read, name: dict(scale=read(f"{name}.weight"),
+                                 bias=read(f"{name}.bias"))
   params = dict(
       # Conv [W, 3, p, p] -> [p, p, 3, W] -> rows in (row, col, channel).
       embedding=dict(kernel=conv.transpose(2, 3, 1, 0).reshape(-1, width),
                      bias=r.take("embeddings.patch_embedding.bias")),
       pos_embedding=pos,
-      layers=dict(
-          norm1=dict(scale=layer("layer_norm1.weight"),
-                     bias=layer("layer_norm1.bias")),
-          attn=attn,
-          norm2=dict(scale=layer("layer_norm2.weight"),
-                     bias=layer("layer_norm2.bias")),
-          mlp=mlp),
-      norm=dict(scale=r.take("post_layernorm.weight"),
-                bias=r.take("post_layernorm.bias")))
+      layers=dict(norm1=norm(layer, "layer_norm1"), attn=attn,
+                  norm2=norm(layer, "layer_norm2"), mlp=mlp),
+      norm=norm(r.take, "post_layernorm"))
   r.check_used()
   fields = dict(image_size=grid * patch, patch_size=patch, width=width,
                 depth=depth, num_heads=config["num_attention_heads"],
@@ -162,21 +153,19 @@ def _text(weights, config: dict):
 
   r = _Reader("language model", weights)
   depth = _depth(r.weights, r"layers\.(\d+)\.")
-  layer = lambda name: r.stacked(depth, "layers.{}." + name, r.take)
-  linear = lambda name: r.stacked(depth, "layers.{}." + name, r.linear)
+  layer, linear = r.stacked(depth, "layers.{}.")
+  norm = lambda name: dict(scale=layer(f"{name}.weight"))
   layers = dict(
-      pre_attn_norm=dict(scale=layer("input_layernorm.weight")),
+      pre_attn_norm=norm("input_layernorm"),
       attn={n: dict(kernel=linear(f"self_attn.{n}_proj")) for n in "qkvo"},
       mlp={n: dict(kernel=linear(f"mlp.{n}_proj"))
            for n in ("gate", "up", "down")})
   if gemma2:
-    layers.update(
-        post_attn_norm=dict(scale=layer("post_attention_layernorm.weight")),
-        pre_mlp_norm=dict(scale=layer("pre_feedforward_layernorm.weight")),
-        post_mlp_norm=dict(scale=layer("post_feedforward_layernorm.weight")))
+    layers.update(post_attn_norm=norm("post_attention_layernorm"),
+                  pre_mlp_norm=norm("pre_feedforward_layernorm"),
+                  post_mlp_norm=norm("post_feedforward_layernorm"))
   else:  # Gemma 1 calls its pre-MLP norm "post_attention_layernorm".
-    layers.update(
-        pre_mlp_norm=dict(scale=layer("post_attention_layernorm.weight")))
+    layers.update(pre_mlp_norm=norm("post_attention_layernorm"))
   embedding = r.take("embed_tokens.weight")
   params = dict(embedder=dict(embedding=embedding), layers=layers,
                 final_norm=dict(scale=r.take("norm.weight")))
@@ -216,12 +205,8 @@ def _check_even_layers_slide(config: dict, depth: int) -> None:
 
 
 def load(directory: str):
-  """A PaliGemma checkpoint directory -> (model config fields, params).
-
-  Returns:
-    (dict(vit=..., decoder=..., connector="linear"), nested dict of numpy
-     arrays in omnismola's parameter layout).
-  """
+  """A PaliGemma checkpoint directory -> (dict(vit=..., decoder=...,
+  connector="linear"), nested dict of numpy arrays in our layout)."""
   config_path = storage.path(directory) / "config.json"
   if not config_path.exists():
     raise FileNotFoundError(f"{directory}: no config.json (expected a "

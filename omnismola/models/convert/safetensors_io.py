@@ -2,10 +2,8 @@
 
 The format is an 8-byte little-endian header size, a JSON header mapping
 each tensor name to its dtype, shape and byte range, then the raw bytes.
-Reading it directly (through a memory map) avoids a torch dependency and
-handles bfloat16, which `safetensors.numpy` cannot return as numpy.
-Sharded checkpoints list their files in `model.safetensors.index.json`.
-Files in a bucket (storage URLs) are read into memory instead of mapped.
+Reading it directly (through a memory map; a storage URL's file into
+memory) handles bfloat16, which `safetensors.numpy` cannot return.
 """
 import json
 import struct
