@@ -1,18 +1,9 @@
 """Orbax checkpoints in <workdir>/checkpoints: state, input state and config.
 
-One step directory holds three items saved together: `state` (parameters,
-optimizer state and step, restored onto whatever mesh the new run has),
-`data` (the input iterator state of every process, JSON:
-{"processes": [state of process 0, state of process 1, ...]}, gathered from
-all hosts when saving) and `config` (the resolved config, JSON). Saves are
-asynchronous; only the last `keep` steps are kept. A run resumes from the
-newest checkpoint every process can read (`restore_latest`); each process
-gets its own input state back.
-
-Nothing is deleted because it could not be read: a read error may be the
-storage's, not the checkpoint's. Only what Orbax marks incomplete (a step
-directory whose save never committed) is removed, when a writing
-Checkpointer opens.
+A step holds `state`, `data` (every process's input state, JSON:
+{"processes": [state of process 0, ...]}) and `config`. Nothing is deleted
+because it could not be read: a read error may be the storage's
+(docs/training.md, "Checkpoints").
 """
 import json
 import time
@@ -28,12 +19,9 @@ from omnismola import storage
 
 
 def all_process_states(state: dict) -> list[dict]:
-  """Every process's JSON-serialisable `state`, in process order.
-
-  A collective: every process calls it at the same point. The states travel
-  as UTF-8 bytes through `process_allgather`, padded to a power of two so
-  that states growing by a digit rarely compile a new gather.
-  """
+  """Every process's JSON-serialisable `state`, in process order (a
+  collective). UTF-8 bytes padded to a power of two, so that states growing
+  by a digit rarely compile a new gather."""
   data = np.frombuffer(json.dumps(state).encode(), np.uint8)
   lengths = multihost_utils.process_allgather(np.int32(len(data)))
   padded = np.zeros(1 << int(np.max(lengths) - 1).bit_length(), np.uint8)
@@ -43,12 +31,9 @@ def all_process_states(state: dict) -> list[dict]:
 
 
 def state_of_process(saved: dict, process_index: int) -> dict:
-  """A process's input state from a checkpoint's `data` item.
-
-  A process the saving run did not have takes process 0's state: every host
-  consumed the same number of batches, and the pipeline warns that the
-  shard it now reads differs.
-  """
+  """A process's input state from a checkpoint's `data` item; process 0's
+  for a process the saving run did not have (every host consumed the same
+  number of batches; the pipeline warns that the shard differs)."""
   states = saved["processes"]
   return states[process_index if process_index < len(states) else 0]
 
@@ -72,10 +57,8 @@ class Restored(NamedTuple):
 
 
 class Checkpointer:
-  """Thin wrapper over an Orbax CheckpointManager with our three items.
-
-  A `read_only` one (evaluating a run that may be training elsewhere)
-  creates, cleans and deletes nothing.
+  """An Orbax CheckpointManager with our three items; a `read_only` one
+  (evaluating a run training elsewhere) creates, cleans and deletes nothing.
   """
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True,
@@ -98,14 +81,9 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_state: dict, config_dict: dict) -> None:
-    """Starts an (asynchronous) save of everything needed to resume.
-
-    `data_state` is this process's input state; every process calls `save`
-    together, and the checkpoint holds all of theirs. A checkpoint of `step`
-    from before this run is replaced: this run resumed from an older one,
-    since not every process could read it. The one it resumed from already
-    holds this state and is kept.
-    """
+    """Starts an (asynchronous) save; every process calls it together. A
+    checkpoint of `step` from before this run is replaced (not every process
+    could read it), unless this run resumed from it."""
     if step in self.manager.all_steps():
       if step == self._restored_step:
         return
@@ -128,15 +106,11 @@ class Checkpointer:
   ) -> Restored | None:
     """The newest checkpoint every process can read, or None if there is none.
 
-    `abstract_state` is a pytree of jax.ShapeDtypeStruct carrying shardings,
-    so the arrays land directly on the current mesh whatever mesh saved
-    them. Steps are tried newest first. A step that some process could not
-    read (a host died mid-write, storage lost a file or failed for a while)
-    is skipped by all of them, with a warning, and kept: the run resumes
-    from the previous one. `check_config(saved config, step)` runs on every
-    process before a step's state is read, and raises to stop (a config
-    that no longer matches the run). If no step can be read, the newest
-    one's error is raised.
+    `abstract_state` (ShapeDtypeStructs with shardings) puts the arrays on
+    the current mesh. A step some process could not read is skipped by all,
+    with a warning, and kept. `check_config(saved config, step)` runs on
+    every process before a step's state is read, and raises to stop. If no
+    step can be read, the newest one's error is raised.
     """
     steps = self._steps_every_process_lists()
     first_error = None
@@ -166,8 +140,7 @@ class Checkpointer:
         "the others' logs say why.")
 
   def _steps_every_process_lists(self) -> list[int]:
-    """The steps on disk, newest first, that every process lists: each
-    process then tries the same steps in the same order."""
+    """The steps on disk, newest first, that every process lists."""
     listed = all_process_states({"steps": list(self.manager.all_steps())})
     return sorted(set.intersection(*(set(p["steps"]) for p in listed)),
                   reverse=True)

@@ -32,13 +32,8 @@ class NonFiniteError(RuntimeError):
 
 class NonFiniteGuard:
   """A loop hook (hooks.py) that gives up after `limit` consecutive skipped
-  (non-finite) steps.
-
-  The step function already refuses non-finite updates, so the state (and
-  every checkpoint of it) stays finite; this only decides when skipping has
-  become hopeless. Each step's flag is read after the next step has been
-  dispatched, so the host never makes the device wait.
-  """
+  (non-finite) steps. Each step's flag is read after the next step has been
+  dispatched, so the host never makes the device wait."""
 
   def __init__(self, limit: int):
     self.limit = limit

@@ -2,7 +2,6 @@
 
 The loop calls every hook as `hook(step, state, metrics)` after step `step`
 (the first is 1); each acts when it is due, as vmoe's periodic actions do.
-profiler.StepTrace.after_step and guards.NonFiniteGuard are hooks too.
 """
 import jax
 import numpy as np
@@ -11,12 +10,8 @@ from omnismola.train import logging as log_lib
 
 
 def summarize(step_metrics: list[dict], task_names: list[str]) -> dict:
-  """Averages the metrics of the steps since the last log line.
-
-  Every metric of the train step (trainer.make_train_step) is averaged but
-  the four summarized otherwise below. Skipped (non-finite) steps are
-  counted, and left out of the averages unless every step was skipped.
-  """
+  """Averages the metrics of the steps since the last log line; skipped
+  (non-finite) steps are counted, and left out unless every step was."""
   host = jax.device_get(step_metrics)
   applied = [m for m in host if not m["nonfinite"]] or host
   out = {k: float(np.mean([m[k] for m in applied])) for k in host[0]
@@ -36,9 +31,8 @@ def summarize(step_metrics: list[dict], task_names: list[str]) -> dict:
 def log(every: int, last: int, task_names: list[str],
         progress: log_lib.Progress, writer: log_lib.MetricWriter,
         input_metrics):
-  """Every `every` steps and after step `last`: the metrics of the steps
-  since the previous line (`summarize`), throughput, peak memory and
-  `input_metrics()`, written by `writer` and printed as a progress line."""
+  """Every `every` steps and after step `last`: `summarize`d metrics,
+  throughput, peak memory and `input_metrics()`, written and printed."""
   pending = []
 
   def hook(step: int, _state, metrics: dict) -> None:
@@ -71,7 +65,7 @@ def checkpoint(every: int, last: int, save):
 
 def evaluate(every: int, last: int, run_eval, progress: log_lib.Progress):
   """run_eval(step, state) every `every` steps (0: never) before step `last`
-  (the caller evaluates the end), its time left out of `progress`."""
+  (the caller evaluates the end)."""
   def hook(step: int, state, _metrics) -> None:
     if every and step % every == 0 and step < last:
       with progress.pause():  # Rates and ETA are of training steps.

@@ -1,19 +1,10 @@
 """Which shard of the training data each process reads, from the mesh, and
 the global batch assembled from the shards (`make_put_batch`).
 
-The batch dimension of a global batch is sharded over some mesh axes
-(`partitioning.batch_sharding`) and replicated over the others. A process
-must feed exactly the batch rows its devices hold, so:
-
-  * processes whose devices hold the same rows (they share a data-parallel
-    group, e.g. a tensor-parallel group spans them) read the SAME shard and
-    hand `jax.make_array_from_process_local_data` identical data;
-  * the number of distinct shards is the number of distinct row sets, i.e.
-    of data-parallel groups spanning hosts, not the number of processes.
-
-The shards are a pure function of the sharding's device-to-rows map and of
-a device -> process function, so layouts of many hosts can be checked on
-one machine by pretending devices belong to different processes.
+A process feeds exactly the batch rows its devices hold, so processes whose
+devices hold the same rows read the same shard (docs/data.md, "Hosts and
+shards"). The shards are a pure function of the sharding and of a device ->
+process function, so layouts of many hosts can be checked on one machine.
 """
 import dataclasses
 import functools
@@ -28,9 +19,8 @@ from omnismola.train import partitioning
 
 @dataclasses.dataclass(frozen=True)
 class HostShard:
-  """This process reads shard `index` of `count`; its batch has B / count
-  rows, which fill its devices' rows of the global batch in increasing
-  order (how make_array_from_process_local_data maps them)."""
+  """This process reads shard `index` of `count`: B / count rows, which fill
+  its devices' rows of the global batch in increasing order."""
   index: int
   count: int
 
@@ -48,11 +38,8 @@ def rows_by_process(sharding: Sharding, num_rows: int,
 
 def shards_from_rows(rows: dict[int, frozenset[int]]) -> dict[int, HostShard]:
   """{process: HostShard}: one shard per distinct row set, numbered by the
-  set's first row.
-
-  Raises if two processes hold overlapping but different rows, or the row
-  sets differ in size: no per-host batch of one shape could feed them.
-  """
+  set's first row; an error where no per-host batch of one shape could
+  feed them (overlapping but different rows, or sets of unequal sizes)."""
   distinct = sorted(set(rows.values()), key=min)
   sizes = {len(s) for s in distinct}
   if (len(frozenset().union(*distinct)) != sum(len(s) for s in distinct)
@@ -80,13 +67,9 @@ def host_shard(mesh: Mesh, rules, global_batch_size: int) -> HostShard:
 
 def make_put_batch(mesh: Mesh, rules, shard: HostShard | None = None
                    ) -> Callable[[dict], dict]:
-  """Host-local numpy batch -> global arrays sharded over the batch axes.
-
-  The local batch is shard `shard` (`host_shard`) of a global batch
-  `shard.count` times larger; by default every process is its own shard. A
-  mesh that lays the rows out otherwise is an error here rather than a
-  silently mis-assembled batch.
-  """
+  """Host-local numpy batch (shard `shard`, by default every process its
+  own) -> global arrays sharded over the batch axes; a mesh that lays the
+  rows out otherwise is an error rather than a mis-assembled batch."""
   shard = shard or HostShard(jax.process_index(), jax.process_count())
 
   @functools.cache  # Once per batch size.

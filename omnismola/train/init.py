@@ -1,22 +1,11 @@
 """Partial initialisation from another run's (or a converted) checkpoint.
 
 Parameters whose path and shape match are loaded; the rest (new experts,
-routers) keep their fresh initialisation. Stacked layers load into towers
-split into other segments (models/stack.py) by layer index. Optimizer state and step start anew,
-which is what a new stage of a multi-stage recipe wants.
-
-A sparse MoE block that replaces a dense MLP of the checkpoint (CuMo's
-co-upcycling) starts with every expert a copy of that MLP
-(`experts/upcycle.py`), optionally with noise; its router stays fresh.
-Likewise a `sparse_lora` adapter where the checkpoint has a `lora` at the
-same layer (Awaker2.5-VL's stage II) starts with every expert, and its
-global expert, a copy of that LoRA. With `upcycle=False` (`init.upcycle`,
-the from-scratch baseline of upcycling ablations such as CuMo's) those
-experts keep their fresh initialisation instead; the rest still loads.
-
-`init.parts` loads subtrees of other checkpoints into subtrees of this
-model, e.g. MoME's vision encoders each from the run that pretrained it:
-(("vit", RUN_A, "vit"), ("vit_1", RUN_B, "vit")).
+routers) keep their fresh initialisation, and optimizer state and step start
+anew: a new stage of a multi-stage recipe (docs/training.md, "Partial
+initialisation"). Experts that replace a dense MLP or a LoRA of the
+checkpoint (CuMo's co-upcycling, Awaker2.5-VL's stage II) start as copies of
+it (`experts/upcycle.py`) unless `init.upcycle=False`.
 """
 import os
 import re
@@ -44,8 +33,8 @@ def flatten_by_path(tree) -> dict[str, object]:
 def resolve_step_dir(location: str) -> epath.Path:
   """A step directory from a workdir, a checkpoints dir or a step dir.
 
-  Of a checkpoints dir, the newest step Orbax finished writing: in a bucket
-  a step's folder exists from the write's start.
+  Of a checkpoints dir, the newest step Orbax finished writing (in a bucket
+  a step's folder exists from the write's start).
   """
   path = storage.path(location)
   if (path / "checkpoints").is_dir():
@@ -72,13 +61,10 @@ def find_step_dir(location) -> epath.Path | None:
 
 
 def agree_with_checkpoint(config, checkpoint: str | None = None) -> None:
-  """Makes config.model agree with a checkpoint's saved model.
-
-  In place, for `checkpoint` (default: config.init.checkpoint, if set): the
-  decoder's vocab_size becomes the checkpoint's; a shape that differs
-  otherwise is an InputError naming the fields (build.agree_with_checkpoint).
-  Runs before anything is built or written.
-  """
+  """Makes config.model agree with `checkpoint`'s saved model (default:
+  config.init.checkpoint, if set), in place: the decoder's vocab_size becomes
+  the checkpoint's; another shape that differs is an InputError naming the
+  fields (build.agree_with_checkpoint)."""
   checkpoint = checkpoint or config.init.checkpoint
   if not checkpoint:
     return
@@ -101,10 +87,8 @@ def agree_with_checkpoint(config, checkpoint: str | None = None) -> None:
 def read_parameters(step_dir: str, under: str = "") -> dict[str, np.ndarray]:
   """{path: array} of a checkpoint step's parameters, trained and frozen.
 
-  Into host memory, and nothing else: not the optimizer state (twice the
-  parameters under Adam), and with `under` (a subtree such as "vit") only
-  the parameters below it, so taking one encoder from a 3B run reads that
-  encoder alone.
+  Into host memory, and nothing else: not the optimizer state, and with
+  `under` (a subtree such as "vit") only the parameters below it.
   """
   directory = storage.path(step_dir) / "state"
   saved = ocp.PyTreeCheckpointHandler().metadata(directory).tree
@@ -151,11 +135,9 @@ def _nested(flat: dict, prefix: str) -> dict:
 
 def upcycled_experts(source: dict, model: dict, *, noise_std: float = 0.0,
                      seed: int = 0) -> dict:
-  """Flat {path: array} of expert weights copied from dense MLPs in `source`.
-
-  For every MoE block of `model` (a path with a `router`) whose experts the
-  checkpoint lacks but whose dense MLP (same path) it has.
-  """
+  """Flat {path: array} of expert weights copied from dense MLPs in `source`,
+  for every MoE block of `model` (a path with a `router`) whose experts the
+  checkpoint lacks but whose dense MLP (same path) it has."""
   copies = {}
   blocks = [k[:-len("/router")] for k in model if k.endswith("/router")]
   for i, block in enumerate(blocks):
@@ -178,10 +160,9 @@ def upcycled_lora_experts(source: dict, model: dict, *,
 
   For every `<layer>/adapters/sparse_lora_<i>` of `model` whose experts the
   checkpoint lacks but where it has a `<layer>/adapters/lora_<j>` that
-  `model` does not (that one loads as it is); and for every one where the
-  checkpoint has a one-expert sparse_lora at the same path and `model`
-  more experts (MoME's stage 2: its single adapter becomes every expert,
-  the router, one output there, starts fresh; the learned scale loads).
+  `model` does not; and where the checkpoint has a one-expert sparse_lora at
+  the same path and `model` more experts (MoME's stage 2; the router starts
+  fresh, the learned scale loads).
   """
   copies = {}
   adapters = sorted(
@@ -230,8 +211,8 @@ def _shape_mismatch(sources: str, key: str, there, here) -> str:
 
 def read_part(model_subtree: str, checkpoint: str,
               checkpoint_subtree: str) -> dict[str, object]:
-  """{path: array} of `checkpoint`'s parameters under `checkpoint_subtree`/,
-  their paths moved under `model_subtree`/ (an `init.parts` entry)."""
+  """{path: array} of `checkpoint`'s parameters under `checkpoint_subtree`,
+  moved under `model_subtree` (an `init.parts` entry)."""
   step_dir = resolve_step_dir(checkpoint)
   prefix = checkpoint_subtree.rstrip("/") + "/"
   part = {model_subtree.rstrip("/") + "/" + key[len(prefix):]: value
@@ -246,18 +227,11 @@ def read_part(model_subtree: str, checkpoint: str,
 def load_partial(path: str, state, abstract_state, *, parts=(),
                  upcycle: bool = True, upcycle_noise_std: float = 0.0,
                  seed: int = 0):
-  """Returns `state` with params/frozen replaced where the checkpoints have
-  them.
+  """`state` with params/frozen replaced where the checkpoints have them.
 
-  `path` (may be empty) is loaded first, then every `parts` entry
-  (model subtree, checkpoint, checkpoint subtree), which takes precedence:
-  e.g. ("vit_1", DIR, "vit") loads another run's encoder as this model's
-  second one. `abstract_state` gives the target shardings. Shapes that
-  differ are an error: silently re-initialising a mismatched layer hides
-  config mistakes. Experts of MoE blocks that replace a dense MLP of the
-  checkpoint, and of sparse_lora adapters where it has a LoRA, are upcycled
-  from those (see module docstring), or with `upcycle=False` keep their
-  fresh values.
+  `path` (may be empty) is loaded first, then every `parts` entry, which
+  takes precedence, placed with `abstract_state`'s shardings. Shapes that
+  differ are an error: re-initialising a mismatched layer hides mistakes.
   """
   step_dir = resolve_step_dir(path) if path else None
   sources = ", ".join(([os.fspath(step_dir)] if step_dir else []) +

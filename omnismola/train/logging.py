@@ -5,6 +5,7 @@ import json
 import math
 import os
 import time
+import types
 
 import jax
 from absl import logging
@@ -14,12 +15,8 @@ from omnismola import flops
 
 
 class MetricWriter:
-  """Appends scalars to <workdir>/train_metrics.jsonl and to TensorBoard.
-
-  Only process 0 writes. TensorBoard goes through tensorboardX, which needs
-  no TensorFlow; where it is not installed the JSON lines still are written.
-  The workdir may be a storage URL (omnismola/storage.py).
-  """
+  """Appends scalars to <workdir>/train_metrics.jsonl and to TensorBoard
+  (tensorboardX, which needs no TensorFlow), from process 0 only."""
 
   def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
@@ -36,8 +33,7 @@ class MetricWriter:
     if not self._tb_opened:
       self._workdir.mkdir(parents=True, exist_ok=True)
       self._tb, self._tb_opened = _tensorboard(self._workdir), True
-    record = {"step": int(step)}
-    record.update({k: float(v) for k, v in scalars.items()})
+    record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
     storage.append_text(self.path, json.dumps(record) + "\n")
     if self._tb is not None:
       for key, value in scalars.items():
@@ -60,18 +56,17 @@ def _tensorboard(workdir):
     return None
   if storage.is_url(workdir):
     # Ours replaces tensorboardX's own writer for the scheme (if it has
-    # one), so events go through the same client as every other file.
+    # one), so events go through the same client as every other file. A
+    # bucket has no folders to create.
     record_writer.register_writer_factory(
-        os.fspath(workdir).split("://")[0], _BucketEventFiles())
+        os.fspath(workdir).split("://")[0], types.SimpleNamespace(
+            open=_BucketEventFile, directory_check=lambda location: None))
   return SummaryWriter(os.fspath(workdir / "tensorboard" / "train_metrics"))
 
 
 class _BucketEventFile:
-  """A TensorBoard event file in a bucket, written for tensorboardX.
-
-  An object in a bucket cannot be appended to, so each flush uploads the
-  whole file again (as tensorboardX's own gs:// writer does).
-  """
+  """A TensorBoard event file in a bucket, written for tensorboardX: each
+  flush uploads it whole (an object cannot be appended to)."""
 
   def __init__(self, location: str):
     self._file = storage.path(location)
@@ -83,23 +78,12 @@ class _BucketEventFile:
   def flush(self) -> None:
     self._file.write_bytes(self._data.getvalue())
 
-  def close(self) -> None:
-    self.flush()
-
-
-class _BucketEventFiles:
-  """tensorboardX's writer factory interface, for `_BucketEventFile`s."""
-
-  def open(self, location: str) -> _BucketEventFile:
-    return _BucketEventFile(location)
-
-  def directory_check(self, location: str) -> None:
-    del location  # A bucket has no folders to create.
+  close = flush
 
 
 def truncate_after(path: str, step: int) -> None:
-  """Drops JSON lines with step > `step` (left by a run that died later),
-  and, with a warning, a line cut short by a crash while it was written."""
+  """Drops JSON lines with step > `step` (a dead run's), and, with a
+  warning, a line cut short by a crash."""
   file = storage.path(path)
   if not file.exists():
     return
@@ -129,13 +113,9 @@ def format_duration(seconds: float) -> str:
 class Progress:
   """Throughput, model FLOP rate, MFU and ETA over this process's steps.
 
-  A step trains `global_batch` rows of `tokens_per_row` tokens (image and
-  text, padding included) each; a row is one example, or several packed
-  ones (row_layout.py). `flops_per_row` (the model FLOPs flops.py counts
-  in the traced step) gives `tflops_per_device`, the model TFLOP/s each
-  device achieved; with the device's `peak_flops` (None: unknown, not
-  logged) also `mfu` (docs/performance.md). `clock` gives seconds (a fake
-  one in tests).
+  A step trains `global_batch` rows of `tokens_per_row` tokens and
+  `flops_per_row` model FLOPs each (trainer.row_cost); `mfu` is logged
+  where the device's `peak_flops` is known (docs/performance.md).
   """
 
   def __init__(self, first_step: int, total_steps: int, global_batch: int, *,
@@ -160,8 +140,7 @@ class Progress:
 
   @contextlib.contextmanager
   def pause(self):
-    """A context in which time does not count (evaluation mid-run): rates
-    and the ETA stay those of training steps."""
+    """A context in which time does not count (evaluation mid-run)."""
     entered = self._clock()
     yield
     if self._start is not None:
@@ -205,10 +184,8 @@ class Progress:
 
 
 def peak_memory() -> dict[str, float]:
-  """{"peak_memory_gib": the largest allocator peak of this host's devices}.
-
-  Empty where devices keep no statistics (CPU's `memory_stats()` is None).
-  """
+  """{"peak_memory_gib": the largest allocator peak of this host's devices},
+  or {} where devices keep no statistics (CPU)."""
   peaks = [stats["peak_bytes_in_use"] for stats in
            (d.memory_stats() for d in jax.local_devices())
            if stats and "peak_bytes_in_use" in stats]

@@ -1,8 +1,7 @@
 """The training objective: next-token NLL on the target tokens, per task.
 
-Position i of a row predicts token i + 1; `mask_loss` marks the tokens that
-are targets (the suffix). Rows hold one example, or several packed ones
-(row_layout.py) told apart by `segment_ids`.
+Position i of a row predicts token i + 1; `mask_loss` marks the targets (the
+suffix). Packed rows (row_layout.py) are told apart by `segment_ids`.
 """
 import jax
 import jax.numpy as jnp
@@ -19,9 +18,8 @@ def target_weights(mask_loss):
 def target_nll(logits, text, mask_loss):
   """(nll [B, L-1] of each target token, 0 elsewhere; its weights).
 
-  Position i predicts token i + 1; `mask_loss` marks the targets. Packed
-  rows need nothing more: an example's last token is never followed by a
-  target of the next example (a prefix comes first).
+  Packed rows need nothing more: an example's last token is never followed
+  by a target of the next example (a prefix comes first).
   """
   logits = logits[:, :-1].astype(jnp.float32)
   targets, weights = text[:, 1:], target_weights(mask_loss)
@@ -30,11 +28,8 @@ def target_nll(logits, text, mask_loss):
 
 
 def target_tasks(batch) -> jax.Array:
-  """int [B, L-1]: the task of the target token each position predicts.
-
-  Rows of one example carry task_id [B]; packed rows carry it per slot,
-  task_id [B, M], and segment_ids (slot + 1) per token.
-  """
+  """int [B, L-1]: the task of the target token each position predicts,
+  from task_id [B], or, in packed rows, task_id [B, M] and segment_ids."""
   if "segment_ids" not in batch:
     return jnp.broadcast_to(batch["task_id"][:, None],
                             batch["text"][:, 1:].shape)

@@ -21,11 +21,7 @@ def _compile(regex: str, field: str) -> re.Pattern:
 
 
 def trainable_filter(regex: str):
-  """NNX filter: parameters whose full path matches `regex` are trained.
-
-  Frozen parameters are split off before the optimizer is built, so they get
-  no optimizer state and no gradients.
-  """
+  """NNX filter: parameters whose full path matches `regex` are trained."""
   pattern = _compile(regex, "config.train.trainable")
 
   def is_trainable(path, variable) -> bool:
@@ -49,13 +45,7 @@ def schedule_fields(schedule: str) -> tuple[str, ...]:
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
   """Linear warm-up, then cosine decay to zero (or constant), from step
-  `schedule_start` to step `steps`.
-
-  The schedule of a run of n = steps - schedule_start steps, shifted to
-  begin at schedule_start: 0 for a new run, the step a resumed run
-  extended with `train.extend` went on from (docs/training.md). That run
-  trained its earlier steps with its earlier config's schedule.
-  """
+  `schedule_start` (0, or where `train.extend` went on from) to `steps`."""
   start, warmup = int(train_config.schedule_start), int(
       train_config.warmup_steps)
   steps, lr = int(train_config.steps) - start, float(train_config.lr)
@@ -69,14 +59,9 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
 
 
 def scale_by_path(multipliers) -> optax.GradientTransformation:
-  """Scales each parameter's update by the first (regex, multiplier) matching.
-
-  Applied after AdamW, scaling the update is scaling that group's learning
-  rate (weight decay included). Paths are matched as in `trainable_filter`;
-  unmatched parameters keep multiplier 1. A regex that matches no trained
-  parameter is an error, found when the optimizer state is first built: it is
-  almost always a typo that would otherwise go unnoticed.
-  """
+  """Scales each parameter's update (after AdamW: its learning rate) by the
+  first (regex, multiplier) matching; a regex that matches no trained
+  parameter is an error when the state is built: almost always a typo."""
   rules = [(_compile(regex, "config.train.lr_multipliers"), float(m))
            for regex, m in multipliers]
 

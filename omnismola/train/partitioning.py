@@ -1,10 +1,9 @@
 """Device mesh and logical-to-mesh sharding rules, as data from the config.
 
-Every parameter carries logical axis names (`logical_axes` metadata, e.g.
-("embed", "mlp")). A rule list maps each name to mesh axes; a name may appear
-several times, and the first candidate that exists in the mesh with size > 1,
-divides the dimension and is not yet used by another dimension wins (MaxText's
-ordered fallbacks). Anything unmatched is replicated.
+A rule list maps logical axis names (`logical_axes` metadata) to mesh axes;
+for a name listed several times, the first candidate that exists in the
+mesh with size > 1, divides the dimension and is not yet used by another
+dimension wins (MaxText's ordered fallbacks). Unmatched is replicated.
 """
 import dataclasses
 from typing import Any, Callable, Iterable, Sequence
@@ -44,15 +43,9 @@ def config_rules(config) -> list[tuple]:
 def make_mesh(axis_sizes: dict, devices: Sequence[Any] | None = None) -> Mesh:
   """A mesh with axes (data, fsdp, tensor, expert), possibly over slices.
 
-  `axis_sizes` (`config.mesh`) sizes each axis within one slice (ICI); one
-  size may be -1, the rest of a slice's devices. Its optional `dcn` entry
-  sizes each axis across slices (multi-slice over the data-center network),
-  1 by default; a mesh axis then spans `ici * dcn` devices, e.g.
-  `dict(data=4, dcn=dict(data=2))` on 2 slices of 4 is a data axis of 8.
-  Devices with a `slice_index` (TPU multi-slice) are laid out by
-  `mesh_utils.create_hybrid_device_mesh`; others (CPU, GPU) are split into
-  `prod(dcn)` runs of consecutive devices (jax.devices() lists each host's
-  devices together) and laid out the same way (`hybrid_layout`).
+  `axis_sizes` is `config.mesh`: per slice, and across slices in its `dcn`
+  entry (docs/training.md, "Multi-slice meshes"). Devices without a
+  `slice_index` (CPU, GPU) are laid out by `hybrid_layout`.
   """
   devices = list(jax.devices() if devices is None else devices)
   axis_sizes = dict(axis_sizes)
@@ -119,11 +112,9 @@ def hybrid_layout(devices: Sequence[Any], ici: Sequence[int],
                   dcn: Sequence[int]) -> np.ndarray:
   """Devices in create_hybrid_device_mesh's layout, slices = device runs.
 
-  Slice s is devices[s * n : (s + 1) * n]; slices are placed on a `dcn`
-  grid and each holds an `ici` block, so along axis i, mesh index
-  `dcn_i * ici[i] + ici_i` is position `ici_i` within slice coordinate
-  `dcn_i`: an axis's ICI neighbours share a slice and only the dcn steps
-  cross slices. With every dcn size 1 this is a plain reshape.
+  Along axis i, mesh index `dcn_i * ici[i] + ici_i` is position `ici_i`
+  within slice coordinate `dcn_i`: an axis's ICI neighbours share a slice
+  and only the dcn steps cross slices.
   """
   n = len(ici)
   grid = np.asarray(devices, dtype=object).reshape(tuple(dcn) + tuple(ici))
@@ -182,9 +173,8 @@ def state_shardings(state: nnx.State, rules, mesh: Mesh) -> dict:
 
 def batch_sharding(mesh: Mesh, rules, shape: Sequence[int]) -> NamedSharding:
   """Sharding of a batch-major array: dim 0 follows the `batch` rules."""
-  spec = logical_to_spec(("batch",) + (None,) * (len(shape) - 1), shape,
-                         rules, mesh)
-  return NamedSharding(mesh, spec)
+  return activation_sharding(mesh, rules)(
+      ("batch",) + (None,) * (len(shape) - 1), shape)
 
 
 def activation_sharding(mesh: Mesh, rules) -> Callable:
@@ -199,11 +189,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def process_local_rows(array: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded array, as numpy.
-
-  The inverse of `jax.make_array_from_process_local_data` along dim 0: the
-  process's row blocks (replicas counted once) in order of position.
-  """
+  """This process's rows of a batch-sharded array, as numpy: the inverse of
+  `jax.make_array_from_process_local_data` along dim 0."""
   blocks = {shard.index[0].start or 0: shard.data
             for shard in array.addressable_shards}
   return np.concatenate([np.asarray(blocks[start])
@@ -221,7 +208,6 @@ class Parameter:
 
   @property
   def replicated(self) -> bool:
-    """Held whole by every device: no dimension is sharded."""
     return not any(self.spec)
 
 

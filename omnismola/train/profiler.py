@@ -1,15 +1,11 @@
 """Traces a window of training steps with the JAX profiler.
 
-`config.profile.first_step` and `config.profile.steps` choose the window:
-steps first_step, ..., first_step + steps - 1 (numbered as in the log, the
-first step is 1); `steps=0` traces nothing. The trace goes to
-`<workdir>/profile/plugins/profile/<run>/<host>.xplane.pb`, the layout
-TensorBoard's profile plugin reads (`tensorboard --logdir=<workdir>`). Every
-host traces its own devices. For a workdir in a bucket the trace is written
-locally, then copied there: the profiler writes through its own GCS client,
-which knows neither other storage nor STORAGE_EMULATOR_HOST.
+`config.profile.first_step` and `config.profile.steps` choose the window
+(docs/training.md, "Profiling"). For a workdir in a bucket the trace is
+written locally, then copied there: the profiler writes through its own GCS
+client, which knows neither other storage nor STORAGE_EMULATOR_HOST.
 """
-import os
+import pathlib
 import shutil
 import tempfile
 
@@ -20,12 +16,9 @@ from omnismola import storage
 
 
 class StepTrace:
-  """Starts the trace before the window's first step, stops after its last.
-
-  The loop calls `before_step(n)` before dispatching step n and
-  `after_step(n, state, metrics)` after (a hook, hooks.py); `close()` stops
-  a trace the run left open (it ended or was stopped inside the window).
-  """
+  """Starts the trace before the window's first step, stops after its last
+  (`after_step` is a hook, hooks.py) or at `close()`, where the run ended
+  inside the window."""
 
   def __init__(self, first_step: int, steps: int, log_dir):
     self.first_step = first_step
@@ -64,10 +57,8 @@ class StepTrace:
 
 def _copy_folder(source: str, destination) -> None:
   """Copies the local folder `source`'s files under `destination` (a URL)."""
-  for parent, _, names in os.walk(source):
-    for name in names:
-      local = os.path.join(parent, name)
-      target = destination / os.path.relpath(local, source)
+  for local in pathlib.Path(source).rglob("*"):
+    if local.is_file():
+      target = destination / local.relative_to(source)
       target.parent.mkdir(parents=True, exist_ok=True)
-      with open(local, "rb") as f:
-        target.write_bytes(f.read())
+      target.write_bytes(local.read_bytes())

@@ -1,13 +1,9 @@
 """Whether a run may resume from a checkpoint with the config it was given.
 
-A checkpoint's `config` item is the config its run was saved with. Resuming
-with a config that trains something else (another model, batch, data
-stream, seed or learning-rate schedule) would silently splice two runs:
-`resumed_config` stops it before training, naming every changed field. Only
-how a run is laid out, logged, checkpointed, evaluated and profiled may
-change. A new schedule (e.g. more steps) is allowed with
-`train.extend=True`: it starts at the resumed step
-(optim.learning_rate_schedule, docs/training.md).
+Resuming with a config that trains something else would silently splice
+two runs: `resumed_config` stops it before training, naming every changed
+field. A new schedule is allowed with `train.extend=True` (docs/training.md,
+"Resume and preemption").
 """
 import copy
 import json
@@ -16,11 +12,8 @@ from omnismola import errors
 from omnismola import schema
 from omnismola.train import optim
 
-# Fields a resumed run may change (a field covers its subfields): the mesh
-# and sharding (a legitimate resume onto another slice), logging,
-# checkpointing, evaluation and profiling, where the data's files are, how
-# a step's arithmetic is split and rounded, and `init` (read by new runs
-# only).
+# Fields a resumed run may change (a field covers its subfields): they
+# change how the run is laid out, logged or evaluated, not what it trains.
 MAY_CHANGE = ("mesh", "sharding_rules", "eval", "profile", "init",
               "data.tfds_data_dir", "data.manual_dir", "train.log_every",
               "train.checkpoint_every", "train.keep_checkpoints",
@@ -46,24 +39,17 @@ def schedule_changes(old: dict, new: dict) -> list[str]:
 
 
 def other_changes(old: dict, new: dict) -> list[str]:
-  """The other fields of both configs whose change changes the run.
-
-  A field only one config has is skipped: the checkpoint predates it (new
-  fields default to the old behaviour) or it was removed.
-  """
+  """The other fields of both configs whose change changes the run (a field
+  only one has is skipped: new fields default to the old behaviour)."""
   return sorted(f for f in old.keys() & new.keys()
                 if old[f] != new[f] and not may_change(f)
                 and f not in SCHEDULE)
 
 
 def resumed_config(config, saved: dict, step: int):
-  """`config` to train on with from `step`, whose checkpoint saved `saved`.
-
-  The schedule starts where the checkpoint's did (`train.schedule_start`),
-  or, with `train.extend` and a changed schedule, at `step`. Anything else
-  that changes the run raises ConfigChangedError naming the fields, their
-  old and new values, and how to go on.
-  """
+  """`config` to train on with from `step`, whose checkpoint saved `saved`:
+  its schedule starts where the checkpoint's did, or, extended, at `step`.
+  Anything else that changes the run raises ConfigChangedError."""
   old = schema.flatten(saved)
   old.setdefault("train.schedule_start", 0)  # Saved before there was one.
   # Compared as a checkpoint holds them (JSON: tuples are lists).

@@ -1,10 +1,8 @@
 """The training loop: sharded init or resume, jitted steps, checkpoints, evals.
 
-Reading order: `TrainState` and `ModelParts` (what is trained and how the
-model is rebuilt from arrays), `create_state` (sharded init from shapes) and
-`setup` (everything an entry point builds first), `make_train_step`
-(gradients and update of train/loss.py's objective), then
-`train_and_evaluate`, a loop of steps and hooks (train/hooks.py).
+Reading order: `TrainState`, `ModelParts`, `create_state`, `setup`,
+`make_train_step` (train/loss.py's objective), then `train_and_evaluate`, a
+loop of steps and hooks (train/hooks.py).
 """
 import contextlib
 import dataclasses
@@ -44,11 +42,8 @@ from omnismola.train import resume
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything that changes during training, as plain pytrees of arrays.
-
-  Frozen parameters are kept apart from the trained ones: they get no
-  gradients and no optimizer state.
-  """
+  """Everything that changes during training, as plain pytrees of arrays;
+  frozen parameters (no gradients, no optimizer state) kept apart."""
   step: jax.Array
   params: Any
   frozen: Any
@@ -73,17 +68,9 @@ def _fill(template: nnx.State, values) -> nnx.State:
   return state
 
 
-def split_model(model: nnx.Module, trainable_regex: str):
-  """(graphdef, trainable params, everything else) of a model."""
-  return nnx.split(model, optim.trainable_filter(trainable_regex), ...)
-
-
 def opt_state_shardings(opt_state, params_shardings, mesh):
   """Optimizer leaves mirroring a parameter take its sharding; others replicate.
-
-  Optax states hold copies of the parameter tree (e.g. Adam's mu and nu), so
-  a leaf whose key path ends with a parameter's key path is that parameter's
-  moment.
+  A leaf whose key path ends with a parameter's is that parameter's moment.
   """
   by_path = {tuple(path): s for path, s in
              jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
@@ -100,8 +87,8 @@ def opt_state_shardings(opt_state, params_shardings, mesh):
 def model_parts(config) -> ModelParts:
   """The ModelParts of `config`'s model, from its shapes alone."""
   abstract_model = nnx.eval_shape(lambda: build.build_model(config))
-  graphdef, params_t, frozen_t = split_model(abstract_model,
-                                             config.train.trainable)
+  graphdef, params_t, frozen_t = nnx.split(
+      abstract_model, optim.trainable_filter(config.train.trainable), ...)
   if not jax.tree.leaves(params_t):
     raise ValueError(f"config.train.trainable={config.train.trainable!r} "
                      "matches no parameter: nothing would be trained.")
@@ -117,20 +104,16 @@ def abstract_state(parts: ModelParts, optimizer) -> TrainState:
 
 
 def create_state(config, mesh, optimizer):
-  """Returns (init_fn, abstract state with shardings, ModelParts).
-
-  Parameters are created directly in their sharded layout: shapes come from
-  `abstract_state`, shardings from the logical axes, and `init_fn` is
-  jitted with those out_shardings, so no device ever holds the whole model
-  first.
-  """
+  """Returns (init_fn, abstract state with shardings, ModelParts); `init_fn`
+  is jitted with out_shardings, so no device ever holds the whole model."""
   parts = model_parts(config)
   abstract = abstract_state(parts, optimizer)
   rules = partitioning.config_rules(config)
 
   def init_fn(key):
     model = build.build_model(config, rng=key)
-    _, params, frozen = split_model(model, config.train.trainable)
+    _, params, frozen = nnx.split(
+        model, optim.trainable_filter(config.train.trainable), ...)
     params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       frozen=frozen, opt_state=optimizer.init(params))
@@ -147,8 +130,7 @@ def create_state(config, mesh, optimizer):
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What training, evaluation and the compile check build first from a
-  config: the device mesh, its sharding rules, the optimizer and the
-  model's sharded state (`create_state`)."""
+  config (the model's sharded state from `create_state`)."""
   mesh: jax.sharding.Mesh
   rules: list[tuple]
   optimizer: optax.GradientTransformation
@@ -177,13 +159,8 @@ def cast_floats(tree, dtype):
 
 
 def split_microbatches(batch: dict, num: int) -> dict:
-  """[B, ...] arrays -> [num, B / num, ...]; microbatch i gets rows i::num.
-
-  Strided rather than contiguous rows: each device's contiguous shard of the
-  batch then splits evenly, so every microbatch spans all data-parallel
-  devices instead of sitting on a few of them. The batch size is a multiple
-  of `num` (schema.py checks config.train.microbatches).
-  """
+  """[B, ...] arrays -> [num, B / num, ...]; microbatch i gets rows i::num,
+  so that every microbatch spans all data-parallel devices."""
   return jax.tree.map(
       lambda x: jnp.swapaxes(
           x.reshape((x.shape[0] // num, num) + x.shape[1:]), 0, 1), batch)
@@ -203,17 +180,8 @@ def all_finite(tree) -> jax.Array:
 def make_train_step(parts: ModelParts, optimizer, schedule, num_tasks: int, *,
                     compute_dtype=jnp.float32, microbatches: int = 1,
                     aux_loss_weights: dict | None = None):
-  """train_step(state, batch) -> (state, metrics), to be jitted.
-
-  The forward and backward passes run in `compute_dtype` on copies of the
-  float32 master weights; loss, gradients and optimizer state stay float32.
-  The batch is processed in `microbatches` sequential parts (a scan) whose
-  gradients add up to the full batch's. A step whose loss, gradients or
-  updated parameters are not finite changes nothing but `step`, and says so
-  in `metrics["nonfinite"]`. Routers' auxiliary losses are added with
-  `aux_loss_weights` (see experts/stats.py) and logged with their routing
-  statistics.
-  """
+  """train_step(state, batch) -> (state, metrics), to be jitted; its options
+  and skipped non-finite steps: docs/training.md ("One train step")."""
   aux_loss_weights = dict(aux_loss_weights or {})
 
   def objective(params, frozen, batch, aux_scale):
@@ -229,23 +197,21 @@ def make_train_step(parts: ModelParts, optimizer, schedule, num_tasks: int, *,
     return (jnp.sum(nll) + aux_scale * aux_loss,
             (nll, count, aux_loss, stats.routing_metrics(aux)))
 
-  def accumulate(params, frozen, micro, aux_scale):
-    """Summed gradients and per-microbatch outputs [M, ...] by a scan."""
-    grad_fn = jax.grad(objective, has_aux=True)
-
-    def body(grads, batch):
-      g, outputs = grad_fn(params, frozen, batch, aux_scale)
-      return jax.tree.map(jnp.add, grads, g), outputs
-
-    return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), micro)
+  grad_fn = jax.grad(objective, has_aux=True)
 
   def train_step(state: TrainState, batch):
     micro = split_microbatches(batch, microbatches)
     tokens = jnp.maximum(jnp.sum(loss_lib.target_weights(batch["mask_loss"])), 1.0)
     # Gradients are divided by `tokens` below: scaled so, each microbatch's
     # auxiliary loss enters the step as its mean over microbatches.
-    grads, (nll, count, aux_loss, routing) = accumulate(
-        state.params, state.frozen, micro, tokens / microbatches)
+    aux_scale = tokens / microbatches
+
+    def accumulate(grads, one):
+      g, outputs = grad_fn(state.params, state.frozen, one, aux_scale)
+      return jax.tree.map(jnp.add, grads, g), outputs
+
+    grads, (nll, count, aux_loss, routing) = jax.lax.scan(
+        accumulate, jax.tree.map(jnp.zeros_like, state.params), micro)
     loss = jnp.sum(nll) / tokens
     grads = jax.tree.map(lambda g: g / tokens, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -278,11 +244,8 @@ def make_train_step(parts: ModelParts, optimizer, schedule, num_tasks: int, *,
 
 def jit_train_step(config, parts: ModelParts, optimizer, abstract: TrainState,
                    num_tasks: int):
-  """The jitted train step with the state's shardings, state donated.
-
-  `abstract` carries the shardings (`create_state`'s, or none: XLA's);
-  batches keep theirs (`host_shards.make_put_batch`).
-  """
+  """The jitted train step with `abstract`'s shardings (none: XLA's),
+  state donated; batches keep theirs (`host_shards.make_put_batch`)."""
   state_shardings = jax.tree.map(lambda a: a.sharding, abstract)
   step = make_train_step(
       parts, optimizer, optim.learning_rate_schedule(config.train), num_tasks,
@@ -304,10 +267,8 @@ def check_replication(config, built: Setup) -> float:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains (resuming from <workdir>/checkpoints if any), then evaluates.
-
-  Returns the final evaluation results (empty if evaluation is off).
-  """
+  """Trains (resuming from <workdir>/checkpoints if any), then evaluates;
+  returns the final evaluation results (empty if evaluation is off)."""
   from omnismola.data import pipeline  # TensorFlow only from here on.
 
   schema.check(config)
@@ -348,7 +309,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     pipeline.prepare(config.data)
     batch_size = config.train.batch_size
-    # Hosts holding the same batch rows read the same shard (host_shards.py).
     shard = host_shards.host_shard(built.mesh, built.rules, batch_size)
     train_iter = pipeline.make_train_iterator(
         config.data, global_batch_size=batch_size, seed=config.seed,
@@ -379,8 +339,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                            progress, writer, input_metrics),
              hooks_lib.checkpoint(config.train.checkpoint_every, total, save),
              hooks_lib.evaluate(config.eval.every, total, run_eval, progress)]
-    # Activations are pinned to their logical sharding wherever the step
-    # is traced.
+    # Activations pinned to their logical sharding wherever it is traced.
     with (guards.StopSignal() as stop, contextlib.closing(writer),
           contextlib.closing(trace),
           layers.activation_sharding(
@@ -408,18 +367,15 @@ def _fresh_state(config, built: Setup) -> TrainState:
   if not (config.init.checkpoint or config.init.parts):
     return state
   return init_lib.load_partial(
-      config.init.checkpoint, state, built.abstract,
-      parts=config.init.parts,
+      config.init.checkpoint, state, built.abstract, parts=config.init.parts,
       upcycle=config.init.upcycle,
       upcycle_noise_std=config.init.upcycle_noise_std, seed=config.seed)
 
 
 def check_model_inputs(config, pipeline, checkpoint: str | None = None
                        ) -> None:
-  """config.model made to agree with `checkpoint` (default
-  config.init.checkpoint; in place), and the vocabulary checked against it,
-  before anything is built or written; a mismatch is an InputError naming
-  the fields."""
+  """config.model made to agree with `checkpoint` (init_lib), and the
+  vocabulary checked against it; a mismatch is an InputError."""
   init_lib.agree_with_checkpoint(config, checkpoint)
   try:
     build.check_vocabulary_fits(config.model,
@@ -432,9 +388,7 @@ def check_model_inputs(config, pipeline, checkpoint: str | None = None
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """--mode=eval: evaluates the latest checkpoint of `workdir`, or, when it
   has none, the parameters of config.init.checkpoint and config.init.parts
-  (zero-shot, as step 0).
-
-  The data and the eval split are checked before any parameter is read.
+  (zero-shot, as step 0). The data is checked before any parameter is read.
   """
   from omnismola.data import pipeline  # TensorFlow only from here on.
 
@@ -467,7 +421,6 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   with contextlib.closing(checkpoint_lib.Checkpointer(
       workdir / "checkpoints", keep=config.train.keep_checkpoints,
       read_only=True)) as ckpt:
-    # The newest checkpoint every process reads, as training resumes from.
     restored = ckpt.restore_latest(built.abstract)
   return run_eval(restored.step, restored.state)
 
@@ -488,10 +441,9 @@ def abstract_batch(config, mesh=None) -> dict[str, jax.ShapeDtypeStruct]:
 
 def step_flops(config, parts: ModelParts | None = None
                ) -> tuple[flops_lib.Count, flops_lib.Count]:
-  """FLOPs of one train step of `config` (config.train.batch_size rows) and
-  of the forward pass on that batch, counted from the traced programs
-  (flops.py); nothing is compiled or run. A caller that has the model's
-  `parts` passes them rather than have them built again."""
+  """FLOPs of one train step of `config` and of the forward pass on its
+  batch, counted from the traced programs (flops.py) with the model's
+  `parts` if given; nothing is compiled or run."""
   parts = parts or model_parts(config)
   optimizer = optim.make_optimizer(config.train)
   state = abstract_state(parts, optimizer)
@@ -506,9 +458,8 @@ def step_flops(config, parts: ModelParts | None = None
 
 def row_cost(config, parts: ModelParts | None = None) -> tuple[int, float]:
   """(tokens, required training FLOPs) of one train row, for throughput and
-  MFU (`step_flops`). Tokens are the image tokens plus the text length
-  (padding included: the model computes on it), for every image slot of a
-  packed row."""
+  MFU; tokens count padding (the model computes on it) and every image slot
+  of a packed row."""
   model = build.vlm_config(config.model)
   layout = row_layout.row_layout(config.data)
   train, _ = step_flops(config, parts)
