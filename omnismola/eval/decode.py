@@ -54,29 +54,14 @@ def generate(model: nnx.Module, batch: dict, *, max_new_tokens: int,
              rng: jax.Array | None = None) -> Generation:
   """Generates up to `max_new_tokens` tokens after each example's prompt.
 
-  Args:
-    model: a `VLM` (anything with `num_image_tokens`, `prefill`, `extend`).
-    batch: the prompt: image [B, H, W, 3], text / mask_ar / mask_input
-      int32 [B, L], prompts padded at the end; other keys are ignored.
-    max_new_tokens: how many tokens to generate at most.
-    eos_id: a hypothesis ends with this token.
-    strategy: "greedy" (argmax), "sample" (draw from the reshaped logits) or
-      "beam" (beam search).
-    temperature: "sample": logits are divided by it; > 0.
-    top_k: "sample": draw among the k most likely tokens only; 0 (or >= the
-      vocabulary) keeps all.
-    top_p: "sample": draw from the nucleus, the smallest set of most likely
-      tokens whose probability (after temperature and top-k) reaches top_p;
-      in (0, 1], 1 keeps all. The most likely token is always kept.
-    beam_size: "beam": hypotheses kept per example; >= 1.
-    length_penalty: "beam": finished hypotheses are ranked by
-      sum of log-probs / length**length_penalty, length counting EOS. 0
-      ranks by the plain sum, which favours short hypotheses; 1 ranks by
-      the mean log-prob.
-    rng: "sample": a PRNG key; the same key gives the same tokens.
-
-  Returns:
-    A `Generation`: tokens int32 [B, max_new_tokens] and scores float32 [B].
+  `model` is a `VLM` (anything with `num_image_tokens`, `prefill`,
+  `extend`); `batch` the prompt: image [B, H, W, 3], text / mask_ar /
+  mask_input int32 [B, L], prompts padded at the end (other keys ignored).
+  "sample" uses `temperature` (> 0), `top_k` (0 keeps all), `top_p` (in
+  (0, 1], 1 keeps all; the most likely token always stays) and `rng` (the
+  same key gives the same tokens); "beam" uses `beam_size` and
+  `length_penalty`: finished hypotheses rank by sum of log-probs /
+  length**length_penalty, length counting EOS (docs/models.md).
   """
   _check_args(max_new_tokens=max_new_tokens, strategy=strategy,
               temperature=temperature, top_k=top_k, top_p=top_p,
@@ -234,11 +219,9 @@ def _beam_step(step, logits, alive, finished, *, eos_id, length_penalty):
 
   Continuations ending with EOS join the finished pool (the best K of pool
   and newcomers by normalised score) and are never extended again; the best
-  K other continuations by plain sum of log-probs stay alive.
-
-  Returns:
-    (parent [B, K]: the alive beam each new alive beam extends,
-     token int32 [B, K]: its new token, alive, finished).
+  K other continuations by plain sum of log-probs stay alive. Returns
+  (parent [B, K]: the alive beam each new alive beam extends, token int32
+  [B, K]: its new token, alive, finished).
   """
   batch, size, _ = alive.tokens.shape
   log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(batch, size, -1)

@@ -3,11 +3,9 @@
 The evaluator is handed its inputs (eval sets, a detokenizer) by the caller, so
 this package needs neither TensorFlow nor SeqIO.
 
-On several hosts each host decodes its own shard of every eval set (the
-eval sets it is handed are that shard, in batches as many as every other
-host's; hosts whose devices hold the same batch rows get the same shard),
-then the hosts exchange their predictions and references over the JAX
-collectives (no shared file system needed), put them back in the split's
+On several hosts each host decodes its own shard of every eval set (as many
+batches as every other host), then the hosts exchange their records over the
+JAX collectives (no shared file system needed), put them back in the split's
 order, once each, and each computes the same metrics over the whole split.
 """
 import json
@@ -148,17 +146,14 @@ def write_predictions(workdir: str, step: int,
 
 def format_table(results: dict, chance: dict[str, float] | None = None) -> str:
   """A plain-text table of per-task metrics."""
-  header = ["task", "metric", "value", "examples"]
-  if chance:
-    header.insert(3, "chance")
-  rows = []
+  rows = [["task", "metric", "value", "chance", "examples"]]
   for name, r in results.items():
-    row = [name, r["metric"], f"{r['value']:.2f}", str(r["num_examples"])]
-    if chance:
-      row.insert(3, f"{chance[name]:.2f}" if name in chance else "-")
-    rows.append(row)
-  widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-  fmt = lambda row: "  ".join(x.ljust(w) for x, w in zip(row, widths))
-  lines = [fmt(header), "  ".join("-" * w for w in widths)]
-  lines += [fmt(row) for row in rows]
+    rows.append([name, r["metric"], f"{r['value']:.2f}",
+                 f"{chance[name]:.2f}" if name in (chance or {}) else "-",
+                 str(r["num_examples"])])
+  if not chance:
+    rows = [row[:3] + row[4:] for row in rows]
+  widths = [max(len(x) for x in col) for col in zip(*rows)]
+  lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in rows]
+  lines.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(lines)

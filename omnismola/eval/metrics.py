@@ -1,14 +1,10 @@
 """Benchmark metrics: predictions and reference answers -> a score in [0, 100].
 
-Every metric has the signature
-
-  fn(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float
-
-with one list of acceptable answers per prediction, and is registered in
-METRICS under the name tasks refer to. Definitions follow the benchmarks'
-official evaluators (see docs of each function); CIDEr is computed by the
-official COCO scorer (pycocoevalcap), with its Java PTB tokenizer replaced by
-an equivalent Python one so no JVM is needed.
+Every metric is a `Metric` taking one list of acceptable answers per
+prediction, registered in METRICS under the name tasks refer to.
+Definitions follow the benchmarks' official evaluators; CIDEr is computed by
+the official COCO scorer (pycocoevalcap), with its Java PTB tokenizer
+replaced by an equivalent Python one so no JVM is needed.
 
 This module must not import TensorFlow: the evaluator runs without it.
 """
@@ -116,17 +112,14 @@ def _vqa_punctuation(text: str) -> str:
   return _PERIOD.sub("", out)
 
 
-def _vqa_digits_articles(text: str) -> str:
-  """Lowercase; number words -> digits; drop articles; fix contractions."""
-  words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+def normalize_vqa_answer(answer: str) -> str:
+  """The official VQA answer normalisation: punctuation, then lowercase,
+  number words -> digits, no articles, contractions fixed."""
+  answer = answer.replace("\n", " ").replace("\t", " ").strip()
+  words = [_NUMBER_WORDS.get(w, w)
+           for w in _vqa_punctuation(answer).lower().split()]
   words = [_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
   return " ".join(words)
-
-
-def normalize_vqa_answer(answer: str) -> str:
-  """The official VQA answer normalisation."""
-  answer = answer.replace("\n", " ").replace("\t", " ").strip()
-  return _vqa_digits_articles(_vqa_punctuation(answer))
 
 
 def vqa_accuracy(predictions: Sequence[str],

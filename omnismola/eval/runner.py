@@ -43,11 +43,8 @@ def make_decode_fn(parts, mesh, rules, shard: host_shards.HostShard,
 def make_eval_runner(config, workdir, built, pipeline):
   """run_eval(step, state): evaluates every task of config.eval.split with
   `built`'s model (a trainer.Setup), writes the metrics and predictions,
-  prints a table.
-
-  Every host decodes its shard of each task; the evaluator gathers the
-  predictions. The data must already be prepared (`pipeline.prepare`); the
-  eval tasks and their split are checked here, before any training.
+  prints a table. The data must already be prepared (`pipeline.prepare`);
+  the eval tasks and their split are checked here, before any training.
   """
   vocabulary = pipeline.get_vocabulary(config.data)
   # config.eval.batch_size is global, as train.batch_size is; hosts whose

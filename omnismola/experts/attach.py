@@ -1,40 +1,18 @@
-r"""Attach experts to a backbone by regex over module paths.
+"""Attach experts to a backbone by regex over module paths.
 
-The backbone builds plain modules: every linear layer is a `Dense`, every
-MLP block an `MlpBlock` (models/layers.py). Where experts go is a plan
-made from the model built without experts, traced and not allocated
-(`nnx.eval_shape`): `make_plan(config.experts, abstract_model)` walks its
-module graph (`nnx.iter_modules`), names each linear layer and MLP block by
-its path, matches the entries' `targets` against those names, and returns
-a `stack.Plan`: how each tower splits into segments and an `attach`
-function that adds the experts to a module when the model is built with
-it (`VLM(config, plan=plan, ...)`). Each kind is a module of this package
-declaring a `KIND` (experts/kind.py; `KINDS` collects them), which says
-what it attaches to, linear layers and/or MLP blocks, and how:
-
-* adapters (`lora`, `dora`, `smola` on linear layers; `sparse_lora` on
-  linear layers and MLP blocks) go beside the module: its output is the
-  module's plus theirs, and the module's own parameters keep their paths;
-* replacements (`sparse_moe`) replace an MLP block: the block is built as
-  that kind, with the block's widths and activation, at the block's path.
-
-So the backbone never names an expert, and configs alone decide where
-experts go:
-
-  config.experts = [
-      dict(kind='smola', targets=r'decoder/.*/mlp/(gate|up|down)',
-           pools=dict(text=16, image=16, all=16), rank=4),
-      dict(kind='sparse_moe', targets=r'vit/layers/\d+/mlp', num_experts=4,
-           top_k=2),
-      dict(kind='sparse_lora', targets=r'decoder/layers/\d+/mlp',
-           num_experts=4, rank=64),
-  ]
-
-A module of a scanned stack is named as each of its layers
-(`decoder/layers/0/mlp`, ...; see `models/stack.py`), and a tower is split
-into stacks of consecutive layers that get the same experts, so a regex
-may pick some layers of a tower. Every entry must match something: a typo
-in `targets` is an error listing the model's module names.
+`make_plan(config.experts, abstract_model)` walks the module graph of the
+model built without experts (`nnx.eval_shape`), names each linear layer
+(`Dense`) and MLP block (`MlpBlock`) by its path (a module of a scanned
+stack once per layer: `decoder/layers/0/mlp`, ...), matches the entries'
+`targets` against those names and returns a `stack.Plan`: how each tower
+splits into stacks of consecutive layers that get the same experts, and an
+`attach` function that adds the experts to a module as the model is built
+(`VLM(config, plan=plan, ...)`). Adapters go beside the module, their
+output added to its own; replacements (`sparse_moe`) take an MLP block's
+place, widths and path. Each kind is a module of this package declaring a
+`KIND` (experts/kind.py). Every entry must match something: a typo in
+`targets` is an error listing the model's module names. docs/experts.md
+and docs/architecture.md say more.
 """
 import dataclasses
 import functools
@@ -132,12 +110,8 @@ def find_sites(model: nnx.Module) -> list[Site]:
     if sort is None:
       continue
     tower = next((t for t in spans if path.startswith(t + "/")), None)
-    if tower is None:
-      names = (path,)
-    else:
-      start, stop = spans[tower]
-      suffix = path[len(tower):]
-      names = tuple(f"{tower}/{i}{suffix}" for i in range(start, stop))
+    names = (path,) if tower is None else tuple(
+        f"{tower}/{i}{path[len(tower):]}" for i in range(*spans[tower]))
     sites.append(Site(path, sort, names, tower))
   return sites
 

@@ -9,19 +9,15 @@ The expert MLPs are written once, against a grouped linear map
 `linear(h, w [E, in, out], b [E, out] | None)`; each dispatch supplies the
 grouped linear map of its own layout:
 
-* `capacity_dispatch`: V-MoE/GShard. Each expert has a fixed buffer of
-  `capacity` slots per group; one-hot dispatch/combine einsums move tokens in
-  and out. Copies that find their expert full are dropped (output 0, the
-  residual carries the token). Static shapes, no sort, but the one-hot
-  tensors cost [group, experts, capacity] per group.
-* `ragged_dispatch`: dropless. Copies are sorted by expert and
-  `jax.lax.ragged_dot` runs each expert on exactly its rows. The right form
-  on GPU/TPU; XLA's CPU ragged_dot is an order of magnitude slower than the
-  blocked form and needs far more memory (benchmarks/experts.py).
-* `blocked_dispatch`: dropless for CPU. Each expert's rows start at a
-  multiple of `tile` in a static buffer of (copies // tile + experts) tiles,
-  and one batched einsum runs every tile against its expert's gathered
-  weights. Costs up to `experts * tile` padding rows and a
+* `capacity_dispatch` (V-MoE/GShard): fixed slots per expert and group,
+  one-hot einsums in and out; copies finding their expert full are dropped
+  (the residual carries the token). Static shapes, no sort, but one-hot
+  tensors of [group, experts, capacity].
+* `ragged_dispatch`: dropless, copies sorted by expert, `jax.lax.ragged_dot`.
+  The GPU/TPU form; on CPU XLA's ragged_dot is an order of magnitude slower
+  than blocked and needs far more memory (benchmarks/experts.py).
+* `blocked_dispatch`: dropless for CPU: tiles of one expert each, one
+  batched einsum, at the cost of up to `experts * tile` padding rows and a
   [tiles, in, out] weight gather per matmul.
 
 When no copy is dropped all three give the same result.
@@ -56,14 +52,9 @@ def capacity_positions(experts: jax.Array, mask: jax.Array, num_experts: int,
   descending `priority` (batch-priority routing, V-MoE): then the tokens the
   router is surest about are the last to be dropped.
 
-  Args:
-    experts: int [G, S, k], each copy's expert.
-    mask: bool [G, S], tokens that are routed at all.
-    num_experts: E.
-    priority: optional float [G, S], larger fills first.
-
-  Returns:
-    int [G, S, k] positions; meaningless where `mask` is False.
+  `experts` int [G, S, k] and `mask` bool [G, S] (tokens routed at all)
+  give int [G, S, k] positions, meaningless where `mask` is False;
+  `priority` float [G, S] fills larger first.
   """
   onehot = jax.nn.one_hot(experts, num_experts, dtype=jnp.int32)
   onehot = onehot * mask[..., None, None]                     # [G, S, k, E]
@@ -87,18 +78,11 @@ def capacity_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array,
                       priority: jax.Array | None = None):
   """Fixed-capacity dispatch with one-hot einsums, per group of tokens.
 
-  Args:
-    x: [G, S, d] tokens, in groups (sequences) that route independently.
-    experts, gates: [G, S, k] the router's choices and their weights.
-    mask: bool [G, S], tokens routed at all.
-    expert_capacity: int [E], slots each expert may fill (pools of different
-      sizes have different capacities).
-    slots: static buffer length, >= max(expert_capacity).
-    expert_fn: the experts' MLP.
-    priority: optional [G, S] fill order (batch-priority routing).
-
-  Returns:
-    (y [G, S, d], kept bool [G, S, k]: the copies that found a slot).
+  x [G, S, d] holds groups (sequences) that route independently; experts,
+  gates [G, S, k] and mask [G, S]. `expert_capacity` int [E]: the slots each
+  expert may fill (pools of different sizes differ), in a static buffer of
+  `slots` >= their max; `priority` [G, S]: batch-priority fill order.
+  Returns (y [G, S, d], kept bool [G, S, k]: the copies that found a slot).
   """
   num_experts = expert_capacity.shape[0]
   positions = capacity_positions(experts, mask, num_experts, priority)
@@ -129,24 +113,18 @@ def _grouped_rows(experts: jax.Array, mask: jax.Array, num_experts: int,
                   align: int):
   """Where each copy goes when rows are grouped by expert.
 
-  Expert e's copies take consecutive rows starting at a multiple of `align`,
-  experts in order, copies in token order.
-
-  Args:
-    experts: int [N, k]; mask: bool [N].
-    num_experts: E.
-    align: group starts are multiples of this.
-
-  Returns:
-    (row int [N * k], one past the last row for unrouted copies;
-     group_sizes int [E]; group_ends int [E], the aligned end of each group).
+  Expert e's copies (of experts int [N, k], mask bool [N]) take consecutive
+  rows starting at a multiple of `align`, experts in order, copies in token
+  order. Returns (row int [N * k], past every row for unrouted copies;
+  group_sizes int [E]; group_ends int [E], the aligned end of each group).
   """
   copies = experts.size
   routed = jnp.repeat(mask, experts.shape[1])
   flat = jnp.where(routed, experts.reshape(-1), num_experts)  # Unrouted last.
   group_sizes = jnp.zeros(num_experts, jnp.int32).at[flat].add(1, mode="drop")
-  group_ends = jnp.cumsum(-(-group_sizes // align) * align)
-  group_starts = group_ends - -(-group_sizes // align) * align
+  padded = -(-group_sizes // align) * align
+  group_ends = jnp.cumsum(padded)
+  group_starts = group_ends - padded
   order = jnp.argsort(flat, stable=True)
   sorted_experts = flat[order]
   starts = jnp.append(jnp.cumsum(group_sizes) - group_sizes, copies)
@@ -163,8 +141,7 @@ def _scatter_gather(x, rows, gates, buffer_rows, run):
   copies = jnp.repeat(x, top_k, axis=0)
   buffer = jnp.zeros((buffer_rows, x.shape[-1]), x.dtype)
   buffer = buffer.at[rows].set(copies, mode="drop")
-  out = run(buffer)
-  back = jnp.take(out, rows, axis=0, mode="fill", fill_value=0)
+  back = jnp.take(run(buffer), rows, axis=0, mode="fill", fill_value=0)
   back = back.reshape(x.shape[0], top_k, -1)
   return jnp.einsum("nk,nkd->nd", gates.astype(x.dtype), back)
 
@@ -174,13 +151,7 @@ def ragged_dispatch(x: jax.Array, experts: jax.Array, gates: jax.Array,
                     expert_fn: ExpertFn) -> jax.Array:
   """Dropless: sort copies by expert, `jax.lax.ragged_dot` per matmul.
 
-  Args:
-    x: [N, d] tokens; experts, gates: [N, k]; mask: bool [N].
-    num_experts: E.
-    expert_fn: the experts' MLP.
-
-  Returns:
-    y [N, d].
+  x [N, d] tokens, experts and gates [N, k], mask bool [N] -> y [N, d].
   """
   rows, group_sizes, group_ends = _grouped_rows(experts, mask, num_experts, 1)
   # The expert owning each row; E for rows past every group.

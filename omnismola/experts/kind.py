@@ -22,14 +22,11 @@ class Kind:
     name: what `config.experts` entries call it (`kind='lora'`).
     cls: the kind's module.
     attaches_to: the sorts of module (LINEAR, BLOCK) it attaches to.
-    replaces: False for an adapter, built as cls(in, out, **options, axes,
-      rngs) beside the module and called as `adapter(x, tokens, base)`
-      (`layers.add_adapters`); True for a replacement of the MLP block,
-      built as cls(width, mlp_dim, **options, activation, out_features,
-      causal, rngs) from the block's own (`layers.MlpBlock`).
-    routed: the adapter also takes `instance_features` (the width of
-      `TokenInfo.instance`) and `share_in_block` (modules an entry shares
-      between the layers of one block).
+    replaces: False for an adapter beside the module, True for a
+      replacement of the MLP block (how each is built and called:
+      docs/experts.md, "Adding an expert kind").
+    routed: the adapter also takes `instance_features` and
+      `share_in_block` (see sparse_lora.py).
   """
   name: str
   cls: Callable[..., nnx.Module]

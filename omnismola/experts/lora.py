@@ -30,11 +30,8 @@ class LowRank(nnx.Module):
 
 
 class LoRA(LowRank):
-  """A LoRA branch added to a linear layer of shape [in_features, out_features].
-
-  `B` starts at zero so the wrapped layer computes exactly the base layer at
-  step 0. `axes` are the logical axes of the wrapped kernel.
-  """
+  """A LoRA branch added to a linear layer of shape [in_features, out_features];
+  with B = 0 at init the layer computes exactly its base at step 0."""
 
   def __init__(self, in_features: int, out_features: int, *, rank: int,
                alpha: float | None = None, axes=(None, None),

@@ -38,15 +38,9 @@ def cosine_logits(x: jax.Array, phi: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def grouped_softmax(logits: jax.Array, groups: jax.Array) -> jax.Array:
-  """Softmax over the tokens (axis 1) of each token's own group.
-
-  Args:
-    logits: [B, T, ...].
-    groups: bool [B, T, G], each token in at most one group.
-
-  Returns:
-    [B, T, ...]: per group, along T, weights summing to 1 over its tokens;
-    zeros for tokens in no group.
+  """Softmax of logits [B, T, ...] over the tokens (axis 1) of each token's
+  own group (groups: bool [B, T, G], each token in at most one group);
+  zeros for tokens in no group.
   """
   member = groups.reshape(groups.shape + (1,) * (logits.ndim - 2))
   # Each group's own peak: one group's tokens never underflow another's.

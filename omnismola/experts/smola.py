@@ -5,24 +5,12 @@ For a wrapped linear map W and token states x, each pool adds
   SMoLA(x) with n experts E_j(z) = z A_j B_j, B_j = 0 at init,
   logits[t, j, s] = <l2n(x_t), scale * l2n(phi[:, j, s])>   (s: slot of expert j)
 
-How tokens are mixed depends on what they may attend to (docs/architecture.md):
-
-* bidirectional tokens (the vision encoder; the decoder's image + prefix) form
-  one group per example (`TokenInfo.groups`: per sequence, or per packed
-  example) and go through Soft MoE proper: each slot takes a
-  softmax-over-tokens average of the group (dispatch), experts run on slots,
-  and each token takes a softmax-over-slots average of its group's slot
-  outputs (combine);
-* causal tokens (the decoder's suffix) are each their own group: dispatch is
-  the identity, so the output is sum_j w_j E_j(x_t) with w_j the token's
-  combine weight summed over expert j's slots. It depends on x_t alone, hence
-  it is causal and identical in training and in cached decoding.
-
-A token outside the pool's modality gets nothing from it. Nothing is ever
-computed per expert in d_out: h = x A_cat is [tokens, n*r]; each causal
-token's rank blocks are scaled by its weights, and, experts being linear,
-Soft MoE's slots and combine work on h's rank blocks too; then one
-y = h B_cat serves both paths.
+Bidirectional tokens form one group per example (`TokenInfo.groups`) and go
+through Soft MoE proper; causal tokens (the decoder's suffix) are each their
+own group, so their output sum_j w_j E_j(x_t) depends on x_t alone and is
+the same in training and in cached decoding. A token outside the pool's
+modality gets nothing from it. docs/experts.md explains the low-rank form
+that never computes [tokens, experts, d_out].
 """
 import jax
 import jax.numpy as jnp
@@ -32,6 +20,7 @@ from omnismola.experts import routing
 from omnismola.experts.kind import LINEAR, Kind
 from omnismola.models import layers
 from omnismola.models.layers import TokenInfo, token_matmul
+
 
 class SMoLAPool(nnx.Module):
   """n low-rank experts with p slots each, serving one modality's tokens."""
@@ -70,13 +59,10 @@ class SMoLAPool(nnx.Module):
   def mix(self, h: jax.Array, logits: jax.Array,
           tokens: TokenInfo) -> jax.Array:
     """The pool's rank-space activations [B, T, n, r] from h = x A and the
-    router logits [B, T, n, p].
+    router logits [B, T, n, p]; its output is mix(h) B times the multiplier.
 
-    The pool's output is mix(h) B, summed over experts, times the
-    multiplier. Experts are linear, so a slot's output
-    (sum_t d_t x_t) A_j B_j equals (sum_t d_t h_tj) B_j: Soft MoE's slots and
-    combine work on h's rank-r blocks, and one product with B serves the
-    per-token and the slot path alike; no [tokens, experts, d_out] work.
+    Experts are linear, so a slot's output (sum_t d_t x_t) A_j B_j equals
+    (sum_t d_t h_tj) B_j: Soft MoE's slots and combine work on h's blocks.
     """
     serves = routing.modality_tokens(tokens, self.modality)
     groups = tokens.groups & serves[..., None]               # [B, T, G]
@@ -108,17 +94,12 @@ class SMoLAPool(nnx.Module):
 def mix_pools(pools, x: jax.Array, tokens: TokenInfo) -> jax.Array:
   """The summed output of several pools on x [B, T, d_in].
 
-  All pools run as one low-rank product: h = x A_cat ([B, T, sum n*r]), each
-  pool mixes its rank blocks (`SMoLAPool.mix`) and scales them by its
-  multiplier, y = h B_cat. One pair of wide matmuls is much faster than a
-  pair per pool, and [tokens, experts, d_out] never exists.
-
-  The routers ride on the first product: l2n(x) scales each token by one
-  number, so the cosine logits are (x [scale * l2n(phi)]) / |x|, and
-  x [A_cat | phi_cat] gives every pool's h and logits at once (measured
-  about 10% faster than a separate router product on CPU). It accumulates
-  in float32; in bfloat16 the normalised router columns are rounded to
-  bfloat16 for it.
+  h = x A_cat ([B, T, sum n*r]), each pool mixing its rank blocks
+  (`SMoLAPool.mix`) times its multiplier, y = h B_cat: one pair of wide
+  matmuls is much faster than a pair per pool. The routers ride on the first
+  product, as l2n(x) scales each token by one number: x [A_cat | phi_cat]
+  gives every h and logit at once (about 10% faster on CPU), accumulated in
+  float32 (in bfloat16 the router columns are rounded to bfloat16 for it).
   """
   batch, length, d_in = x.shape
   a_cat = jnp.concatenate(

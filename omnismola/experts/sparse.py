@@ -11,15 +11,10 @@ image experts and text tokens only among the text experts: one router
 kernel, softmax restricted to the token's pool, which is the same as a
 separate router per pool. All experts live in one [E, ...] array (pools are
 consecutive ranges, in sorted pool order) so one dispatch serves every pool
-and the `expert` logical axis shards them all. Tokens of a modality without
-a pool get 0 from the block, or with `dense_fallback` go through a dense
-MLP kept at the dense block's own paths (VL-MoE's text-only or image-only
-MoE ablations: the other modality keeps its dense FFN).
+and the `expert` logical axis shards them all.
 
-Dispatch (see dispatch.py): `capacity` (fixed slots per expert per sequence,
-overflow dropped, optional batch-priority fill order) or `dropless`, which
-is `ragged` (jax.lax.ragged_dot) on GPU/TPU and `blocked` (tiled batched
-einsum) on CPU, where XLA's ragged_dot is slow.
+Dispatch (dispatch.py): `capacity`, or `dropless`, which is `ragged` on
+GPU/TPU and `blocked` on CPU, where XLA's ragged_dot is slow.
 
 The router reports its auxiliary losses and statistics as `routing`, a
 `MoEAux` (`layers.report`), so scanned layers can stack them and the
@@ -96,14 +91,11 @@ def routing_aux(logits: jax.Array, probs: jax.Array, experts: jax.Array,
   absent from the batch contributes 0. The z-loss (ST-MoE) keeps router
   logits small, where bfloat16 rounding is harmless.
 
-  Args:
-    logits, probs: [..., E] router logits and softmax within the pool (0
-      outside the token's pool).
-    experts: int [..., k] chosen experts.
-    routed: bool [...], tokens routed at all.
-    allowed: bool [..., E], the experts of each token's pool.
-    pool_size: [E], the number of experts in each expert's pool.
-    kept: bool [..., k], copies that reached their expert.
+  Takes the router's `logits` and `probs` [..., E] (softmax within the pool,
+  0 outside it), the chosen `experts` int [..., k], `routed` bool [...]
+  (tokens routed at all), `allowed` bool [..., E] (the experts of each
+  token's pool), `pool_size` [E] (experts in each expert's pool) and `kept`
+  bool [..., k] (copies that reached their expert).
   """
   axes = tuple(range(routed.ndim))
   top_k = experts.shape[-1]
@@ -136,14 +128,10 @@ def _mean(values, mask):
 
 def expert_mlp(weights: dict, activation: str, h: jax.Array,
                linear: dispatch_lib.GroupedLinear) -> jax.Array:
-  """Every expert's MLP, with the layer shapes of the backbone's MLP.
+  """Every expert's MLP, with the layer shapes of the backbone's MLP, on
+  rows `h` in the layout of the dispatch's grouped map `linear`.
 
-  Args:
-    weights: layer name -> (kernel [E, in, out], bias [E, out] or None).
-    activation: "geglu" (down(gelu(gate h) * up h)) or "gelu"
-      (fc2(gelu(fc1 h))).
-    h: rows in the dispatch's layout.
-    linear: the dispatch's grouped linear map.
+  `weights`: layer name -> (kernel [E, in, out], bias [E, out] or None).
   """
   layer = lambda name, h: linear(h, *weights[name])
   if activation == "geglu":
@@ -218,40 +206,28 @@ class SparseMoE(nnx.Module):
 
   Built by `experts/attach.py` in place of a backbone MLP block (a
   `sparse_moe` entry of `config.experts`), with the block's widths and
-  activation.
+  activation. docs/experts.md describes the options.
 
   y is the mixture's output only (no residual): a dropped or unrouted token
   gets 0 and is carried by the residual connection around the MLP.
 
   Args:
     width, mlp_dim: the MLP's model and hidden widths.
-    num_experts: experts of the single shared pool; or give `pools`.
-    pools: experts per pool, dict(all=n) (the default with num_experts) or
-      dict(image=n, text=m) for modality-split pools (either may be absent;
-      its tokens then get no expert, see `dense_fallback`).
-    top_k: experts per token.
+    num_experts: experts of the single shared pool; or give `pools`:
+      dict(all=n) or dict(image=n, text=m) (either may be absent; its
+      tokens then get no expert, see `dense_fallback`).
     capacity_factor: capacity dispatch only; each expert has
       ceil(capacity_factor * T * top_k / E_pool) slots per sequence.
-    dispatch: "capacity", "dropless" (ragged on GPU/TPU, blocked on CPU),
-      "ragged" or "blocked".
-    activation: "geglu" (decoder) or "gelu" (ViT, with biases).
-    renormalize: divide the k gates by their sum.
-    batch_priority: capacity dispatch fills slots by descending top gate
-      rather than by position (V-MoE's batch-priority routing).
     tile: rows per tile of the blocked dispatch; None picks default_tile.
     out_features: output width (default `width`; the `mlp` connector maps
       to the decoder's width).
     causal: some tokens attend causally (the decoder), so no token's output
-      may depend on another token. Capacity dispatch breaks that (a
-      sequence's tokens compete for slots: a later token can push an
-      earlier one out, and cached decoding would route differently from
-      training), so it is refused here.
+      may depend on another token, and capacity dispatch is refused.
     dense_fallback: tokens no pool serves (those of a modality without a
       pool, and padding) go through a dense MLP instead of getting 0. Its
       layers live where the dense block's do (`<block>/gate/kernel`, ...),
       so a dense checkpoint loads into them; it runs on every token, its
-      output kept where no expert is. Needs a modality without a pool.
-    rngs: initialisation.
+      output kept where no expert is.
   """
 
   def __init__(self, width: int, mlp_dim: int, *,
@@ -334,13 +310,7 @@ class SparseMoE(nnx.Module):
     expert_fn = functools.partial(
         expert_mlp, {name: linear_weights(layer) for name, layer in
                      self.layers.items()}, self.activation)
-
-    kind = resolve_dispatch(self.dispatch)
-    if kind == "capacity":
-      y, kept = self._capacity(x, experts, gates, routed, expert_fn)
-    else:
-      y = self._dropless(kind, x, experts, gates, routed, expert_fn)
-      kept = jnp.ones(experts.shape, bool)
+    y, kept = self._dispatch(x, experts, gates, routed, expert_fn)
     if self.dense_layers:
       dense = expert_mlp({name: linear_weights(getattr(self, name))
                           for name in self.dense_layers},
@@ -352,20 +322,19 @@ class SparseMoE(nnx.Module):
         jnp.asarray(self.pool_size, jnp.float32), kept))
     return y.astype(x.dtype)
 
-  def _capacity(self, x, experts, gates, routed, expert_fn):
-    """Capacity dispatch with each sequence as one routing group."""
-    length = x.shape[1]
-    slots = [dispatch_lib.capacity(self.capacity_factor, length, self.top_k,
-                                   n) for n in self.pool_size]
-    return dispatch_lib.capacity_dispatch(
-        x, experts, gates, routed,
-        expert_capacity=jnp.asarray(slots, jnp.int32), slots=max(slots),
-        expert_fn=expert_fn,
-        priority=gates[..., 0] if self.batch_priority else None)
-
-  def _dropless(self, kind, x, experts, gates, routed, expert_fn):
-    """Dropless dispatch over all B * T tokens at once."""
+  def _dispatch(self, x, experts, gates, routed, expert_fn):
+    """(y, kept): capacity dispatch with each sequence as one routing
+    group, or dropless dispatch over all B * T tokens at once."""
+    kind = resolve_dispatch(self.dispatch)
     batch, length, _ = x.shape
+    if kind == "capacity":
+      slots = [dispatch_lib.capacity(self.capacity_factor, length,
+                                     self.top_k, n) for n in self.pool_size]
+      return dispatch_lib.capacity_dispatch(
+          x, experts, gates, routed,
+          expert_capacity=jnp.asarray(slots, jnp.int32), slots=max(slots),
+          expert_fn=expert_fn,
+          priority=gates[..., 0] if self.batch_priority else None)
     flat = lambda a: a.reshape(batch * length, *a.shape[2:])
     args = (flat(x), flat(experts), flat(gates), flat(routed))
     if kind == "ragged":
@@ -375,7 +344,7 @@ class SparseMoE(nnx.Module):
       tile = self.tile or default_tile(experts.size, self.num_experts)
       y = dispatch_lib.blocked_dispatch(*args, num_experts=self.num_experts,
                                         tile=tile, expert_fn=expert_fn)
-    return y.reshape(batch, length, -1)
+    return y.reshape(batch, length, -1), jnp.ones(experts.shape, bool)
 
 
 KIND = Kind("sparse_moe", SparseMoE, (BLOCK,), replaces=True)

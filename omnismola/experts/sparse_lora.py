@@ -15,24 +15,15 @@ zero, so the wrapped module computes exactly its base at step 0. The gates
 are the chosen experts' softmax probabilities, not renormalised (Awaker), so
 the router learns through them. Padding gets no output.
 
-Instance routing reads `TokenInfo.instance`, the mean embedding of the
-example's prompt (models/vlm.py): one decision per example, fixed at
-prefill, hence the same in training and at every cached decoding step.
-Token routing decides per token from x alone, so it is causal.
+Instance routing reads `TokenInfo.instance` (the prompt's mean embedding,
+models/vlm.py): one decision per example, the same in training and at every
+cached decoding step. Token routing decides per token from x alone (causal).
+Both run the weighted low-rank form of smola.py: h = act(x A_cat), each
+expert's rank block scaled by its weight (0 if unchosen), y = h B_cat.
 
-Both run the weighted low-rank form of smola.py: h = act(x A_cat)
-([tokens, E, r]), each expert's rank block scaled by its weight (0 for
-unchosen experts), y = h B_cat. [tokens, experts, d_out] never exists. The
-unchosen experts' blocks cost E/k times the adapter FLOPs of gathering each
-example's k experts, but no per-example copy of expert weights ([B, k, d,
-r]) is ever built, and one code path serves both routings.
-
-With `share_gate`, the linear layers an entry matches inside one block (the
-same parent path, e.g. `decoder/layers/mlp/{gate,up,down}`) use one router
-module (Awaker: up/down reuse gate_proj's routing). experts/attach.py
-hands the router made for the first of those layers in path order to the
-others (`share_in_block`), so its parameters exist once, there
-(`decoder/layers/mlp/down/adapters/sparse_lora_1/router`).
+With `share_gate`, the linear layers an entry matches inside one block share
+the router made for the first of them in path order (`share_in_block`).
+docs/experts.md says more.
 """
 from typing import Callable
 
@@ -47,10 +38,7 @@ from omnismola.models.layers import (Base, TokenInfo, record_usage,
 from omnismola import flops
 
 ROUTINGS = ("instance", "token")
-ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {
-    None: lambda h: h,
-    "relu": jax.nn.relu,
-}
+ACTIVATIONS = {None: lambda h: h, "relu": jax.nn.relu}
 
 
 class Router(nnx.Module):
@@ -81,24 +69,15 @@ def top_k_weights(probs: jax.Array, top_k: int):
 class SparseLoRA(nnx.Module):
   """Top-k routed low-rank experts beside a module [in_features -> out].
 
+  The options are those of the module docstring (docs/experts.md has a
+  table); `share_gate` without `share_in_block` gives an own router.
+
   Args:
-    in_features, out_features: the wrapped module's widths.
-    num_experts: E routed experts.
-    rank: r of every expert (MoME's bottleneck).
-    top_k: experts per example (instance) or token (token routing).
-    routing: "instance" (route on `TokenInfo.instance`) or "token".
-    global_expert: add an always-on expert weighted 1 - (the top gate).
-    share_gate: use the router of the block's first matched layer (see
-      module docstring); needs `share_in_block`, else the router is own.
-    activation: None (LoRA: x A B) or "relu" (MoME's adapter).
-    learned_scale: a learned scalar on the output, initialised to 1.
-    alpha: output multiplier alpha / rank (None: 1).
     axes: logical axes of the wrapped module's input and output.
     instance_features: the width of `TokenInfo.instance` (the decoder
       width), needed by instance routing.
     share_in_block: `share_in_block(make)` returns the module this entry
       made earlier in the same block, or `make()` (given by attach.py).
-    rngs: initialisation.
   """
 
   def __init__(self, in_features: int, out_features: int, *,

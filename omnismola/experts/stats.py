@@ -1,13 +1,9 @@
 """The trainer's view of routers: weighted auxiliary losses and routing stats.
 
 A model's forward pass returns what its routers reported, {router path:
-{report name: value}} (`layers.pop_reports`); sparse MoE blocks report
-their losses and statistics as `routing` (a `MoEAux`), with a leading layer
-axis for blocks inside a scanned stack. `weighted_aux_loss` adds every
-router's losses exactly once: averaged over the layers of a stack (so a
-weight does not grow with depth), summed over blocks, times the config's
-weight per loss name. `routing_metrics` flattens the statistics into scalars
-for the training log.
+{report name: value}}; sparse MoE blocks report `routing` (a `MoEAux`),
+with a leading layer axis inside a scanned stack. Losses are averaged over
+a stack's layers so that a weight does not grow with depth.
 """
 import jax
 import jax.numpy as jnp

@@ -3,15 +3,13 @@
 Sparse upcycling (Komatsuzaki et al., 2023; CuMo) starts every expert of a
 sparse MoE as a copy of the dense MLP block it replaces. With the k gates
 renormalised to sum to 1 and no token dropped, sum_c g_c MLP(x) = MLP(x)
-whatever the fresh router says, so the MoE model computes exactly its dense
-parent at initialisation (tested) and training starts from the dense
-model's quality. Awaker2.5-VL's second stage likewise turns one trained
-LoRA into several LoRA experts (`upcycle_lora`).
+whatever the fresh router says, so the MoE model starts as its dense
+parent. Awaker2.5-VL's second stage likewise turns one trained LoRA into
+several LoRA experts (`upcycle_lora`).
 
-Pure functions over parameter pytrees (nested dicts of arrays, as
-`nnx.to_pure_dict` gives); leading axes, such as a scanned stack's
-[depth, ...], are kept. Optional Gaussian noise makes the copies differ, so
-their gradients differ from the first step on.
+Pure functions over parameter pytrees (as `nnx.to_pure_dict` gives);
+leading axes, such as a scanned stack's [depth, ...], are kept. Optional
+Gaussian noise makes the copies, and so their gradients, differ.
 """
 import jax
 import jax.numpy as jnp
@@ -24,18 +22,9 @@ def expert_copies(params, num_experts: int, *, noise_std: float = 0.0,
   Leaves are matrices [..., in, out] (kernels, LoRA's `a` and `b`) or
   biases [..., out] (leaves named `bias`). The expert axis goes just before
   those trailing dims, the layout of `sparse.ExpertLinear`: a stacked kernel
-  [depth, in, out] becomes [depth, E, in, out], a LoRA's `a` [in, r]
-  becomes [E, in, r].
-
-  Args:
-    params: a pytree of arrays (a dense MLP block's, or a LoRA's {a, b}).
-    num_experts: E.
-    noise_std: std of independent Gaussian noise added to every copy; 0
-      gives exact copies.
-    key: PRNG key, required with noise.
-
-  Returns:
-    The pytree of copies, leaves in their input dtypes.
+  [depth, in, out] becomes [depth, E, in, out]. `noise_std` (with a PRNG
+  `key`) adds independent Gaussian noise to every copy; leaves keep their
+  dtypes.
   """
   if noise_std and key is None:
     raise ValueError("expert_copies: noise_std > 0 needs a PRNG key.")
@@ -62,19 +51,10 @@ def expert_copies(params, num_experts: int, *, noise_std: float = 0.0,
 
 def upcycle_mlp(dense, moe, *, noise_std: float = 0.0,
                 key: jax.Array | None = None):
-  """SparseMoE parameters whose experts are copies of a dense MLP block.
-
-  Args:
-    dense: the dense block's parameters: `Mlp` {fc1, fc2: {kernel, bias}}
-      or `GeGLU` {gate, up, down: {kernel}}, possibly stacked
-      ([depth, in, out]).
-    moe: the replacing SparseMoE's freshly initialised parameters {router,
-      layers}. Its router is kept (routers have no dense counterpart) and
-      its shapes say how many experts to make and check the copies.
-    noise_std, key: see `expert_copies`.
-
-  Returns:
-    `moe` with `layers` replaced by the copies.
+  """`moe`, a SparseMoE's fresh parameters {router, layers}, with `layers`
+  replaced by copies of the `dense` block's (`Mlp` or `GeGLU`, possibly
+  stacked). The router is kept (it has no dense counterpart); `moe`'s
+  shapes say how many experts to make. `noise_std`, `key`: `expert_copies`.
   """
   num_experts = moe["router"].shape[-1]
   layers = expert_copies(dense, num_experts, noise_std=noise_std, key=key)
@@ -85,24 +65,14 @@ def upcycle_mlp(dense, moe, *, noise_std: float = 0.0,
 
 def upcycle_lora(lora, sparse_lora, *, noise_std: float = 0.0,
                  key: jax.Array | None = None):
-  """`sparse_lora` parameters whose experts are copies of one LoRA.
+  """`sparse_lora`, a SparseLoRA's fresh parameters, with `experts` (and
+  `global_expert`) replaced by copies of one `lora`'s {a, b}; router and
+  scale are kept.
 
-  Awaker2.5-VL's second stage: every routed expert, and the global expert,
-  starts as the stage-I LoRA. With top-1 routing and a global expert the
+  Awaker2.5-VL's second stage: with top-1 routing and a global expert the
   gates sum to 1 (g + (1 - g)), so without noise the upcycled adapter
-  computes the LoRA on every real token (tested through
-  `train.init.load_partial`).
-
-  Args:
-    lora: a LoRA's parameters {a [..., in, r], b [..., r, out]}.
-    sparse_lora: the SparseLoRA's fresh parameters {router, experts: {a,
-      b}, global_expert (optional), scale (optional)}; router and scale
-      are kept.
-    noise_std, key: see `expert_copies`; the noise goes on the routed
-      experts, the global expert is an exact copy.
-
-  Returns:
-    `sparse_lora` with `experts` (and `global_expert`) replaced.
+  computes the LoRA on every real token. The noise (`expert_copies`) goes
+  on the routed experts; the global expert is an exact copy.
   """
   num_experts = sparse_lora["experts"]["a"].shape[-3]
   copies = {"experts": expert_copies(lora, num_experts, noise_std=noise_std,
