@@ -3,24 +3,10 @@ r"""--mode=analyze: which experts a trained model uses, per task and modality.
   python -m omnismola.main --config=configs/mix.py --workdir=/tmp/mix \
       --mode=analyze
 
-The model comes from the workdir's latest checkpoint (or a converted
-model's directory), as for --mode=predict; with neither there,
-`config.init.checkpoint` with the config's experts. It runs teacher-forced
-(prefix and target suffix, as in training) over up to `eval.max_examples`
-validation examples of every task of `eval.tasks` (empty: the mixture's),
-while every router records each token's weight on each of its experts
-(`layers.recording_usage`): SMoLA pools their combine weights, sparse MoE
-blocks their top-k gates, and any other router that calls
-`layers.record_usage`.
-
-For every router (its module path; each layer of a stack apart) the mean
-weight per expert is taken over the tokens the router serves (weights not
-all zero; padding never counts), per task and per modality: image tokens,
-text prefix (the prompt) and text suffix (the target). A router outside the
-decoder (ViT, connector) sees image tokens only. Written to
-`<workdir>/analysis/`: `usage.json` with every number, and one PNG per
-router: heatmaps tasks x experts and modalities x experts (averaged over
-the layers) and, for a stack, layers x experts.
+The model (as for --mode=predict) runs teacher-forced over the validation
+examples of `eval.tasks` while every router records each token's weight on
+each of its experts; the mean weights per task and modality go to
+<workdir>/analysis/ (docs/experts.md, "Looking at expert usage").
 """
 import json
 import os
@@ -53,17 +39,9 @@ def token_modalities(num_image_tokens: int, batch: dict) -> jax.Array:
 
 
 def usage_sums(weights: jax.Array, modality: jax.Array):
-  """Summed weights and served-token counts per modality.
-
-  Args:
-    weights: [..., B, T, E] a router's recorded weights (leading layer axis
-      for a stack).
-    modality: int [B, T], index into MODALITIES, -1 = not counted.
-
-  Returns:
-    (sums [..., M, E], served [..., M]), M = len(MODALITIES); a token is
-    served where its weights are not all zero.
-  """
+  """(sums [..., M, E], served [..., M]) per modality of a router's weights
+  [..., B, T, E] (a leading layer axis for a stack), given each token's
+  modality [B, T] (-1: not counted); served: weights not all zero."""
   one_hot = jax.nn.one_hot(modality, len(MODALITIES))   # -1: all zeros.
   served = (jnp.sum(weights, axis=-1) > 0).astype(jnp.float32)
   return (jnp.einsum("...bte,btm->...me", weights.astype(jnp.float32),
@@ -71,16 +49,20 @@ def usage_sums(weights: jax.Array, modality: jax.Array):
           jnp.einsum("...bt,btm->...m", served, one_hot))
 
 
-def make_usage_fn(graphdef, num_image_tokens: int):
-  """usage_fn(state, batch) -> {router path: usage_sums}, jitted."""
+def collect(model: nnx.Module, task_batches) -> dict:
+  """{router: (sums [K, L, M, E], served [K, L, M])} summed over the
+  batches of the K tasks `task_batches` yields as (task, batches); L: the
+  layers of the router's stack (1 outside one)."""
+  graphdef, state = nnx.split(model)
 
   @jax.jit
   def usage_fn(state, batch):
+    """{router path: usage_sums} of one batch."""
     model = nnx.merge(graphdef, state)
     with layers.recording_usage():
       _, reports = model.forward(batch["image"], batch["text"],
                                  batch["mask_ar"], batch["mask_input"])
-    sequence = token_modalities(num_image_tokens, batch)
+    sequence = token_modalities(model.num_image_tokens, batch)
     # Routers before the decoder see the image tokens of each example only.
     image = jnp.where(batch["example_mask"][:, None] == 1, 0, -1)
     out = {}
@@ -92,17 +74,6 @@ def make_usage_fn(graphdef, num_image_tokens: int):
         out[router] = usage_sums(report["usage"], modality)
     return out
 
-  return usage_fn
-
-
-def collect(model: nnx.Module, task_batches) -> dict:
-  """{router: (sums [K, L, M, E], served [K, L, M])}, summed over batches.
-
-  `task_batches` yields (task, batches) for K tasks, in order. L is the
-  layers of the router's stack, 1 for a router outside a stack.
-  """
-  graphdef, state = nnx.split(model)
-  usage_fn = make_usage_fn(graphdef, model.num_image_tokens)
   keys = ("image", "text", "mask_ar", "mask_input", "example_mask")
   per_task = []
   for _, batches in task_batches:
@@ -120,9 +91,11 @@ def collect(model: nnx.Module, task_batches) -> dict:
           for router in sorted(per_task[0])}
 
 
-def mean_weights(sums: np.ndarray, served: np.ndarray) -> np.ndarray:
-  """sums [..., E] / served [...]: the mean weight of each expert over the
-  served tokens; NaN where none was served."""
+def mean_weights(sums: np.ndarray, served: np.ndarray,
+                 axis=()) -> np.ndarray:
+  """sums [..., E] / served [...], both summed over `axis` first: the mean
+  weight of each expert over the served tokens; NaN where none was served."""
+  sums, served = np.sum(sums, axis), np.sum(served, axis)
   with np.errstate(invalid="ignore", divide="ignore"):
     return np.where(served[..., None] > 0, sums / served[..., None], np.nan)
 
@@ -135,10 +108,10 @@ def router_summary(sums: np.ndarray, served: np.ndarray,
   return {
       "layers": sums.shape[1],
       "experts": sums.shape[-1],
-      "by_task": {t: as_lists(mean_weights(sums[k].sum(1), served[k].sum(1)))
+      "by_task": {t: as_lists(mean_weights(sums[k], served[k], 1))
                   for k, t in enumerate(tasks)},
-      "by_modality": {m: as_lists(mean_weights(sums[:, :, i].sum(0),
-                                               served[:, :, i].sum(0)))
+      "by_modality": {m: as_lists(mean_weights(sums[:, :, i],
+                                               served[:, :, i], 0))
                       for i, m in enumerate(MODALITIES)},
       "by_task_and_modality": {
           t: {m: as_lists(mean_weights(sums[k, :, i], served[k, :, i]))
@@ -153,20 +126,15 @@ def router_summary(sums: np.ndarray, served: np.ndarray,
 
 def plot_router(router: str, sums: np.ndarray, served: np.ndarray,
                 tasks: list[str], path: str) -> None:
-  """Heatmaps of one router's mean expert weights into the PNG `path`.
-
-  Tasks x experts and modalities x experts (tokens of all layers pooled)
-  and, for a router in a stack, layers x experts (all tasks and
-  modalities). Grey cells: no served token.
-  """
+  """Heatmaps of one router's mean expert weights by task, modality and
+  (in a stack) layer into the PNG `path`; grey cells: no served token."""
   panels = [
-      ("task", tasks, mean_weights(sums.sum((1, 2)), served.sum((1, 2)))),
-      ("modality", MODALITIES,
-       mean_weights(sums.sum((0, 1)), served.sum((0, 1)))),
+      ("task", tasks, mean_weights(sums, served, (1, 2))),
+      ("modality", MODALITIES, mean_weights(sums, served, (0, 1))),
   ]
   if sums.shape[1] > 1:
     panels.append(("layer", [str(i) for i in range(sums.shape[1])],
-                   mean_weights(sums.sum((0, 2)), served.sum((0, 2)))))
+                   mean_weights(sums, served, (0, 2))))
   finite = np.concatenate([m[np.isfinite(m)] for _, _, m in panels])
   rows = max(len(labels) for _, labels, _ in panels)
   figure = Figure(layout="constrained", figsize=(

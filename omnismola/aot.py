@@ -1,22 +1,15 @@
 r"""Ahead-of-time check: lower and compile a config's train step, no weights.
 
-Builds the train state's shapes with `jax.eval_shape` (nothing allocated),
-the batch as `ShapeDtypeStruct`s (`config.train.batch_size` rows as
-`config.data` lays them out, packed or not: row_layout.py), lowers and compiles the trainer's own
-jitted step on `config.mesh`, and reports XLA's per-device memory
-(arguments, outputs, temporaries) and the compile time. A config that does
-not fit, does not shard or does not compile is found before a pod is
-booked. PaliGemma-3B-224 with Omni-SMoLA on 8 emulated CPU devices, fsdp=8:
+  python -m omnismola.aot --config=configs/mix.py [--config.mesh.fsdp=8 ...]
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
-  python -m omnismola.aot \
-      --config=configs/mix.py:preset=paligemma_3b_224,frozen_backbone=True \
-      --config.mesh.data=1 --config.mesh.fsdp=8 \
-      --config.train.compute_dtype=bfloat16
-
-The memory is what XLA reserves for the compiled program of the platform it
-compiles for (CPU here), an estimate of an accelerator's. The replication
-check (`config.train.max_replicated_fraction`) runs as in training.
+The train state's and batch's shapes (`jax.eval_shape`; row_layout.py) are
+all it builds; the trainer's own jitted step is lowered and compiled on
+`config.mesh`, and XLA's per-device memory and the compile time are
+printed, so a config that does not fit, shard or compile is found before a
+pod is booked. The memory is what XLA reserves on the platform it compiles
+for, an estimate of an accelerator's; the replication check
+(`config.train.max_replicated_fraction`) runs as in training. On 8
+emulated CPU devices: docs/performance.md.
 """
 import dataclasses
 import time
@@ -47,14 +40,11 @@ class Report:
   lower_seconds: float
   compile_seconds: float
 
-  @property
-  def total_bytes(self) -> int:
-    """Arguments + outputs + temporaries; donated outputs counted once."""
-    return (self.argument_bytes + self.output_bytes + self.temp_bytes -
-            self.alias_bytes)
-
   def __str__(self) -> str:
     gib = lambda n: f"{n / 2**30:.2f} GiB"
+    # Donated (aliased) outputs are counted once.
+    total = (self.argument_bytes + self.output_bytes + self.temp_bytes -
+             self.alias_bytes)
     return "\n".join([
         f"mesh {self.mesh}, batch {self.batch_size} rows x "
         f"{self.images_per_row} image(s) + {self.text_len} text "
@@ -65,7 +55,7 @@ class Report:
         f"per device: arguments {gib(self.argument_bytes)}, outputs "
         f"{gib(self.output_bytes)}, temporaries {gib(self.temp_bytes)}, "
         f"donated (aliased) {gib(self.alias_bytes)}, total "
-        f"{gib(self.total_bytes)}",
+        f"{gib(total)}",
         f"lowering {self.lower_seconds:.1f} s, compiling "
         f"{self.compile_seconds:.1f} s"])
 

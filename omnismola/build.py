@@ -26,8 +26,7 @@ def shape_fields(name: str, shape) -> dict:
 
 def vlm_config(model_fields) -> presets.VLMConfig:
   """The VLMConfig that `config.model` describes (preset name + fields)."""
-  fields = dict(model_fields)
-  fields.pop("preset")
+  fields = {k: v for k, v in model_fields.items() if k != "preset"}
   return presets.VLMConfig(
       vit=presets.ViTConfig(**fields.pop("vit")),
       decoder=presets.DecoderConfig(**fields.pop("decoder")),
@@ -47,21 +46,13 @@ SHAPE_FIELDS = dict(
 
 
 def agree_with_checkpoint(model_fields, saved) -> tuple[dict, list[str]]:
-  """config.model's fields made to agree with a checkpoint's saved `model`.
+  """(config.model's fields made to agree with a checkpoint's saved
+  `model`, lines describing what differs).
 
-  The decoder's vocab_size is the checkpoint's: how many rows an embedding
-  has is a property of the checkpoint (Hugging Face pads Gemma's 257,152 to
-  257,216, big_vision does not), not a choice. Any other shape field that
-  differs is an error naming each field. Fields that change the function
-  but not the shapes (norm eps, RoPE base, soft caps, window) stay the
-  config's, so a recipe may change them (big_vision's PaliGemma 2 transfer
-  turns the final soft cap off); each difference is reported.
-
-  Returns:
-    (the fields with vocab_size adopted, lines describing what differs).
-
-  Raises:
-    ValueError: a shape field other than vocab_size differs.
+  The decoder's vocab_size is the checkpoint's (Hugging Face pads Gemma's
+  embedding, big_vision does not); any other shape field that differs is a
+  ValueError naming each. Fields that change the function but not the
+  shapes stay the config's, so a recipe may change them (docs/models.md).
   """
   fields = {**model_fields, "vit": dict(model_fields["vit"]),
             "decoder": dict(model_fields["decoder"])}

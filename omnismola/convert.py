@@ -39,10 +39,8 @@ def load(source_format: str, path: str):
 
 
 def convert(source_format: str, path: str, output: str) -> str:
-  """Writes `output`/checkpoints/0; returns `output`.
-
-  Either may be a storage URL (omnismola/storage.py).
-  """
+  """Writes `output`/checkpoints/0 (either may be a storage URL); returns
+  `output`."""
   storage.check_bucket(output)  # Before the long read of the input.
   fields, params = load(source_format, path)
   checkpoints = storage.path(output) / "checkpoints"

@@ -1,27 +1,13 @@
 r"""FLOPs counted from the traced program, not from a second model.
 
 `count(fn, *args)` traces `fn` on abstract arguments (nothing runs) and adds
-up its matrix products: 2 FLOPs per multiply-add of every `dot_general` and
-`ragged_dot`, a scan's body times its length, a `cond` at its costliest
-branch, every other sub-program (jit, remat, custom gradients) once.
-Elementwise work (norms, softmax, GELU, the loss, the optimizer) is left
-out: a few percent at the widths of interest. Whatever a module computes is
-counted as it computes it, so a new layer or expert kind needs nothing here.
-
-Two totals:
-
-  * `computed`: every product the program runs once dead code is removed,
-    as the hardware sees it;
-  * `required`: the model FLOPs that MFU is conventionally against. It
-    leaves out remat's recomputation of the forward pass (JAX names it
-    `rematted_computation`) and scales the products a module wraps in
-    `required_share(fraction)`: work computed but not needed, such as the
-    routed LoRA experts a token did not choose, the padding rows of a
-    dispatch buffer, or the one-hot einsums that move tokens to experts.
-
-Gradients follow from the program too: JAX differentiates only what depends
-on a trained parameter, so a frozen ViT under decoder adapters costs its
-forward pass and nothing more.
+up its matrix products (2 FLOPs per multiply-add; elementwise work is left
+out), so a new layer or expert kind needs nothing here. Two totals:
+`computed`, every product run once dead code is removed; `required`, the
+model FLOPs MFU is against: without remat's recomputation, and with the
+products a module wraps in `required_share(fraction)` (work computed but
+not needed, e.g. routed experts a token did not choose) scaled. See
+docs/performance.md.
 """
 import contextlib
 import dataclasses
@@ -41,16 +27,12 @@ _REMAT = "rematted_computation"
 # wins (so "H100 PCIe" before "H100"). MFU is against this peak whatever the
 # step's dtype, as MFU is conventionally reported.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
-    # NVIDIA H100 datasheet: PCIe 1,513 TFLOPS bf16 with 2:4 sparsity, dense
-    # is half; SXM 1,979 with sparsity -> 989 dense.
-    # https://www.nvidia.com/en-us/data-center/h100/
+    # NVIDIA datasheets, https://www.nvidia.com/en-us/data-center/{h100,
+    # h200,a100}/: bf16 dense is half the 2:4-sparsity TFLOPS (H100 PCIe
+    # 1,513; H100 SXM and H200 1,979); the A100's 312 is dense.
     ("H100 PCIe", 756e12),
     ("H100", 989e12),
-    # NVIDIA H200 datasheet: 1,979 TFLOPS bf16 with sparsity, as the H100 SXM.
-    # https://www.nvidia.com/en-us/data-center/h200/
     ("H200", 989e12),
-    # NVIDIA A100 datasheet: 312 TFLOPS bf16 dense.
-    # https://www.nvidia.com/en-us/data-center/a100/
     ("A100", 312e12),
     # Google Cloud TPU system architecture pages, bf16 peak per chip:
     # https://cloud.google.com/tpu/docs/v4 (275),
@@ -142,8 +124,6 @@ def _count_jaxpr(jaxpr) -> Count:
     flops = _product_flops(eqn)
     total += Count(flops, flops * _share(eqn))
     inner = [_count_jaxpr(sub) for sub in _sub_programs(eqn)]
-    if not inner:
-      continue
     if eqn.primitive.name == "cond":  # One branch runs.
       total += max(inner, key=lambda c: c.computed)
     else:

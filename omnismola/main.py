@@ -10,11 +10,8 @@ Modes:
            DIR/analysis (usage.json and PNGs; omnismola/analyze.py).
 Any config field can be overridden, e.g. --config.train.steps=50.
 
-Multi-host: on Cloud TPU (and SLURM / Open MPI) every host runs the same
-command and the processes find each other automatically. Elsewhere pass
---coordinator_address=HOST:PORT (process 0's address), --num_processes and
---process_id, or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-JAX_PROCESS_ID.
+Multi-host: every host runs the same command; outside Cloud TPU, SLURM and
+Open MPI, pass --coordinator_address, --num_processes and --process_id.
 """
 import os
 import sys
@@ -36,9 +33,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally FILE:ARG.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for checkpoints, metrics and evals.")
-_MODE = flags.DEFINE_enum("mode", "train",
-                          ["train", "eval", "predict", "analyze"],
-                          "What to run.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "predict", "analyze"], "What to run.")
 _IMAGE = flags.DEFINE_string("image", None, "--mode=predict: an image file.")
 _PROMPT = flags.DEFINE_string("prompt", None,
                               "--mode=predict: the prompt, e.g. 'caption en'.")
@@ -83,11 +79,8 @@ def initialize_distributed(coordinator_address: str | None,
                            num_processes: int | None,
                            process_id: int | None) -> None:
   """Joins the processes of a multi-host run; must precede any JAX use.
-
-  With a coordinator address all three values are required. Without one,
-  JAX detects Cloud TPU, SLURM and Open MPI jobs by itself; anywhere else
-  there is nothing to join and the run is single-process.
-  """
+  A coordinator address needs the other two values; without one, JAX
+  detects Cloud TPU, SLURM and Open MPI jobs, else runs one process."""
   import jax  # pylint: disable=g-import-not-at-top
   if coordinator_address:
     if num_processes is None or process_id is None:
@@ -153,9 +146,5 @@ def run_mode(mode: str, config, workdir: str) -> None:
                          "--predict_file.")
 
 
-def run():
-  app.run(main, flags_parser=parse_flags)
-
-
 if __name__ == "__main__":
-  run()
+  app.run(main, flags_parser=parse_flags)

@@ -1,29 +1,13 @@
 r"""--mode=predict: prompts on images with a trained (or pretrained) model.
 
-One prompt, answer printed:
-
   python -m omnismola.main --config=configs/mix.py --workdir=/tmp/mix \
       --mode=predict --image=cat.png --prompt="caption en"
-
-A file of them, one JSON object a line, {"image": ..., "prompt": ...,
-"id": optional (default: the line number)}, a relative image path relative
-to the file's folder:
-
   ... --mode=predict --predict_file=prompts.jsonl [--predict_output=OUT]
 
-writes {"id", "image", "prompt", "prediction"} lines, in the file's order,
-to OUT (default `<workdir>/predictions/<file name>`), decoding
-`config.eval.batch_size` prompts at a time. The file is checked (JSON,
-fields, images present) before the model is loaded, and OUT is written
-only once every prompt is answered.
-
-The model is the workdir's latest checkpoint, with its experts
-(`omnismola.from_pretrained`); a workdir without one takes
-config.init.checkpoint's parameters (e.g. a converted PaliGemma) with
-config.experts attached, fresh adapters where it has none (zero-shot). The
-vocabulary, image size, prefix length and decoding length come from the
-config, and images and prompts are prepared as in evaluation. Decoding is
-greedy, on one process.
+The model is the workdir's latest checkpoint or, without one,
+config.init.checkpoint's with config.experts (zero-shot); prompts are
+prepared as in evaluation and decoded greedily, on one process
+(docs/training.md, "Predictions on your own images").
 """
 import functools
 

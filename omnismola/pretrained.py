@@ -4,12 +4,9 @@ checkpoint or a training workdir, for notebooks and scripts.
   model = omnismola.from_pretrained("/ckpt/paligemma-3b-pt-224")
   logits = model(image, text, mask_ar, mask_input)   # [B, L, vocab]
 
-The directory's saved config says what to build (backbone fields and, for a
-training workdir, its experts); the checkpoint's parameters fill it. Passing
-`experts=[...]` attaches other experts (e.g. fresh SMoLA pools to a
-converted backbone): parameters of adapters the checkpoint lacks are
-initialised, any other missing parameter is an error. Only the arrays that
-need it are initialised, so a 3B backbone never exists twice in memory.
+The directory's saved config says what to build; the checkpoint's
+parameters fill it. Only the arrays the checkpoint lacks (adapters of other
+`experts`) are initialised, so a 3B backbone never exists twice in memory.
 """
 import jax
 import ml_collections
@@ -31,25 +28,15 @@ def read_config(step_dir: str) -> dict:
 
 def from_pretrained(directory: str, *, experts=None, dtype=None,
                     rng: int = 0) -> nnx.Module:
-  """The VLM saved in `directory` (a workdir, checkpoints dir or step dir).
-
-  Args:
-    directory: written by `python -m omnismola.convert` or by training.
-    experts: a `config.experts` list replacing the saved one; None keeps it.
-    dtype: cast every parameter to this dtype; None keeps float32 (the
-      dtype models are built in).
-    rng: seed for parameters the checkpoint does not hold (new adapters).
-
-  Returns:
-    The model; call it with image, text, mask_ar, mask_input (the batch
-    contract of docs/models.md) for logits at the text positions.
-  """
+  """The VLM saved in `directory` (a workdir, checkpoints dir or step dir),
+  with `experts` (a `config.experts` list) unless None, parameters cast to
+  `dtype` unless None (float32), and the adapters the checkpoint lacks
+  initialised at seed `rng`; any other missing parameter is an error."""
   step_dir = init_lib.resolve_step_dir(directory)
-  saved_config = read_config(step_dir)
-  if experts is None:
-    experts = saved_config["experts"]
-  config = ml_collections.ConfigDict(
-      dict(model=saved_config["model"], experts=list(experts)))
+  saved = read_config(step_dir)
+  config = ml_collections.ConfigDict(dict(
+      model=saved["model"],
+      experts=list(saved["experts"] if experts is None else experts)))
 
   abstract = nnx.eval_shape(lambda: build.build_model(config, rng))
   graphdef, abstract_state = nnx.split(abstract)

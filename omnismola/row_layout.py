@@ -1,18 +1,9 @@
 """What one train row holds: one example, or several packed examples.
 
-`config.data.packing` decides (docs/data.md, "Packing"):
-
-  examples     M, the most examples in one row; 0 (the default) or 1: one
-               example per row, no packing.
-  text_length  the text tokens of a packed row (0: prefix + suffix lengths,
-               so that any single example fits).
-  window       how many consecutive examples of the mixed stream are packed
-               together (first fit, in stream order): a larger window fills
-               rows better and holds more images in host memory.
-
-The data pipeline builds rows this way, the trainer counts their tokens and
-FLOPs, and `omnismola.aot` compiles for their shapes; this module is the
-one place all of them read it from, and imports neither TensorFlow nor JAX.
+`config.data.packing` decides (docs/data.md, "Packing"). The data pipeline
+(building rows), the trainer (counting their tokens and FLOPs) and
+`omnismola.aot` (compiling for their shapes) all read it from here, which
+imports neither TensorFlow nor JAX.
 """
 import dataclasses
 

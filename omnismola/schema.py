@@ -1,18 +1,11 @@
 """Every config field: its default, its type and its checks, in one place.
 
-`base_config(preset)` is the config every file of configs/ starts from, with
-every field at its default (and a comment saying what it does). The code
-reads fields as they are (`config.data.truncation`), never with a default
-of its own. `check(config)` refuses a config that another file or an
-override made inconsistent: a field the base does not have, a value of
-another type, or a value outside its range (`CHECKS`); the trainer and
-main.py call it before anything is built or written. The trainer writes
-the config a run uses to <workdir>/config.json and prints what differs from
-the defaults (`changes`) once.
-
-`config.model` is a preset's fields (models/presets.py checks them) and
-`config.experts` a list of entries (experts/attach.py checks them); every
-other section is fixed here.
+`base_config(preset)` is the config every file of configs/ starts from, each
+field at its default with a comment saying what it does; the code reads
+fields as they are, never with a default of its own. `check(config)`
+refuses a config with a field unknown, missing, mistyped or out of range
+(`CHECKS`) before anything is built or written. `config.model` and
+`config.experts` are checked where they are used (docs/configuration.md).
 """
 import json
 
@@ -222,15 +215,12 @@ def _same_kind(value, default) -> bool:
 
 def _check_fields(config, base, prefix: str) -> list[str]:
   """Problems of `config`'s fields against the base's, recursively."""
-  problems = []
   fields, known = set(config.keys()), set(base.keys())
-  for name in sorted(fields - known):
-    problems.append(f"config.{prefix}{name} is not a field; the fields of "
-                    f"config{'.' + prefix[:-1] if prefix else ''} are "
-                    f"{sorted(known)}.")
-  for name in sorted(known - fields):
-    problems.append(f"config.{prefix}{name} is missing (start from "
-                    "schema.base_config()).")
+  problems = [f"config.{prefix}{name} is not a field; the fields of "
+              f"config{'.' + prefix[:-1] if prefix else ''} are "
+              f"{sorted(known)}." for name in sorted(fields - known)]
+  problems += [f"config.{prefix}{name} is missing (start from "
+               "schema.base_config())." for name in sorted(known - fields)]
   for name in sorted(fields & known):
     if not prefix and name in OPEN_SECTIONS:
       continue

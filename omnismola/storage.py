@@ -1,14 +1,9 @@
 """One path layer for local folders and storage URLs (gs://, s3://, ...).
 
 Every file the project reads or writes goes through `path(...)`, an
-`etils.epath.Path`: a local path is expanded (~) and made absolute, a URL is
-kept as it is (`os.path.abspath("gs://b/run")` would make it the local
-folder `<cwd>/gs:/b/run`).
-
-An emulator (or another endpoint) is chosen with the standard
-STORAGE_EMULATOR_HOST alone: importing this module, which every file access
-of the project goes through, sets what each storage library needs from it
-(`emulator_settings`).
+`etils.epath.Path`. An emulator (or another endpoint) is chosen with the
+standard STORAGE_EMULATOR_HOST alone: importing this module sets what each
+storage library needs from it (`emulator_settings`).
 """
 import logging
 import os
@@ -32,10 +27,9 @@ def is_url(location: str | os.PathLike) -> bool:
 
 
 def path(location: str | os.PathLike) -> epath.Path:
-  """`location` as an epath.Path: URLs unchanged, local paths absolute.
-
-  A URL scheme epath has no backend for is a StorageError.
-  """
+  """`location` as an epath.Path: URLs unchanged (`os.path.abspath` would
+  make gs://b/run a local folder), local paths expanded (~) and absolute.
+  A URL scheme epath has no backend for is a StorageError."""
   location = os.fspath(location)
   if not is_url(location):
     return epath.Path(os.path.abspath(os.path.expanduser(location)))
@@ -47,12 +41,9 @@ def path(location: str | os.PathLike) -> epath.Path:
 
 
 def check_bucket(location: str | os.PathLike) -> None:
-  """Raises StorageError unless the bucket of URL `location` exists.
-
-  Writing into a missing bucket fails only deep inside a checkpoint save,
-  and an unreachable endpoint only after every retry of every request;
-  this fails once, up front, naming the URL. Local paths pass.
-  """
+  """Raises StorageError unless the bucket of URL `location` exists (local
+  paths pass): once, up front, naming the URL, rather than deep inside a
+  checkpoint save or after every retry of every request."""
   location = os.fspath(location)
   if not is_url(location):
     return
@@ -76,12 +67,9 @@ def check_bucket(location: str | os.PathLike) -> None:
 
 
 def append_text(file: epath.Path, text: str) -> None:
-  """Appends `text` to `file`, creating it.
-
-  An object in a bucket cannot be appended to (gcsfs's "a" mode silently
-  replaces it), so there the whole file is uploaded again; the new object
-  replaces the old one at once, never half-written.
-  """
+  """Appends `text` to `file`, creating it. An object in a bucket cannot be
+  appended to (gcsfs's "a" mode silently replaces it): it is uploaded
+  again whole, replacing the old one at once."""
   if not is_url(file):
     with file.open("a") as f:
       f.write(text)
@@ -91,12 +79,9 @@ def append_text(file: epath.Path, text: str) -> None:
 
 
 def tensorflow_location(location: str | os.PathLike) -> str:
-  """`location` for TensorFlow's own file system (tf.data, TFDS, SeqIO).
-
-  TensorFlow's GCS client always calls storage.googleapis.com and takes no
-  endpoint, so while STORAGE_EMULATOR_HOST is set a gs:// URL would reach
-  the real service instead of the emulator.
-  """
+  """`location` for TensorFlow's own file system (tf.data, TFDS, SeqIO),
+  refused for gs:// under STORAGE_EMULATOR_HOST: TensorFlow's GCS client
+  takes no endpoint, so it would reach the real service."""
   located = path(location)
   if os.fspath(located).startswith("gs://") and os.environ.get(
       "STORAGE_EMULATOR_HOST"):
@@ -108,17 +93,10 @@ def tensorflow_location(location: str | os.PathLike) -> str:
 
 
 def emulator_settings(environ: Mapping[str, str]) -> dict[str, str]:
-  """The variables the storage libraries need for STORAGE_EMULATOR_HOST.
-
-  gcsfs (etils.epath's fsspec backend) reads STORAGE_EMULATOR_HOST itself.
-  TensorStore (Orbax's arrays) takes the endpoint as TENSORSTORE_GCS_HTTP_URL
-  and, given a placeholder token (an emulator checks none), skips its search
-  for Google credentials. TensorFlow's GCS client, epath's gs:// backend
-  where TensorFlow is installed, cannot leave storage.googleapis.com, so
-  epath uses gcsfs (EPATH_USE_TF=false). gcsfs would ask the real
-  storage-control API for each bucket's layout (GCSFS_EXPERIMENTAL_ZB_HNS_
-  SUPPORT=false stops it). Variables already set are left out: they win.
-  """
+  """The variables the storage libraries need for STORAGE_EMULATOR_HOST,
+  besides gcsfs, which reads it itself (docs/training.md, "Emulators and
+  other endpoints", says why each). Variables already set are left out:
+  they win."""
   host = environ.get("STORAGE_EMULATOR_HOST")
   if not host:
     return {}

@@ -16,22 +16,18 @@ one stage's steps:
 
 Stage II copies stage I's LoRA into every expert (and the global expert),
 so with the global expert it starts from stage I's function: the report
-sets stage II's first training loss beside stage I's last ones (every
-step is logged in those runs; the batches differ, so they agree within
-stage I's step-to-step spread, not exactly).
+sets stage II's first loss beside stage I's last ones (the batches differ:
+they agree within stage I's step-to-step spread).
 
 Scale: the `small` preset, batch 32, S = 300 steps; one seed by default
-(--seeds=N runs N). Scores are on the validation split; nothing was
-tuned.
+(--seeds=N runs N).
 """
 import numpy as np
 
 from omnismola.experiments import study
 
-FULL = study.Scale(preset="small", batch_size=32, steps=300,
-                   eval_examples=256, max_new_tokens=32)
-# Stage I's final steps whose losses give the spread stage II is set
-# against.
+FULL = study.Scale()
+# Stage I's last steps, whose losses' spread stage II is set against.
 LAST_STEPS = 10
 
 
@@ -68,16 +64,13 @@ def runs(settings: study.Settings) -> list[study.Run]:
   return out
 
 
-def tables(settings: study.Settings) -> list[study.Table]:
-  del settings
-  return [
-      study.Table("stages", "One LoRA for 3 S steps vs LoRA → MoE → frozen "
-                  "gates, S steps each",
-                  ("lora_3s", "stage1", "stage2", "staged")),
-      study.Table("global_expert", "With and without the global expert",
-                  ("stage2", "staged", "stage2_no_global",
-                   "staged_no_global")),
-  ]
+TABLES = [
+    study.Table("stages", "One LoRA for 3 S steps vs LoRA → MoE → frozen "
+                "gates, S steps each",
+                ("lora_3s", "stage1", "stage2", "staged")),
+    study.Table("global_expert", "With and without the global expert",
+                ("stage2", "staged", "stage2_no_global", "staged_no_global")),
+]
 
 
 def continuity(results: list[dict]) -> str:
@@ -86,11 +79,9 @@ def continuity(results: list[dict]) -> str:
   lines = ["## Stage II starts where stage I ended", "",
            "| seed | stage I, last steps (mean ± sd) | stage II, step 1, "
            "global expert | without it |", "|---|---|---|---|"]
-  for r in results:
-    if r["arm"] != "stage1":
-      continue
-    seed = r["seed"]
-    last = [loss for _, loss in r["losses"][-LAST_STEPS:]]
+  for stage1 in (r for r in results if r["arm"] == "stage1"):
+    seed = stage1["seed"]
+    last = [loss for _, loss in stage1["losses"][-LAST_STEPS:]]
     first = lambda arm: by_name.get(f"{arm}/seed{seed}", {}).get(
         "losses", [(0, float("nan"))])[0][1]
     lines.append(f"| {seed} | {np.mean(last):.4f} ± {np.std(last):.4f} | "
@@ -99,5 +90,5 @@ def continuity(results: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-  study.run_command(runs, tables, "Awaker2.5-VL: staged routed LoRA experts",
+  study.run_command(runs, TABLES, "Awaker2.5-VL: staged routed LoRA experts",
                     1, notes=continuity)

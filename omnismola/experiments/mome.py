@@ -24,13 +24,11 @@ mixture with the same steps and batch, its encoders loaded from those runs
 | two_routed | the default: MoVE's soft router over the instruction | coarse + fine |
 
 Scale: the `small` preset, batch 32; each encoder pretrains 300 steps,
-each arm trains 400; one seed by default (--seeds=N runs N). Scores are
-on the validation split; nothing was tuned.
+each arm trains 400; one seed by default (--seeds=N runs N).
 """
 from omnismola.experiments import study
 
-FULL = study.Scale(preset="small", batch_size=32, steps=400,
-                   eval_examples=256, max_new_tokens=32)
+FULL = study.Scale(steps=400)
 PRETRAIN_STEPS_FRACTION = 0.75
 ARMS = {
     "one_encoder": "encoders=1",
@@ -51,7 +49,6 @@ def _encoder_run(scale, settings, seed, name, mixture, fine) -> study.Run:
   c = _config(scale, settings, seed, "encoders=1",
               steps=max(1, int(PRETRAIN_STEPS_FRACTION * scale.steps)))
   if fine:
-    # The same ViT configs/mome.py adds as its second encoder.
     two = study.load_config("mome.py", f"preset={scale.preset}")
     c.model.vit = two.model.extra_vits[0]
   c.data.mixture = mixture
@@ -77,12 +74,10 @@ def runs(settings: study.Settings) -> list[study.Run]:
   return out
 
 
-def tables(settings: study.Settings) -> list[study.Table]:
-  del settings
-  return [study.Table("encoders", "One encoder, two added, two routed "
+TABLES = [study.Table("encoders", "One encoder, two added, two routed "
                       "(encoders pretrained on different task groups)",
                       tuple(ARMS))]
 
 
 if __name__ == "__main__":
-  study.run_command(runs, tables, "MoME: a mixture of vision encoders", 1)
+  study.run_command(runs, TABLES, "MoME: a mixture of vision encoders", 1)

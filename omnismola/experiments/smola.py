@@ -16,19 +16,17 @@ steps, and sees the same examples of each task:
 | specialists | every parameter, one model per task | its task, batch B / tasks |
 | smola_specialists | smola's adapters, one model per task, started from smola | its task, batch B / tasks |
 
-A specialist takes as many steps as a generalist with the task's share of
-its batch: equal steps, equal examples of each task, equal compute (the
-mixture's rates are equal). smola_specialists spend that budget again on
+A specialist sees the examples of its task a generalist sees, in as many
+steps, at the same compute; smola_specialists spend that budget again on
 top of smola's, as the paper's specialists start from its generalist.
-Ablations (smola's budget, base frozen): pools at 12 experts in all (all
-only; text + image; text + image + all) and experts per pool (1, 4, 16).
+Ablations (smola's budget): 12 experts pooled otherwise, and experts per
+pool (1, 4, 16).
 
 Scale: the `small` preset; the base trains 600 steps of batch 48, every
-arm 200 steps of batch 48 (a specialist: batch 8). --seeds (default 3)
-applies to the generalists and specialists; the ablations take one seed.
-Learning rates are fixed, not tuned: 3e-4 for full fine-tuning, 1e-3 for
-adapters. Scores are on the validation split (256 examples per task).
-`--arms=full,specialists` measures task interference alone.
+arm 200 (a specialist: batch 8). --seeds (default 3) applies to the
+generalists and specialists; the ablations take one seed. Learning rates:
+3e-4 for full fine-tuning, 1e-3 for adapters. `--arms=full,specialists`
+measures task interference alone.
 """
 
 from omnismola.experiments import study
@@ -41,8 +39,7 @@ LR_FULL, LR_ADAPTERS = 3e-4, 1e-3
 
 
 # The base trains BASE_STEPS_FACTOR times an arm's steps.
-FULL = study.Scale(preset="small", batch_size=48, steps=200,
-                   eval_examples=256, max_new_tokens=32)
+FULL = study.Scale(batch_size=48, steps=200)
 BASE_STEPS_FACTOR = 3
 
 
@@ -89,7 +86,6 @@ def matched_lora_rank(config, target: int) -> int:
 def runs(settings: study.Settings) -> list[study.Run]:
   scale = study.QUICK if settings.quick else FULL
   base = base_config(scale, settings)
-  seeds = range(settings.seeds)
   out = [study.Run("base", "base", 0, base)]
 
   def add(arm, seed, experts, trainable, lr, task=None, starts_from="base"):
@@ -104,7 +100,7 @@ def runs(settings: study.Settings) -> list[study.Run]:
   smola = arm_config(base, scale, settings, seed=0, experts=smola_experts(pools),
                      trainable=ADAPTERS, lr=LR_ADAPTERS)
   rank = matched_lora_rank(smola, study.cost(smola)["trainable_params"])
-  for seed in seeds:
+  for seed in range(settings.seeds):
     add("full", seed, [], ".*", LR_FULL)
     add("lora", seed, lora_experts(rank), ADAPTERS, LR_ADAPTERS)
     add("smola", seed, smola_experts(pools), ADAPTERS, LR_ADAPTERS)
@@ -118,8 +114,7 @@ def runs(settings: study.Settings) -> list[study.Run]:
   return out
 
 
-# Beside smola (text 4, image 4, all 4): 12 experts pooled otherwise, and
-# 1 or 16 experts per pool.
+# Beside smola's 3 pools of 4: 12 experts pooled otherwise, 1 or 16 a pool.
 ABLATIONS = {
     "smola_all12": dict(all=12),
     "smola_text6_image6": dict(text=6, image=6),
@@ -128,20 +123,18 @@ ABLATIONS = {
 }
 
 
-def tables(settings: study.Settings) -> list[study.Table]:
-  del settings
-  return [
-      study.Table("generalists", "Generalists and specialists from one "
-                  "frozen base", ("base", "full", "lora", "smola",
-                                  "specialists", "smola_specialists")),
-      study.Table("pools", "SMoLA pools at 12 experts",
-                  ("smola_all12", "smola_text6_image6", "smola")),
-      study.Table("experts", "SMoLA experts per pool",
-                  ("smola_1", "smola", "smola_16")),
-  ]
+TABLES = [
+    study.Table("generalists", "Generalists and specialists from one "
+                "frozen base", ("base", "full", "lora", "smola",
+                                "specialists", "smola_specialists")),
+    study.Table("pools", "SMoLA pools at 12 experts",
+                ("smola_all12", "smola_text6_image6", "smola")),
+    study.Table("experts", "SMoLA experts per pool",
+                ("smola_1", "smola", "smola_16")),
+]
 
 
 if __name__ == "__main__":
   study.run_command(
-      runs, tables,
+      runs, TABLES,
       "Omni-SMoLA: soft mixtures of low-rank experts on a frozen base", 3)

@@ -1,27 +1,14 @@
 """A study: arms of runs trained and evaluated, then tables and plots.
 
-A `Run` is one trained model: a complete config, the arm (table row) it
-counts in, its seed and the tasks it reports. An arm may take several runs
-per seed (specialists: one per task) and several seeds (mean ± sd). Runs
-train in the order given; a run may start from an earlier one
-(`starts_from`, which sets its `init.checkpoint`) and take subtrees of
-others (`parts_from`, its `init.parts`).
-
-Everything lands under the study's workdir (a local path or a storage URL):
-
-  <workdir>/<run name>/              the run's own workdir (checkpoints, eval/)
-  <workdir>/<run name>/result.json   its scores, cost and wall time
-  <workdir>/results.json             every run's result
-  <workdir>/results.md               one table per `Table`, mean ± sd
-  <workdir>/<table key>.png          the same as grouped bars
-
-A run whose result.json was written for the same config (fields added to
-the schema since then counting as equal where they hold their default) is
-not trained again, so a study stopped half-way goes on where it stopped
-when rerun (and an interrupted run resumes from its own checkpoint).
+A `Run` is one trained model (`Run`); an arm (table row) may take several
+runs per seed (specialists: one per task) and several seeds (mean ± sd).
+Each run trains in <workdir>/<run name>/ and writes its result.json there;
+results.json, results.md (one table per `Table`) and a PNG per table go in
+<workdir> (a local path or a storage URL). A run whose result.json was
+written for the same config (`same_run`) is not trained again, so a rerun
+goes on where a study stopped (docs/results.md).
 """
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -43,8 +30,7 @@ from omnismola import storage
 from omnismola.data import mixtures
 
 # Every study trains and scores on the built-in synthetic suite.
-MIXTURE = mixtures.SYNTHETIC_MIX
-TASKS = tuple(mixtures.task_names(MIXTURE))
+TASKS = tuple(mixtures.task_names(mixtures.SYNTHETIC_MIX))
 
 # The repository's configs/: studies are the papers' configs plus changes.
 CONFIGS_DIR = os.path.join(
@@ -94,12 +80,13 @@ class Table:
 @dataclasses.dataclass(frozen=True)
 class Scale:
   """How big a study's runs are: the model preset, the global batch, the
-  steps of one run, and the examples and tokens each task is scored on."""
-  preset: str
-  batch_size: int
-  steps: int
-  eval_examples: int
-  max_new_tokens: int
+  steps of one run, and the examples and tokens each task is scored on;
+  by default the studies' full scale."""
+  preset: str = "small"
+  batch_size: int = 32
+  steps: int = 300
+  eval_examples: int = 256
+  max_new_tokens: int = 32
 
 
 # --quick: the machinery in a few seconds a run, not the numbers.
@@ -139,20 +126,7 @@ def load_config(name: str, arg: str = "") -> ml_collections.ConfigDict:
     raise errors.InputError(
         f"{path} does not exist: the studies build on the repository's "
         "configs/, so run them from a clone installed with `pip install -e`.")
-  return config_lib.load_config_file(f"{path}:{arg}" if arg else path
-                                     ).unlock()
-
-
-def runs_from_arguments(settings: Settings, scale: Scale, config_file: str,
-                        shared: str, arms: dict[str, str]) -> list[Run]:
-  """One run from scratch per arm and seed: `config_file` with the scale's
-  preset, the `shared` arguments and the arm's own (config-file
-  arguments, e.g. "moe=text")."""
-  return [Run(f"{arm}/seed{seed}", arm, seed,
-              configure(load_config(config_file,
-                                    f"preset={scale.preset},{shared},{arg}"),
-                        scale, settings, seed=seed))
-          for seed in range(settings.seeds) for arm, arg in arms.items()]
+  return config_lib.load_config_file(f"{path}:{arg}").unlock()
 
 
 def cost(config) -> dict:
@@ -300,9 +274,8 @@ def summarize(results: Sequence[dict], arm: str,
     per_seed[r["seed"]].update(r["scores"])
   values = {t: [per_seed[s][t] for s in seeds if t in per_seed[s]]
             for t in tasks}
-  complete = [s for s in seeds if all(t in per_seed[s] for t in tasks)]
-  averages = [float(np.mean([per_seed[s][t] for t in tasks]))
-              for s in complete]
+  averages = [float(np.mean([per_seed[s][t] for t in tasks])) for s in seeds
+              if all(t in per_seed[s] for t in tasks)]
   first = [r for r in runs if r["seed"] == seeds[0]]
   return ArmSummary(
       arm=arm, seeds=len(seeds),
@@ -348,8 +321,7 @@ def plot(summaries: Sequence[ArmSummary], tasks: Sequence[str], title: str,
          path) -> None:
   """One panel per task and one for the average (each on its own scale:
   CIDEr dwarfs accuracies), a bar per arm, sd whiskers."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
+  # A bare Figure draws with Agg into files: no display, no pyplot state.
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
   panels = [(short_task(t), [s.mean.get(t, np.nan) for s in summaries],
@@ -374,9 +346,8 @@ def plot(summaries: Sequence[ArmSummary], tasks: Sequence[str], title: str,
                 ncols=min(len(summaries), 6), fontsize="small")
   figure.suptitle(title)
   figure.tight_layout(rect=(0, 0.1, 1, 1))
-  buffer = io.BytesIO()
-  figure.savefig(buffer, format="png", dpi=100)
-  storage.path(path).write_bytes(buffer.getvalue())
+  with storage.path(path).open("wb") as f:
+    figure.savefig(f, format="png", dpi=100)
 
 
 def write_report(results: Sequence[dict], tables: Sequence[Table],
@@ -437,8 +408,7 @@ def _define_flags() -> dict:
 
 
 def run_command(make_runs: Callable[[Settings], list[Run]],
-                make_tables: Callable[[Settings], list[Table]], title: str,
-                default_seeds: int, *,
+                tables: Sequence[Table], title: str, default_seeds: int, *,
                 notes: Callable[[list[dict]], str] = lambda results: ""
                 ) -> None:
   """A study's command: trains what --arms selects, writes the report
@@ -468,8 +438,8 @@ def run_command(make_runs: Callable[[Settings], list[Run]],
       sys.exit(1)
     command = " ".join(["python -m", sys.modules["__main__"].__spec__.name,
                         *sys.argv[1:]])
-    report = write_report(results, make_tables(settings), TASKS, workdir,
-                          title, command, notes(results))
+    report = write_report(results, tables, TASKS, workdir, title, command,
+                          notes(results))
     print("\n" + report)
     print(f"\nStudy written to {workdir} in "
           f"{(time.time() - start) / 60:.1f} minutes.")
