@@ -143,3 +143,17 @@ def test_figures_runs_each_command_in_a_fresh_workdir_and_goes_on_after_a_failur
           if l.startswith("| 0")]
   assert [r.rsplit("|", 2)[1].strip() for r in rows] == ["0", "3", "0"]
   assert "1 command(s) failed" in capsys.readouterr().out
+
+
+def test_products_benchmark_counts_the_peer_steps_products():
+  """benchmarks/products.py on the tiny shape: every product timed, and the
+  sum's FLOPs are the products' FLOPs times their calls."""
+  from benchmarks import products  # pylint: disable=g-import-not-at-top
+  report = products.main(["--shape=tiny", "--batch=2", "--text_len=8",
+                          "--repeats=1"])
+  parts = [v for k, v in report.items() if k != "sum"]
+  assert len(parts) == 7 and all(p["ms"] > 0 for p in parts)
+  flop = sum(p["gflop_per_s"] * p["ms"] * 1e-3 * p["calls"] for p in parts)
+  assert abs(flop - report["sum"]["gflop"]) < 1e-6 * report["sum"]["gflop"]
+  assert abs(report["sum"]["ms"] -
+             sum(p["ms"] * p["calls"] for p in parts)) < 1e-6
