@@ -3,11 +3,12 @@ r"""A lower bound on the LoRA step at the peer's shape: its products, alone.
 Times, each jitted on its own, the products a frozen-backbone LoRA step at
 benchmarks/peer.py's shape runs (the decoder's GeGLU MLP forward and input
 gradient, its attention projections and scores, the ViT's forward pass, the
-LoRA adapters; not the small logits), and adds them up with each one's count per step. Nothing
-around them is timed: no scan, no norms, no loss, no optimizer, so the sum
-is what the step would take if XLA ran every product at its standalone rate
-and everything else were free. Compared with the peer's step time, it says
-which ratio to the peer is reachable at all on this machine.
+LoRA adapters; not the small logits), and adds them up with each one's
+count per step. Nothing around them is timed (no scan, norms, loss or
+optimizer), so the sum is what the step would take if XLA ran every
+product at its standalone rate and everything else were free. Compared
+with the peer's step time, it says which ratio to the peer is reachable at
+all on this machine.
 
   python -m benchmarks.products                 # the peer's `cpu` shape
   python -m benchmarks.products --shape=tiny --repeats=1
