@@ -1,7 +1,9 @@
 """A study: arms of runs trained and evaluated, then tables and plots.
 
-A `Run` is one trained model (`Run`); an arm (table row) may take several
-runs per seed (specialists: one per task) and several seeds (mean ± sd).
+A `Run` is one trained model, which may start from an earlier run
+(`starts_from`) or take parts of others (`parts_from`); an arm (table row)
+may take several runs per seed (specialists: one per task) and several
+seeds (mean ± sd).
 Each run trains in <workdir>/<run name>/ and writes its result.json there;
 results.json, results.md (one table per `Table`) and a PNG per table go in
 <workdir> (a local path or a storage URL). A run whose result.json was
